@@ -1,0 +1,5 @@
+"""``python -m ndvi_scale`` = the ``ndvi-scale`` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,139 @@
+"""The ``ndvi-scale`` command line: parse, call one API function, map :class:`NdviScaleError` to an exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from .errors import NdviScaleError
+
+app = typer.Typer(
+    name="ndvi-scale",
+    help="Cloud-free Sentinel-2 L2A NDVI composites as Zarr (local, gs://, s3://).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+T = TypeVar("T")
+
+
+def _err(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+
+
+def _guard(fn: Callable[[], T]) -> T:
+    """Run ``fn``; our errors become one line on stderr + their exit code, never a traceback."""
+    try:
+        return fn()
+    except NdviScaleError as e:
+        _err(str(e).replace("\n", " "))
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        _err("interrupted; re-run the same command to resume (written regions are kept)")
+        raise typer.Exit(130) from None
+    except Exception as e:  # a bug or an unforeseen failure: still no traceback unless asked
+        if os.environ.get("NDVI_SCALE_DEBUG"):
+            raise
+        _err(f"unexpected {type(e).__name__}: {str(e)[:500]}; set NDVI_SCALE_DEBUG=1 for the traceback and report it")
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def compute(
+    bbox: Annotated[
+        tuple[float, float, float, float] | None,
+        typer.Option(help="Area of interest W S E N in degrees (EPSG:4326).", metavar="W S E N"),
+    ] = None,
+    start: Annotated[str | None, typer.Option(help="First day, YYYY-MM-DD.")] = None,
+    end: Annotated[str | None, typer.Option(help="Last day (inclusive), YYYY-MM-DD.")] = None,
+    catalog: Annotated[
+        str | None, typer.Option(help="'sample', a profile (ndvi-scale catalogs), a STAC API URL or an items file.")
+    ] = None,
+    out: Annotated[str | None, typer.Option(help="Output Zarr: path, gs://bucket/path or s3://bucket/path.")] = None,
+    period: Annotated[str | None, typer.Option(help="day, week, dekad, month, season or year.")] = None,
+    method: Annotated[str | None, typer.Option(help="median, mean, max, min or a percentile like q25.")] = None,
+    max_cloud: Annotated[float | None, typer.Option(help="Skip scenes with eo:cloud_cover above this %.")] = None,
+    mask_classes: Annotated[str | None, typer.Option(help="SCL classes to mask, e.g. 0,1,2,3,8,9,10.")] = None,
+    resolution: Annotated[float | None, typer.Option(help="Pixel size in metres.")] = None,
+    crs: Annotated[str | None, typer.Option(help="'auto' or EPSG:XXXX.")] = None,
+    chunk: Annotated[int | None, typer.Option(help="Spatial chunk in pixels (processing = Zarr chunks).")] = None,
+    zarr_format: Annotated[int | None, typer.Option(help="Zarr format of a new output: 3 or 2.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing output.")] = False,
+) -> None:
+    """Search, mask clouds, compute NDVI, composite per period and write Zarr."""
+
+    def go() -> None:
+        from .config import RunConfig
+        from .pipeline import run
+
+        values: dict[str, Any] = dict(
+            bbox=bbox, start=start, end=end, catalog=catalog, out=out, period=period, method=method,
+            max_cloud=max_cloud, mask_classes=mask_classes, resolution=resolution, crs=crs, chunk=chunk,
+            zarr_format=zarr_format,
+        )
+        kwargs = {k: v for k, v in values.items() if v is not None}
+        if overwrite:
+            kwargs["overwrite"] = True
+        if "out" not in kwargs:
+            from .errors import InputError
+
+            raise InputError("out is missing; give --out PATH (local path, gs://bucket/path or s3://bucket/path)")
+        cfg = RunConfig.create(**kwargs)
+        report = run(cfg, progress=lambda msg: typer.echo(msg, err=True), show_progress=True)
+        typer.echo(f"wrote {report.out}: {report.periods} {cfg.period} composite(s) of NDVI ({cfg.method})")
+
+    _guard(go)
+
+
+@app.command("catalogs")
+def catalogs_cmd(as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False) -> None:
+    """List the provider profiles usable as --catalog."""
+
+    def go() -> None:
+        from .profiles import list_profiles
+
+        rows = list_profiles()
+        if as_json:
+            for p in rows:
+                typer.echo(json.dumps({"name": p.name, "title": p.title, "url": p.url,
+                                       "collections": list(p.collections), "signing": p.signing, "auth": p.auth}))
+            return
+        typer.echo("sample  embedded offline synthetic Sentinel-2 L2A sample (no network)")
+        for p in rows:
+            typer.echo(f"{p.name}  {p.title}  {p.url}  collections={','.join(p.collections)}")
+
+    _guard(go)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    source: Annotated[str, typer.Argument(help="STAC Item / ItemCollection / search page / JSON array: path or URL.")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line (default).")] = True,
+) -> None:
+    """Show how each item is interpreted: bands, scale/offset, baseline, CRS, warnings."""
+
+    def go() -> None:
+        from .items import inspect
+
+        for rec in inspect(source):
+            typer.echo(json.dumps(rec))
+
+    _guard(go)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except SystemExit as e:
+        sys.exit(e.code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""Typed, frozen run configuration: loose user input is normalised here, once.
+
+Everything downstream (search, load, composite, write) receives a :class:`RunConfig` and can trust it: the bbox is
+four floats in range and not inverted, dates are ``datetime.date`` with ``start <= end``, the period and method are
+known names. Every rejection is an :class:`~ndvi_scale.errors.InputError` naming the field, the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from .errors import InputError
+
+#: Composite reducers understood by :mod:`ndvi_scale.composite`. ``max`` is the max-NDVI ("quality mosaic") composite
+#: and also writes the date of the maximum. ``qNN`` is the NN-th percentile (e.g. ``q25``).
+METHODS = ("median", "mean", "max", "min")
+_QUANTILE_RE = re.compile(r"^q(\d{1,2})$")
+
+#: Temporal periods understood by :mod:`ndvi_scale.composite` (openEO ``aggregate_temporal_period`` names).
+PERIODS = ("day", "week", "dekad", "month", "season", "year")
+
+#: SCL classes masked by default: 0 no data, 1 saturated/defective, 2 dark area / topographic shadow,
+#: 3 cloud shadow, 8 cloud medium probability, 9 cloud high probability, 10 thin cirrus.
+#: Kept: 4 vegetation, 5 not vegetated, 6 water, 7 unclassified, 11 snow/ice (a real observation of the surface).
+DEFAULT_MASK_CLASSES: tuple[int, ...] = (0, 1, 2, 3, 8, 9, 10)
+
+#: Output pixel size in metres (Sentinel-2 red/nir native resolution).
+DEFAULT_RESOLUTION = 10.0
+
+#: Spatial chunk (pixels) for processing and output. 2048 = 2 x 2 internal 1024-px COG tiles: the published
+#: sweet spot for both stackstac and odc-stac (512-px chunks are 4-5x slower), and whole tiles only are read.
+DEFAULT_CHUNK = 2048
+
+
+@dataclass(frozen=True)
+class BBox:
+    """A WGS84 bounding box, validated (west < east, south < north, within lon/lat ranges)."""
+
+    west: float
+    """Western longitude, degrees, in [-180, 180]."""
+    south: float
+    """Southern latitude, degrees, in [-90, 90]."""
+    east: float
+    """Eastern longitude, degrees, in [-180, 180]; greater than ``west`` (antimeridian boxes are refused)."""
+    north: float
+    """Northern latitude, degrees, in [-90, 90]; greater than ``south``."""
+
+    def as_tuple(self) -> tuple[float, float, float, float]:
+        return (self.west, self.south, self.east, self.north)
+
+    def __str__(self) -> str:
+        return ",".join(f"{v:g}" for v in self.as_tuple())
+
+
+def format_bbox(value: Any) -> BBox:
+    """Normalise a loose bbox (``BBox``, sequence of 4 numbers, ``"W,S,E,N"`` or ``"W S E N"``) to :class:`BBox`."""
+    if isinstance(value, BBox):
+        return value
+    raw = value
+    if isinstance(value, str):
+        parts = [p for p in re.split(r"[,\s]+", value.strip()) if p]
+    elif isinstance(value, Mapping):
+        raise InputError(f"bbox {raw!r} is a mapping; expected 4 numbers W S E N (degrees), e.g. 1.4 48.1 1.6 48.3")
+    elif isinstance(value, Iterable):
+        parts = list(value)
+    else:
+        raise InputError(f"bbox {raw!r} is not 4 numbers; expected W S E N in degrees, e.g. --bbox 1.4 48.1 1.6 48.3")
+    if len(parts) != 4:
+        raise InputError(
+            f"bbox {raw!r} has {len(parts)} values; expected 4 numbers W S E N in degrees, e.g. --bbox 1.4 48.1 1.6 48.3"
+        )
+    try:
+        w, s, e, n = (float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise InputError(f"bbox {raw!r} holds a non-number; expected 4 numbers W S E N in degrees") from None
+    for name, v, lim in (("west", w, 180), ("east", e, 180), ("south", s, 90), ("north", n, 90)):
+        if not (-lim <= v <= lim):  # also rejects NaN
+            raise InputError(
+                f"bbox {name} {v:g} is out of range [-{lim}, {lim}]; give longitude/latitude in degrees (EPSG:4326), "
+                "W S E N"
+            )
+    if s >= n:
+        raise InputError(f"bbox south {s:g} >= north {n:g}; give W S E N with south < north (is the order swapped?)")
+    if w >= e:
+        raise InputError(
+            f"bbox west {w:g} >= east {e:g}; give W S E N with west < east (is the order swapped?). Areas crossing "
+            "the antimeridian are not supported: split them in two runs at 180 degrees"
+        )
+    return BBox(w, s, e, n)
+
+
+def parse_date(value: Any, *, name: str) -> dt.date:
+    """Parse ``YYYY-MM-DD`` (or a ``date``/``datetime``) into a ``date``, naming the field on failure."""
+    if isinstance(value, dt.datetime):
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
+    if isinstance(value, str):
+        try:
+            return dt.date.fromisoformat(value.strip())
+        except ValueError:
+            pass
+    raise InputError(f"{name} {value!r} is not a date; expected YYYY-MM-DD, e.g. 2024-01-31")
+
+
+def normalise_method(value: str) -> str:
+    """Check a composite method name (``median``, ``mean``, ``max``, ``min`` or ``qNN``)."""
+    v = str(value).strip().lower()
+    if v in METHODS:
+        return v
+    m = _QUANTILE_RE.match(v)
+    if m and 0 < int(m.group(1)) < 100:
+        return f"q{int(m.group(1)):02d}"
+    raise InputError(f"method {value!r} is unknown; expected one of {', '.join(METHODS)} or a percentile like q25")
+
+
+def normalise_period(value: str) -> str:
+    v = str(value).strip().lower()
+    if v not in PERIODS:
+        raise InputError(f"period {value!r} is unknown; expected one of {', '.join(PERIODS)}")
+    return v
+
+
+def normalise_mask_classes(value: Any) -> tuple[int, ...]:
+    if isinstance(value, str):
+        value = [p for p in re.split(r"[,\s]+", value.strip()) if p]
+    try:
+        classes = tuple(sorted({int(v) for v in value}))
+    except (TypeError, ValueError):
+        raise InputError(f"mask classes {value!r} are not integers; expected SCL classes 0-11, e.g. 0,3,8,9,10") from None
+    bad = [c for c in classes if not 0 <= c <= 11]
+    if bad:
+        raise InputError(f"mask classes {bad} are not SCL classes; expected integers 0-11, e.g. 0,3,8,9,10")
+    return classes
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run needs, validated. Build it with :meth:`RunConfig.create` from loose input."""
+
+    bbox: BBox
+    """Area of interest in WGS84 degrees."""
+    start: dt.date
+    """First day of the period of interest (inclusive)."""
+    end: dt.date
+    """Last day of the period of interest (inclusive)."""
+    catalog: str = "sample"
+    """``sample`` (embedded offline sample), a provider profile name, a STAC API URL, or a local item-collection path."""
+    out: str | None = None
+    """Output Zarr location: local path, ``gs://bucket/path`` or ``s3://bucket/path``; None = do not write."""
+    period: str = "month"
+    """Compositing period: one of :data:`PERIODS`."""
+    method: str = "median"
+    """Composite reducer: one of :data:`METHODS` or ``qNN``."""
+    max_cloud: float = 100.0
+    """Drop scenes whose ``eo:cloud_cover`` is above this percentage (0-100)."""
+    mask_classes: tuple[int, ...] = DEFAULT_MASK_CLASSES
+    """SCL classes treated as invalid (cloud, shadow, nodata, ...)."""
+    resolution: float = DEFAULT_RESOLUTION
+    """Output pixel size in metres."""
+    crs: str = "auto"
+    """Output CRS: ``auto`` (the UTM zone of most scenes) or ``EPSG:XXXX``."""
+    chunk: int = DEFAULT_CHUNK
+    """Spatial chunk size in pixels (processing and Zarr chunks are the same)."""
+    overwrite: bool = False
+    """Replace an existing output (or, with ``append``, recompute periods already written) instead of refusing."""
+    append: bool = False
+    """Add this run's periods to an existing cube (same grid); periods already written are skipped."""
+    skip_bad_assets: bool = False
+    """Continue when an asset cannot be read after retries, recording it in the provenance (else fail)."""
+    zarr_format: int = 3
+    """Zarr format of a new output (3, or 2 for old readers)."""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Free-form options for later stages (kept for provenance)."""
+
+    @classmethod
+    def create(cls, **kwargs: Any) -> RunConfig:
+        """Validate and normalise loose keyword input (CLI strings, YAML values, Python objects)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise InputError(f"unknown config field(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+        if kwargs.get("bbox") is None:
+            raise InputError("bbox is missing; give --bbox W S E N in degrees, e.g. --bbox 1.4 48.1 1.6 48.3")
+        for name in ("start", "end"):
+            if kwargs.get(name) is None:
+                raise InputError(f"{name} is missing; give --{name} YYYY-MM-DD")
+        kw: dict[str, Any] = dict(kwargs)
+        kw["bbox"] = format_bbox(kw["bbox"])
+        kw["start"] = parse_date(kw["start"], name="start")
+        kw["end"] = parse_date(kw["end"], name="end")
+        if kw["start"] > kw["end"]:
+            raise InputError(
+                f"start {kw['start']} is after end {kw['end']}; give --start before (or equal to) --end"
+            )
+        if "period" in kw:
+            kw["period"] = normalise_period(kw["period"])
+        if "method" in kw:
+            kw["method"] = normalise_method(kw["method"])
+        if "mask_classes" in kw:
+            kw["mask_classes"] = normalise_mask_classes(kw["mask_classes"])
+        if "catalog" in kw:
+            if not str(kw["catalog"]).strip():
+                raise InputError("catalog is empty; give 'sample', a profile name (ndvi-scale catalogs), a URL or a path")
+            kw["catalog"] = str(kw["catalog"]).strip()
+        if kw.get("out") is not None:
+            out = str(kw["out"]).strip()
+            if not out:
+                raise InputError("out is empty; give a local path, gs://bucket/path or s3://bucket/path")
+            kw["out"] = out
+        if "max_cloud" in kw:
+            mc = _number(kw["max_cloud"], "max_cloud")
+            if not 0 <= mc <= 100:
+                raise InputError(f"max_cloud {mc:g} is out of range; expected a percentage 0-100")
+            kw["max_cloud"] = mc
+        if "resolution" in kw:
+            res = _number(kw["resolution"], "resolution")
+            if not 0 < res <= 10000:
+                raise InputError(f"resolution {res:g} is out of range; expected metres > 0, e.g. 10")
+            kw["resolution"] = res
+        if "chunk" in kw:
+            ch = int(_number(kw["chunk"], "chunk"))
+            if ch < 64 or ch % 16:
+                raise InputError(f"chunk {ch} is invalid; expected pixels >= 64 and a multiple of 16, e.g. 2048")
+            kw["chunk"] = ch
+        if "zarr_format" in kw:
+            zf = int(_number(kw["zarr_format"], "zarr_format"))
+            if zf not in (2, 3):
+                raise InputError(f"zarr_format {zf} is invalid; expected 2 or 3")
+            kw["zarr_format"] = zf
+        if "crs" in kw:
+            kw["crs"] = normalise_crs(kw["crs"])
+        for flag in ("overwrite", "append", "skip_bad_assets"):
+            if flag in kw:
+                kw[flag] = _flag(kw[flag], flag)
+        return cls(**kw)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly view (for provenance and logs)."""
+        d: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, BBox):
+                v = list(v.as_tuple())
+            elif isinstance(v, dt.date):
+                v = v.isoformat()
+            elif isinstance(v, tuple):
+                v = list(v)
+            elif isinstance(v, Mapping):
+                v = dict(v)
+            d[f.name] = v
+        return d
+
+
+def normalise_crs(value: Any) -> str:
+    v = str(value).strip()
+    if v.lower() == "auto":
+        return "auto"
+    m = re.fullmatch(r"(?i)(?:epsg:)?(\d{4,5})", v)
+    if not m:
+        raise InputError(f"crs {value!r} is invalid; expected 'auto' or EPSG:XXXX, e.g. EPSG:32631")
+    return f"EPSG:{int(m.group(1))}"
+
+
+def _flag(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "false", "no", "0"):
+        return value.strip().lower() in ("true", "yes", "1")
+    raise InputError(f"{name} {value!r} is not a boolean; expected true or false")
+
+
+def _number(value: Any, name: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} {value!r} is not a number") from None
+    if v != v:
+        raise InputError(f"{name} is NaN; expected a number")
+    return v
+
+
+def as_sequence(value: Any) -> Sequence[Any]:
+    return value if isinstance(value, Sequence) and not isinstance(value, str) else [value]

@@ -1,0 +1,69 @@
+"""One exception tree for ndvi-scale.
+
+Every error a user can cause or meet is an :class:`NdviScaleError`. Messages follow one shape: what is wrong (naming
+the field and the bad value), what was expected, and how to fix it. The CLI prints ``error: <message>`` on one line
+and exits with :attr:`NdviScaleError.exit_code`; it never prints a traceback for these.
+"""
+
+from __future__ import annotations
+
+
+class NdviScaleError(Exception):
+    """Base class of every error raised on purpose by ndvi-scale."""
+
+    #: process exit code used by the CLI
+    exit_code: int = 1
+
+
+class InputError(NdviScaleError, ValueError):
+    """A user-supplied value (bbox, dates, period, method, path, config file) is invalid."""
+
+    exit_code = 2
+
+
+class CatalogError(NdviScaleError):
+    """The catalog cannot be resolved, opened or searched."""
+
+    exit_code = 3
+
+
+class NoScenesError(CatalogError):
+    """The search returned no usable Sentinel-2 L2A scene."""
+
+    exit_code = 4
+
+
+class ItemError(NdviScaleError):
+    """A STAC item cannot be interpreted as Sentinel-2 L2A (missing band, CRS, ...)."""
+
+    exit_code = 5
+
+
+class OutputError(NdviScaleError):
+    """The output store cannot be written as asked."""
+
+    exit_code = 6
+
+
+class OutputExistsError(OutputError):
+    """The output already exists and ``--overwrite`` was not given."""
+
+    exit_code = 7
+
+
+class GridMismatchError(OutputError):
+    """The existing output cube has another grid (CRS, resolution, extent, chunks) than this run."""
+
+    exit_code = 8
+
+
+class StorageError(OutputError):
+    """Object storage (gs://, s3://, local) refused or could not be reached."""
+
+    exit_code = 9
+
+
+class ReadError(NdviScaleError):
+    """Pixel reads failed after retries."""
+
+    exit_code = 10

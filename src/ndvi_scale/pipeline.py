@@ -1,0 +1,325 @@
+"""The pipeline: search -> load -> mask -> index -> composite -> write. This module alone knows the order.
+
+The per-pixel work is fused into ONE task per (period, spatial chunk): stackstac reads all items of the period for
+that chunk (time-contiguous, no shuffle), then one numpy kernel masks, computes NDVI, mosaics same-day granules and
+reduces over time. The graph therefore has O(periods x chunks) tasks whatever the number of items, and no task ever
+holds more than one period of one chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import functools
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import rioxarray  # noqa: F401  (registers the .rio accessor used to write the CRS)
+import xarray as xr
+
+from . import __version__
+from .composite import EXTRA_OUTPUTS, Period, assign_periods, mosaic_days, periods_between, reduce_days
+from .config import RunConfig
+from .errors import InputError
+from .items import S2Item
+from .load import choose_epsg, load_stack, with_crs_from_cog
+from .mask import SCL_CLASSES, clear_mask
+from .ndvi import ndvi as ndvi_index
+from .search import SearchResult, search
+
+#: Largest uint16 stack (bytes) one fused task may read for one period and chunk. Beyond it the spatial chunk is
+#: halved: a year-long period with 150 items at 2048 px would otherwise need ~3.8 GB in one task.
+MAX_TASK_BYTES = 768 * 2**20
+
+_EPOCH = dt.date(1970, 1, 1)
+
+
+@dataclass(frozen=True)
+class PeriodPlan:
+    """The items of one non-empty period, with what the kernel needs to know about each."""
+
+    period: Period
+    items: tuple[S2Item, ...]
+    red_scale: tuple[float, ...]
+    red_offset: tuple[float, ...]
+    nir_scale: tuple[float, ...]
+    nir_offset: tuple[float, ...]
+    day_index: tuple[int, ...]
+    """Per item: index of its (solar) day within the period; same-day granules share one."""
+    day_numbers: tuple[int, ...]
+    """Per day: days since 1970-01-01 (for the date of the max/min)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything decided before any pixel is read."""
+
+    config: RunConfig
+    search: SearchResult
+    epsg: int
+    chunk: int
+    periods: tuple[Period, ...]
+    plans: tuple[PeriodPlan | None, ...]
+    """One entry per period; None where the period has no scene."""
+
+
+def solar_day(when: dt.datetime, lon: float) -> dt.date:
+    """Local solar date of an acquisition: overlapping granules of one pass fall on the same day."""
+    return (when.astimezone(dt.UTC) + dt.timedelta(hours=lon / 15.0)).date()
+
+
+def make_plan(cfg: RunConfig, result: SearchResult | None = None) -> Plan:
+    """Search (unless given) and decide CRS, periods and how items are grouped."""
+    result = result if result is not None else search(cfg)
+    items = [it if it.epsg and all(b.epsg or it.epsg for b in it.bands.values()) else with_crs_from_cog(it)
+             for it in result.items]
+    epsg = choose_epsg(items, cfg.bbox, cfg.crs)
+    periods = periods_between(cfg.start, cfg.end, cfg.period)
+    lon = (cfg.bbox.west + cfg.bbox.east) / 2
+    days = [solar_day(it.datetime, lon) for it in items]
+    where = assign_periods(days, periods)
+    plans: list[PeriodPlan | None] = []
+    for p_idx, period in enumerate(periods):
+        members = [i for i, w in enumerate(where) if w == p_idx]
+        if not members:
+            plans.append(None)
+            continue
+        p_items = tuple(items[i] for i in members)
+        uniq = sorted({days[i] for i in members})
+        plans.append(
+            PeriodPlan(
+                period=period,
+                items=p_items,
+                red_scale=tuple(it.bands["red"].scale for it in p_items),
+                red_offset=tuple(it.bands["red"].offset for it in p_items),
+                nir_scale=tuple(it.bands["nir"].scale for it in p_items),
+                nir_offset=tuple(it.bands["nir"].offset for it in p_items),
+                day_index=tuple(uniq.index(days[i]) for i in members),
+                day_numbers=tuple((d - _EPOCH).days for d in uniq),
+            )
+        )
+    max_items = max((len(p.items) for p in plans if p), default=1)
+    chunk = cfg.chunk
+    # 6 bytes per pixel per item: red + nir + scl as uint16.
+    while chunk > 256 and max_items * 6 * chunk * chunk > MAX_TASK_BYTES:
+        chunk //= 2
+    return Plan(cfg, dataclasses.replace(result, items=tuple(items)), epsg, chunk, tuple(periods), tuple(plans))
+
+
+def _fused_kernel(
+    block: np.ndarray, plans: Sequence[PeriodPlan], method: str, mask_classes: tuple[int, ...], n_out: int,
+    block_info: dict | None = None,
+) -> np.ndarray:
+    """(items, band, y, x) uint16 of one period and chunk -> (1, n_out, y, x) float32: value, count[, date]."""
+    assert block_info is not None
+    p = plans[block_info[0]["chunk-location"][0]]
+    red, nir, scl = block[:, 0], block[:, 1], block[:, 2]
+    per_item = np.empty(red.shape, dtype=np.float32)
+    for i in range(red.shape[0]):
+        clear = clear_mask(scl[i], red[i], nir[i], mask_classes)
+        per_item[i] = ndvi_index(
+            red[i], nir[i], p.red_scale[i], p.red_offset[i], clear, p.nir_scale[i], p.nir_offset[i]
+        )
+    days = mosaic_days(per_item, p.day_index)
+    layers = reduce_days(days, method, np.asarray(p.day_numbers, dtype=np.int64))
+    return np.stack(layers)[None].astype(np.float32, copy=False)
+
+
+def _days_to_datetime(days: np.ndarray) -> np.ndarray:
+    """Float days since 1970-01-01 (NaN = none) -> datetime64[ns] (NaT = none)."""
+    out = np.full(days.shape, np.datetime64("NaT"), dtype="datetime64[ns]")
+    ok = ~np.isnan(days)
+    out[ok] = (days[ok].astype(np.int64) * 86400 * 10**9).astype("datetime64[ns]")
+    return out
+
+
+def build(cfg: RunConfig, plan: Plan | None = None) -> xr.Dataset:
+    """The lazy composite Dataset for ``cfg``: nothing is read until it is computed or written."""
+    plan = plan or make_plan(cfg)
+    live = [p for p in plan.plans if p is not None]
+    ordered_items = [it for p in live for it in p.items]
+    stack = load_stack(
+        ordered_items,
+        epsg=plan.epsg,
+        bbox=cfg.bbox,
+        resolution=cfg.resolution,
+        chunk=plan.chunk,
+        time_chunks=[len(p.items) for p in live],
+    )
+    extras = EXTRA_OUTPUTS.get(cfg.method, ())
+    n_out = 2 + len(extras)
+    data = stack.data
+    fused = da.map_blocks(
+        functools.partial(
+            _fused_kernel, plans=tuple(live), method=cfg.method, mask_classes=cfg.mask_classes, n_out=n_out
+        ),
+        data,
+        dtype=np.float32,
+        chunks=((1,) * len(live), (n_out,), data.chunks[2], data.chunks[3]),
+        name=f"ndvi-composite-{cfg.method}",
+        meta=np.array((), dtype=np.float32),
+    )
+    # Put empty periods back as all-NaN slices, so the time axis is the regular calendar.
+    pieces = []
+    k = 0
+    empty = np.full((1, n_out, 1, 1), np.nan, dtype=np.float32)
+    empty[:, 1] = 0  # valid_count of an empty period is 0, not NaN
+    for p in plan.plans:
+        if p is None:
+            pieces.append(
+                da.broadcast_to(empty, (1, n_out) + data.shape[2:], chunks=((1,), (n_out,)) + data.chunks[2:])
+            )
+        else:
+            pieces.append(fused[k : k + 1])
+            k += 1
+    cube = da.concatenate(pieces, axis=0) if len(pieces) > 1 else pieces[0]
+
+    times = pd.DatetimeIndex([np.datetime64(p.start, "ns") for p in plan.periods])
+    coords = {
+        "time": ("time", times, {"long_name": "start of the compositing period", "standard_name": "time"}),
+        "time_end": (
+            "time",
+            pd.DatetimeIndex([np.datetime64(p.end, "ns") for p in plan.periods]),
+            {"long_name": "last day of the compositing period (inclusive)"},
+        ),
+        "y": ("y", stack["y"].values, {"standard_name": "projection_y_coordinate", "units": "m", "axis": "Y"}),
+        "x": ("x", stack["x"].values, {"standard_name": "projection_x_coordinate", "units": "m", "axis": "X"}),
+    }
+    dims = ("time", "y", "x")
+    data_vars: dict[str, Any] = {
+        "ndvi": (
+            dims,
+            cube[:, 0],
+            {
+                "long_name": f"normalized difference vegetation index, {cfg.method} composite per {cfg.period}",
+                "units": "1",
+                "valid_min": -1.0,
+                "valid_max": 1.0,
+                "cell_methods": f"time: {cfg.method} (interval: 1 {cfg.period})",
+            },
+        ),
+        "valid_count": (
+            dims,
+            cube[:, 1].astype(np.uint16),
+            {"long_name": "number of clear observation days in the period", "units": "1"},
+        ),
+    }
+    for j, name in enumerate(extras):
+        data_vars[name] = (
+            dims,
+            da.map_blocks(_days_to_datetime, cube[:, 2 + j], dtype="datetime64[ns]"),
+            {"long_name": f"acquisition date of the {cfg.method}imum NDVI"},
+        )
+    ds = xr.Dataset(data_vars, coords=coords)
+    ds = ds.rio.write_crs(plan.epsg).rio.write_coordinate_system()
+    ds.attrs = provenance_attrs(plan)
+    return ds
+
+
+def provenance_attrs(plan: Plan) -> dict[str, Any]:
+    """CF global attributes and provenance (JSON strings, so every Zarr/NetCDF writer keeps them)."""
+    import importlib.metadata as md
+
+    cfg = plan.config
+    versions = {}
+    for pkg in ("ndvi-scale", "numpy", "xarray", "dask", "stackstac", "rasterio", "zarr", "pystac", "bottleneck"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = "unknown"
+    items = [
+        {
+            "id": it.id,
+            "collection": it.collection,
+            "datetime": it.datetime.isoformat(),
+            "processing_baseline": it.processing_baseline,
+            "red": {"scale": it.bands["red"].scale, "offset": it.bands["red"].offset},
+            "nir": {"scale": it.bands["nir"].scale, "offset": it.bands["nir"].offset},
+            "warnings": list(it.warnings),
+        }
+        for p in plan.plans
+        if p is not None
+        for it in p.items
+    ]
+    safe_config = cfg.to_dict()
+    return {
+        "Conventions": "CF-1.10",
+        "title": f"Sentinel-2 L2A NDVI {cfg.method} composites per {cfg.period}",
+        "source": f"Sentinel-2 L2A surface reflectance; {plan.search.source}",
+        "history": f"ndvi-scale {__version__}",
+        "references": "reflectance = DN * scale + offset; offset -0.1 for processing baseline >= 04.00",
+        "comment": "contains modified Copernicus Sentinel data",
+        "ndvi_scale:method": cfg.method,
+        "ndvi_scale:period": cfg.period,
+        "ndvi_scale:mask_classes": json.dumps(
+            {str(c): SCL_CLASSES[c] for c in cfg.mask_classes}
+        ),
+        "ndvi_scale:config": json.dumps(safe_config, sort_keys=True),
+        "ndvi_scale:items": json.dumps(items),
+        "ndvi_scale:skipped": json.dumps([{"id": s.id, "reason": s.reason} for s in plan.search.skipped]),
+        "ndvi_scale:versions": json.dumps(versions, sort_keys=True),
+    }
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """What a run did."""
+
+    out: str | None
+    summary: str
+    periods: int
+    dataset: xr.Dataset
+
+
+def run(cfg: RunConfig, *, progress: Callable[[str], Any] | None = None, show_progress: bool = False) -> RunReport:
+    """Search, build and (if ``cfg.out``) write. Returns the lazy Dataset when there is no ``out``."""
+    from .write import check_output, write_zarr
+
+    if cfg.out is not None:
+        check_output(cfg.out, cfg.overwrite)  # refuse early: before searching or reading anything
+    plan = make_plan(cfg)
+    if progress:
+        progress(plan.search.summary())
+    ds = build(cfg, plan)
+    if cfg.out is None:
+        return RunReport(None, plan.search.summary(), len(plan.periods), ds)
+    if show_progress:
+        from .progress import dask_progress
+
+        with dask_progress("composite"):
+            write_zarr(ds, cfg.out, overwrite=cfg.overwrite, zarr_format=cfg.zarr_format)
+    else:
+        write_zarr(ds, cfg.out, overwrite=cfg.overwrite, zarr_format=cfg.zarr_format)
+    return RunReport(cfg.out, plan.search.summary(), len(plan.periods), ds)
+
+
+def compute(
+    bbox: Any,
+    start: Any,
+    end: Any,
+    catalog: str = "sample",
+    out: str | None = None,
+    *,
+    period: str = "month",
+    method: str = "median",
+    **options: Any,
+) -> xr.Dataset:
+    """Python API mirroring ``ndvi-scale compute``.
+
+    Without ``out`` it returns the lazy composite Dataset (nothing read yet: ``.compute()``, ``.hvplot()`` or
+    ``.to_zarr()`` it yourself). With ``out`` it writes the Zarr and returns it opened lazily from the store.
+    """
+    cfg = RunConfig.create(bbox=bbox, start=start, end=end, catalog=catalog, out=out, period=period, method=method,
+                           **options)
+    report = run(cfg)
+    if cfg.out is None:
+        return report.dataset
+    return xr.open_zarr(cfg.out, decode_coords="all")
+
+
+__all__ = ["InputError", "build", "compute", "make_plan", "run"]
