@@ -1,0 +1,131 @@
+"""End to end on a tiny synthetic catalog: composites vs the generator's truth."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import dask
+import numpy as np
+import pytest
+import rioxarray  # noqa: F401  (the .rio accessor)
+import xarray as xr
+
+from ndvi_scale.composite import periods_between
+from ndvi_scale.config import RunConfig
+from ndvi_scale.errors import NoScenesError
+from ndvi_scale.pipeline import build, make_plan, run
+from ndvi_scale.sample import SampleSpec, Truth, generate
+
+SPEC = SampleSpec(size=128, blocksize=128, start=dt.date(2024, 4, 1), end=dt.date(2024, 6, 10))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-sample")
+    generate(root, SPEC)
+    return root / "items.json"
+
+
+def _cfg(tiny, **kw):
+    w, s, e, n = SPEC.bbox_lonlat()
+    base = dict(bbox=(w, s, e, n), start="2024-04-01", end="2024-06-10", catalog=str(tiny), chunk=64)
+    base.update(kw)
+    return RunConfig.create(**base)
+
+
+def _expected(ds, method):
+    X, Y = np.meshgrid(ds.x.values, ds.y.values)
+    dates = SPEC.dates()
+    vals, counts = [], []
+    for t0, t1 in zip(ds.time.values, ds.time_end.values, strict=True):
+        lo, hi = np.datetime64(t0, "D"), np.datetime64(t1, "D")
+        sel = [d for d in dates if lo <= np.datetime64(d.date(), "D") <= hi]
+        v, c = Truth.expected_composite(SPEC, X, Y, sel, method=method)
+        vals.append(v)
+        counts.append(c)
+    return np.stack(vals), np.stack(counts)
+
+
+def _never_compute():
+    def fail(*args, **kwargs):
+        raise AssertionError("the graph was computed while it should stay lazy")
+
+    return dask.config.set(scheduler=fail)
+
+
+@pytest.mark.parametrize("method", ["median", "mean", "max"])
+def test_composite_matches_truth(tiny, method):
+    cfg = _cfg(tiny, method=method)
+    with _never_compute():
+        ds = build(cfg)  # building reads no pixel
+    assert ds.ndvi.dtype == np.float32
+    assert ds.sizes["time"] == 3 and list(ds.time.dt.month.values) == [4, 5, 6]
+    got = ds.compute()
+    expected, counts = _expected(got, method)
+    np.testing.assert_array_equal(got.valid_count.values, counts)  # no cloud/shadow/nodata leak, nothing lost
+    seen = counts > 0
+    assert seen.mean() > 0.5 and (~seen).any()  # the sample really has holes and data
+    assert np.isnan(got.ndvi.values[~seen]).all()
+    err = np.abs(got.ndvi.values[seen] - expected[seen])
+    assert err.max() < 0.01, f"max |composite - truth| = {err.max():.4f}"
+    if method == "max":
+        # the date of the maximum is an acquisition day of its period whose truth NDVI is the maximum
+        assert got.max_date.dtype.kind == "M"
+        md = got.max_date.values
+        assert np.isnat(md[~seen]).all() and not np.isnat(md[seen]).any()
+        X, Y = np.meshgrid(got.x.values, got.y.values)
+        for t in range(got.sizes["time"]):
+            for day in np.unique(md[t][seen[t]]):
+                at = (md[t] == day) & seen[t]
+                when = dt.datetime.fromisoformat(str(day.astype("datetime64[D]")))
+                assert np.abs(Truth.ndvi(SPEC, X[at], Y[at], when) - got.ndvi.values[t][at]).max() < 0.01
+
+
+def test_pre_and_post_baseline_give_the_same_ndvi(tiny):
+    ds = build(_cfg(tiny, method="mean")).compute()
+    X, Y = np.meshgrid(ds.x.values, ds.y.values)
+    april, may = SPEC.dates()[1], SPEC.dates()[-3]
+    assert SPEC.baseline(april) < "04.00" <= SPEC.baseline(may)
+    constant = np.isclose(Truth.ndvi(SPEC, X, Y, april), Truth.ndvi(SPEC, X, Y, may), atol=1e-9)
+    both = constant & (ds.valid_count[0].values > 0) & (ds.valid_count[1].values > 0)
+    assert both.sum() > 100
+    diff = np.abs(ds.ndvi[0].values - ds.ndvi[1].values)[both]
+    assert diff.max() < 0.01
+
+
+def test_graph_size_does_not_grow_with_items(tiny):
+    cfg = _cfg(tiny)
+    plan = make_plan(cfg)
+    ds = build(cfg, plan)
+    n_items = sum(len(p.items) for p in plan.plans if p)
+    chunks = len(ds.ndvi.chunks[1]) * len(ds.ndvi.chunks[2])
+    tasks = len(dict(ds.ndvi.data.__dask_graph__()))
+    # reads + kernel + slicing per (period, chunk) and a few table tasks: far fewer than items x chunks
+    assert tasks <= 6 * chunks * len(plan.periods) + 10
+    assert tasks < n_items * chunks
+
+
+def test_zarr_output_has_crs_count_and_provenance(tiny, tmp_path):
+    out = tmp_path / "cube.zarr"
+    cfg = _cfg(tiny, out=str(out))
+    run(cfg)
+    ds = xr.open_zarr(out, decode_coords="all")
+    assert ds.rio.crs.to_epsg() == SPEC.epsg
+    assert set(ds.data_vars) >= {"ndvi", "valid_count"}
+    assert ds.valid_count.dtype == np.uint16
+    items = json.loads(ds.attrs["ndvi_scale:items"])
+    assert {it["processing_baseline"] for it in items} == {"03.01", "05.10"}
+    assert {it["red"]["offset"] for it in items} == {0.0, -0.1}
+    assert json.loads(ds.attrs["ndvi_scale:config"])["method"] == "median"
+    ref = build(cfg).compute()
+    np.testing.assert_array_equal(ds.ndvi.values, ref.ndvi.values)
+
+
+def test_no_scene_in_range(tiny):
+    with pytest.raises(NoScenesError, match="no Sentinel-2 L2A scenes found"):
+        make_plan(_cfg(tiny, start="2023-01-01", end="2023-01-31"))
+
+
+def test_periods_are_calendar_months():
+    assert len(periods_between(dt.date(2024, 4, 1), dt.date(2024, 6, 10), "month")) == 3
