@@ -12,7 +12,9 @@ from ndvi_scale.errors import InputError
 OK = dict(bbox=(1.4, 48.1, 1.6, 48.3), start="2024-01-01", end="2024-02-29")
 
 
-@pytest.mark.parametrize("value", [(1.4, 48.1, 1.6, 48.3), [1.4, 48.1, 1.6, 48.3], "1.4,48.1,1.6,48.3", "1.4 48.1 1.6 48.3"])
+@pytest.mark.parametrize(
+    "value", [(1.4, 48.1, 1.6, 48.3), [1.4, 48.1, 1.6, 48.3], "1.4,48.1,1.6,48.3", "1.4 48.1 1.6 48.3"]
+)
 def test_bbox_loose_forms(value):
     assert format_bbox(value) == BBox(1.4, 48.1, 1.6, 48.3)
 

@@ -68,10 +68,13 @@ def format_bbox(value: Any) -> BBox:
     elif isinstance(value, Iterable):
         parts = list(value)
     else:
-        raise InputError(f"bbox {raw!r} is not 4 numbers; expected W S E N in degrees, e.g. --bbox 1.4 48.1 1.6 48.3")
+        raise InputError(
+            f"bbox {raw!r} is not 4 numbers; expected W S E N in degrees, e.g. --bbox 1.4 48.1 1.6 48.3"
+        )
     if len(parts) != 4:
         raise InputError(
-            f"bbox {raw!r} has {len(parts)} values; expected 4 numbers W S E N in degrees, e.g. --bbox 1.4 48.1 1.6 48.3"
+            f"bbox {raw!r} has {len(parts)} values; expected 4 numbers W S E N in degrees, "
+            "e.g. --bbox 1.4 48.1 1.6 48.3"
         )
     try:
         w, s, e, n = (float(p) for p in parts)
@@ -131,7 +134,9 @@ def normalise_mask_classes(value: Any) -> tuple[int, ...]:
     try:
         classes = tuple(sorted({int(v) for v in value}))
     except (TypeError, ValueError):
-        raise InputError(f"mask classes {value!r} are not integers; expected SCL classes 0-11, e.g. 0,3,8,9,10") from None
+        raise InputError(
+            f"mask classes {value!r} are not integers; expected SCL classes 0-11, e.g. 0,3,8,9,10"
+        ) from None
     bad = [c for c in classes if not 0 <= c <= 11]
     if bad:
         raise InputError(f"mask classes {bad} are not SCL classes; expected integers 0-11, e.g. 0,3,8,9,10")
@@ -149,7 +154,7 @@ class RunConfig:
     end: dt.date
     """Last day of the period of interest (inclusive)."""
     catalog: str = "sample"
-    """``sample`` (embedded offline sample), a provider profile name, a STAC API URL, or a local item-collection path."""
+    """``sample`` (embedded offline sample), a provider profile name, a STAC API URL or a local items file."""
     out: str | None = None
     """Output Zarr location: local path, ``gs://bucket/path`` or ``s3://bucket/path``; None = do not write."""
     period: str = "month"
@@ -183,7 +188,9 @@ class RunConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise InputError(f"unknown config field(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+            raise InputError(
+                f"unknown config field(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}"
+            )
         if kwargs.get("bbox") is None:
             raise InputError("bbox is missing; give --bbox W S E N in degrees, e.g. --bbox 1.4 48.1 1.6 48.3")
         for name in ("start", "end"):
@@ -205,7 +212,9 @@ class RunConfig:
             kw["mask_classes"] = normalise_mask_classes(kw["mask_classes"])
         if "catalog" in kw:
             if not str(kw["catalog"]).strip():
-                raise InputError("catalog is empty; give 'sample', a profile name (ndvi-scale catalogs), a URL or a path")
+                raise InputError(
+                    "catalog is empty; give 'sample', a profile name (ndvi-scale catalogs), a URL or a path"
+                )
             kw["catalog"] = str(kw["catalog"]).strip()
         if kw.get("out") is not None:
             out = str(kw["out"]).strip()
@@ -225,7 +234,9 @@ class RunConfig:
         if "chunk" in kw:
             ch = int(_number(kw["chunk"], "chunk"))
             if ch < 64 or ch % 16:
-                raise InputError(f"chunk {ch} is invalid; expected pixels >= 64 and a multiple of 16, e.g. 2048")
+                raise InputError(
+                    f"chunk {ch} is invalid; expected pixels >= 64 and a multiple of 16, e.g. 2048"
+                )
             kw["chunk"] = ch
         if "zarr_format" in kw:
             zf = int(_number(kw["zarr_format"], "zarr_format"))

@@ -1,16 +1,31 @@
 """Load stage: normalised Sentinel-2 items -> one lazy, chunked (time, band, y, x) uint16 stack (stackstac).
 
-Only red, nir and scl are read. Digital numbers are kept raw (``rescale=False``, uint16): scale/offset differ per item
-(processing baseline) and are applied by the index stage, in float32, inside the fused per-chunk task. SCL (20 m) is
-read onto the 10 m output grid with nearest resampling, so each 10 m pixel takes the class of the 20 m pixel that
-contains it.
+Only red, nir and scl are read. Digital numbers are kept raw (``rescale=False``, uint16): scale/offset
+differ per item (processing baseline) and are applied by the index stage, in float32, inside the fused
+per-chunk task. SCL (20 m) is read onto the 10 m output grid with nearest resampling, so each 10 m pixel takes
+the class of the 20 m pixel that contains it.
+
+Signed hrefs (Planetary Computer): items keep their unsigned hrefs from search to here; :func:`load_stack`
+signs them (:func:`sign_items`, with :func:`ndvi_scale.profiles.sign_href`) right before building the stack,
+so each run, and each retried run, gets fresh tokens (they expire after ~45 minutes). A read that outlives its
+token fails with HTTP 403: re-run, and the new run re-signs.
+
+The file is authoritative for the grid. stackstac reads every asset through a warped VRT built from the file's
+own georeferencing, so a ``proj:transform``/``proj:shape`` that does not match the file (decimated or
+re-gridded copies) does not change a pixel. The metadata only tells stackstac where an asset lies, to skip the
+chunks it does not touch: when that footprint contradicts the item's bbox it is replaced by the bbox
+(:func:`asset_footprints`), so a wrong ``proj:shape`` cannot silently drop pixels. :func:`with_crs_from_cog`
+reads CRS and grid from the file header when the metadata gives no CRS.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import logging
 import math
 from collections.abc import Sequence
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,9 +37,13 @@ from stackstac.rio_env import LayeredEnv
 
 from .config import BBox
 from .errors import InputError, ItemError
+from .http import gdal_retry_options
 
 if TYPE_CHECKING:
     from .items import S2Item
+    from .profiles import Profile
+
+log = logging.getLogger(__name__)
 
 #: The three assets read for NDVI, in stack order.
 BANDS = ("red", "nir", "scl")
@@ -32,20 +51,19 @@ BANDS = ("red", "nir", "scl")
 #: GDAL settings for reading COGs over HTTP/object storage.
 GDAL_ENV = LayeredEnv(
     always=dict(
-        # A 2048-px chunk covers 2x2 internal 1024-px tiles: merging consecutive ranges turns them into fewer GETs.
+        # A 2048-px chunk covers 2x2 internal 1024-px tiles: merging consecutive ranges means fewer GETs.
         GDAL_HTTP_MERGE_CONSECUTIVE_RANGES="YES",
         GDAL_HTTP_MULTIRANGE="YES",
-        # Transient 429/5xx from object stores: let GDAL retry with its own backoff before we see an error.
-        GDAL_HTTP_MAX_RETRY="5",
-        GDAL_HTTP_RETRY_DELAY="1",
-        GDAL_HTTP_TIMEOUT="60",
+        # Transient 429/5xx and timeouts from object stores: GDAL retries with the one policy of
+        # ndvi_scale.http (statuses, attempts, backoff, timeouts) before we see an error.
+        **gdal_retry_options(),
         # Only the .tif is there; without this GDAL lists the "directory" looking for .aux/.msk/.ovr sidecars
         # (~22 requests per open instead of 3).
         GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR",
         CPL_VSIL_CURL_ALLOWED_EXTENSIONS=".tif,.tiff,.TIF,.jp2,.JP2",
-        # One header read of 64 kB covers the COG IFDs and tile offsets of an S2 band (default 16 kB needs 2-3).
+        # One 64 kB header read covers the COG IFDs and tile offsets of an S2 band (default 16 kB needs 2-3).
         GDAL_INGESTED_BYTES_AT_OPEN="65536",
-        # Dask already runs one read task per core; GDAL's own decode threads would only oversubscribe them.
+        # Dask already runs one read task per core; GDAL's own decode threads would oversubscribe them.
         GDAL_NUM_THREADS="1",
     ),
     open=dict(VSI_CACHE=True),  # re-opens of the same URL in other threads hit the header cache
@@ -62,13 +80,16 @@ def utm_epsg(lon: float, lat: float) -> int:
 def choose_epsg(items: Sequence[S2Item], bbox: BBox, crs: str = "auto") -> int:
     """The output CRS: ``crs`` if given as EPSG:XXXX, else the CRS shared by most items.
 
-    Ties are broken by the UTM zone of the bbox centre, then the smallest code, so the choice is deterministic.
+    Ties are broken by the UTM zone of the bbox centre, then the smallest code, so the choice is
+    deterministic.
     """
     if crs != "auto":
         try:
             return int(CRS.from_user_input(crs).to_epsg() or 0) or _bad_crs(crs)
         except Exception as e:  # pyproj raises its own CRSError
-            raise InputError(f"crs {crs!r} is not a known CRS ({e}); expected EPSG:XXXX, e.g. EPSG:32631") from None
+            raise InputError(
+                f"crs {crs!r} is not a known CRS ({e}); expected EPSG:XXXX, e.g. EPSG:32631"
+            ) from None
     counts = collections.Counter(it.epsg for it in items if it.epsg)
     if not counts:
         return utm_epsg((bbox.west + bbox.east) / 2, (bbox.south + bbox.north) / 2)
@@ -88,29 +109,129 @@ def projected_bounds(bbox: BBox, epsg: int) -> tuple[float, float, float, float]
     return tr.transform_bounds(*bbox.as_tuple(), densify_pts=21)
 
 
-def with_crs_from_cog(item: S2Item) -> S2Item:
-    """Fill a missing CRS/transform/shape from the red COG header (one small read). Items without proj metadata."""
-    import dataclasses
+def _signers() -> dict[str, Profile]:
+    """Profiles whose hrefs need signing, by name (an item's ``provider`` is the profile name)."""
+    from .profiles import list_profiles
 
+    return {p.name: p for p in list_profiles() if p.signing}
+
+
+def signing_profile(item: S2Item) -> Profile | None:
+    """The profile whose signing ``item``'s hrefs need (Planetary Computer), or None."""
+    return _signers().get(item.provider)
+
+
+def sign_items(items: Sequence[S2Item]) -> list[S2Item]:
+    """Copies of ``items`` with their band hrefs signed (:func:`ndvi_scale.profiles.sign_href`) where the
+    provider needs it; other items are returned as they are. The given items keep their unsigned hrefs.
+
+    Signs on every call, so calling it again (a retried or resumed run) gets fresh tokens: the Planetary
+    Computer SDK caches a token per storage container and fetches a new one when it is about to expire.
+    """
+    from .profiles import sign_href
+
+    signers = _signers()
+    out: list[S2Item] = []
+    for it in items:
+        prof = signers.get(it.provider)
+        if prof is None:
+            out.append(it)
+            continue
+        bands = {name: dataclasses.replace(b, href=sign_href(prof, b.href)) for name, b in it.bands.items()}
+        out.append(dataclasses.replace(it, bands=MappingProxyType(bands)))
+    return out
+
+
+#: GDAL options for the header reads of :func:`with_crs_from_cog` (the pixel reads use :data:`GDAL_ENV`).
+_HEADER_ENV = dict(
+    GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR",
+    CPL_VSIL_CURL_ALLOWED_EXTENSIONS=".tif,.tiff,.TIF,.jp2,.JP2",
+    GDAL_INGESTED_BYTES_AT_OPEN="65536",
+    **gdal_retry_options(),
+)
+
+
+def with_crs_from_cog(item: S2Item) -> S2Item:
+    """Fill a missing CRS (and the grid: transform, shape) from the band files' headers (one small read each).
+
+    For items whose metadata gives no CRS (no ``proj:epsg``/``proj:code`` on the item or the assets). The file
+    is authoritative: a band's transform and shape are replaced by the file's whenever its header is read.
+    Hrefs are signed for the read when the provider needs it (the returned item keeps the unsigned hrefs).
+    """
     import rasterio
+    import rasterio.errors
 
     bands = dict(item.bands)
     epsg: int | None = item.epsg
+    signed = sign_items([item])[0].bands
     for key, band in item.bands.items():
         if band.epsg or (epsg and band.transform and band.shape):
             continue
-        with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"), rasterio.open(band.href) as src:
-            code = src.crs.to_epsg() if src.crs else None
-            if code is None:
-                raise ItemError(
-                    f"item {item.id}: asset {key} ({band.href}) has no EPSG CRS in its metadata nor in the file; "
-                    "use items with proj:epsg/proj:code or pass --crs"
-                )
-            bands[key] = dataclasses.replace(
-                band, epsg=code, transform=tuple(src.transform)[:6], shape=(src.height, src.width)
+        try:
+            with rasterio.Env(**_HEADER_ENV), rasterio.open(signed[key].href) as src:
+                code = src.crs.to_epsg() if src.crs else None
+                transform, shape = tuple(src.transform)[:6], (src.height, src.width)
+        except rasterio.errors.RasterioIOError as e:
+            raise ItemError(
+                f"item {item.id}: asset {key} ({band.href}) has no CRS in its metadata and the file cannot "
+                f"be opened to read it ({str(e)[:200]}); check the href and credentials, or use items with "
+                "proj:epsg/proj:code"
+            ) from None
+        if code is None:
+            raise ItemError(
+                f"item {item.id}: asset {key} ({band.href}) has no EPSG CRS in its metadata nor in the file; "
+                "use items with proj:epsg/proj:code or pass --crs"
             )
-            epsg = epsg or code
-    return dataclasses.replace(item, bands=bands, epsg=epsg)
+        bands[key] = dataclasses.replace(band, epsg=code, transform=transform, shape=shape)
+        epsg = epsg or code
+    return dataclasses.replace(item, bands=MappingProxyType(bands), epsg=epsg)
+
+
+#: How far (fraction of the asset's width/height, per side) the item's bbox may stick out of the footprint
+#: that ``proj:transform``/``proj:shape`` give before that footprint is distrusted. A lon/lat bbox
+#: re-projected to UTM overshoots a correct footprint by up to ~5 % at high latitudes (grid convergence); a
+#: wrong ``proj:shape`` (e.g. the 20 m band's shape with the 10 m band's transform) is off by 50 %.
+FOOTPRINT_TOLERANCE = 0.1
+
+
+def asset_footprints(item: dict[str, Any]) -> dict[str, Any]:
+    """Check each asset's footprint (``proj:transform`` x ``proj:shape``) against the item's lon/lat bbox.
+
+    stackstac skips, per output chunk, the assets whose footprint does not touch it; a footprint smaller than
+    the file (wrong ``proj:shape``) would silently leave pixels out. An asset whose footprint does not contain
+    the item's bbox (re-projected, within :data:`FOOTPRINT_TOLERANCE`) loses its transform and shape and gets
+    ``proj:bbox`` = the re-projected item bbox instead: stackstac then takes the pixels from the file's own
+    grid, over the whole area the item claims. Items without bbox, and rotated transforms, are left alone.
+    Returns ``item`` (a ``to_stackstac()`` dict), changed in place.
+    """
+    bbox = item.get("bbox")
+    if not isinstance(bbox, list | tuple) or len(bbox) != 4 or not bbox[0] < bbox[2] or not bbox[1] < bbox[3]:
+        return item
+    for name, asset in item.get("assets", {}).items():
+        epsg, tf, shape = asset.get("proj:epsg"), asset.get("proj:transform"), asset.get("proj:shape")
+        if not epsg or not tf or not shape or tf[1] != 0 or tf[3] != 0:
+            continue
+        xs = (tf[2], tf[2] + tf[0] * shape[1])
+        ys = (tf[5], tf[5] + tf[4] * shape[0])
+        left, right, bottom, top = min(xs), max(xs), min(ys), max(ys)
+        try:
+            w, s, e, n = Transformer.from_crs(4326, epsg, always_xy=True).transform_bounds(
+                *bbox, densify_pts=21
+            )
+        except Exception:  # pyproj errors for a bbox outside the CRS's area: nothing to compare with
+            continue
+        mx, my = FOOTPRINT_TOLERANCE * (right - left), FOOTPRINT_TOLERANCE * (top - bottom)
+        if w >= left - mx and e <= right + mx and s >= bottom - my and n <= top + my:
+            continue
+        log.warning(
+            "item %s: asset %s: proj:transform/proj:shape give the footprint %s, which does not contain the "
+            "item bbox (%s in EPSG:%s); using the bbox (the pixels and their grid come from the file)",
+            item.get("id"), name, (left, bottom, right, top), (round(w), round(s), round(e), round(n)), epsg,
+        )
+        asset.pop("proj:transform", None)
+        asset.pop("proj:shape", None)
+        asset["proj:bbox"] = [w, s, e, n]
+    return item
 
 
 def load_stack(
@@ -122,14 +243,17 @@ def load_stack(
     chunk: int,
     time_chunks: Sequence[int],
 ) -> xr.DataArray:
-    """A lazy (time, band, y, x) uint16 stack of red, nir, scl for ``items`` (in the given order) on the output grid.
+    """A lazy (time, band, y, x) uint16 stack of red, nir, scl for ``items`` (in the given order) on the
+    output grid.
 
-    ``time_chunks`` groups consecutive items into one dask chunk each: all items of one period are read by one task
-    per spatial chunk, so the graph has periods x chunks reads, not items x chunks (stackstac's default).
+    ``time_chunks`` groups consecutive items into one dask chunk each: all items of one period are read by one
+    task per spatial chunk, so the graph has periods x chunks reads, not items x chunks (stackstac's default).
+    Hrefs are signed here (:func:`sign_items`) and asset footprints checked (:func:`asset_footprints`).
     """
     if sum(time_chunks) != len(items):
         raise ValueError(f"time_chunks {tuple(time_chunks)} do not add up to {len(items)} items")
-    dicts: list[dict[str, Any]] = [it.to_stackstac() for it in items]
+    # Sign here, at the last moment (tokens expire): the items keep their unsigned hrefs, a re-run re-signs.
+    dicts: list[dict[str, Any]] = [asset_footprints(it.to_stackstac()) for it in sign_items(items)]
     stack = stackstac.stack(
         dicts,
         assets=list(BANDS),

@@ -3,6 +3,16 @@
 ``--catalog`` is one of: ``sample`` (the embedded offline sample, generated once into the cache), a provider profile
 name (``ndvi-scale catalogs``), a STAC API URL (searched with pystac-client), or a local item-collection file
 (item, FeatureCollection, API page or JSON array; filtered here, client-side).
+
+A STAC API is searched with what its profile says (:mod:`ndvi_scale.profiles`): collections, asset keys, page size,
+whether ``eo:cloud_cover`` can be filtered server-side. A bare URL is matched to a profile with
+:func:`~ndvi_scale.profiles.profile_for_url`; an unknown URL gets no server-side cloud filter at all, because some
+servers silently answer 0 items to a ``query``/``filter`` they do not implement (rustac's memory backend does).
+Cloud cover, bbox and dates are always checked again client-side, whatever the server did.
+
+Paging follows the API's ``next`` links (POST links with a JSON body token, or GET links with ``?token=``), every
+request with the retry policy of :mod:`ndvi_scale.http`. Items stay unsigned here: hrefs that need a signature
+(Planetary Computer) are signed by :func:`ndvi_scale.load.load_stack`, right before reading.
 """
 
 from __future__ import annotations
@@ -10,16 +20,31 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import BBox, RunConfig
 from .errors import CatalogError, NoScenesError
 from .items import S2Item, Skipped, normalize_item, read_items
 
-#: Scenes whose footprint only touches the bbox on its border are useless; items without bbox are kept.
+if TYPE_CHECKING:
+    from .profiles import Profile
+
 _SAMPLE_NAMES = ("sample",)
+
+#: ``limit`` (items per page) for an API without a profile. pystac-client's default of 10 turns a year of scenes
+#: into dozens of round trips (pystac-client #49, #115); 100 is accepted by every STAC API we know.
+DEFAULT_PAGE_LIMIT = 100
+
+#: At most this many dates are listed one by one in :meth:`SearchResult.summary`; beyond, the span is given.
+_SUMMARY_DATES = 6
+
+
+def _reason_kind(reason: str) -> str:
+    """The stable part of a skip reason (without the item's values), to count reasons in a summary."""
+    return re.split(r" \(|; |: ", reason, maxsplit=1)[0].strip()
 
 
 @dataclass(frozen=True)
@@ -33,25 +58,47 @@ class SearchResult:
     source: str = ""
     """What was searched (for messages and provenance)."""
     profile: str | None = None
-    """Provider profile name when the catalog was a profile."""
+    """Provider profile name when the catalog was a profile (or a URL matching one)."""
     notes: tuple[str, ...] = field(default_factory=tuple)
-    """Warnings gathered while searching."""
+    """How the search was done (requests, pages, server-side filters) and warnings gathered while searching."""
+
+    def skipped_reasons(self) -> collections.Counter[str]:
+        """How many items were skipped for each kind of reason (most common first with ``most_common()``)."""
+        return collections.Counter(_reason_kind(s.reason) for s in self.skipped)
 
     def summary(self) -> str:
-        """One line: items, dates, tiles, CRSs."""
-        days = sorted({it.datetime.date() for it in self.items})
+        """One line: scenes, dates, tiles, CRSs, skipped items with their reasons."""
+        days = sorted({it.datetime.astimezone(dt.UTC).date() for it in self.items})
         tiles = sorted({it.tile for it in self.items if it.tile})
-        crss = sorted({f"EPSG:{it.epsg}" for it in self.items if it.epsg})
-        span = f"{days[0]} .. {days[-1]}" if days else "-"
-        return (
-            f"{len(self.items)} scenes on {len(days)} dates ({span}), tiles {', '.join(tiles) or '-'}, "
-            f"CRS {', '.join(crss) or 'from files'}; {len(self.skipped)} skipped"
+        crs_counts = collections.Counter(f"EPSG:{it.epsg}" for it in self.items if it.epsg)
+        if not days:
+            span = "-"
+        elif len(days) <= _SUMMARY_DATES:
+            span = ", ".join(str(d) for d in days)
+        else:
+            span = f"{days[0]} .. {days[-1]}"
+        if len(crs_counts) > 1:
+            crs = ", ".join(f"{c} x{n}" for c, n in sorted(crs_counts.items()))
+        else:
+            crs = ", ".join(crs_counts) or "from files"
+        no_crs = sum(1 for it in self.items if not it.epsg)
+        if crs_counts and no_crs:
+            crs += f" (+{no_crs} from files)"
+        text = (
+            f"{len(self.items)} scenes on {len(days)} dates ({span}), tiles {', '.join(tiles) or '-'}, CRS {crs}; "
+            f"{len(self.skipped)} skipped"
         )
+        if self.skipped:
+            text += " (" + ", ".join(f"{r} x{n}" for r, n in self.skipped_reasons().most_common()) + ")"
+        warned = sum(1 for it in self.items if it.warnings)
+        if warned:
+            text += f"; {warned} with metadata warnings (see ndvi-scale inspect)"
+        return text
 
 
 def _intersects(a: Sequence[float] | None, b: BBox) -> bool:
     if not a or len(a) < 4:
-        return True
+        return True  # items without bbox are kept: the loader finds out
     w, s, e, n = a[0], a[1], a[-2], a[-1]
     return w < b.east and e > b.west and s < b.north and n > b.south
 
@@ -62,20 +109,31 @@ def _in_dates(when: dt.datetime, start: dt.date, end: dt.date) -> bool:
 
 
 def filter_items(
-    raw: Iterable[Mapping[str, Any]], cfg: RunConfig, *, base_href: str | None = None
+    raw: Iterable[Mapping[str, Any]],
+    cfg: RunConfig,
+    *,
+    base_href: str | None = None,
+    aliases: Mapping[str, Iterable[str]] | None = None,
 ) -> tuple[list[S2Item], list[Skipped]]:
-    """Normalise raw item dicts and keep those inside bbox/dates/cloud limit (client-side filtering)."""
+    """Normalise raw item dicts and keep those inside bbox/dates/cloud limit (client-side filtering).
+
+    ``aliases`` is the asset-key table of the provider profile (default table when None). Items outside the bbox
+    or dates are dropped silently (not asked for); unusable items and items above ``max_cloud`` are returned as
+    :class:`Skipped` with the reason. Items without ``eo:cloud_cover`` are kept.
+    """
     keep: list[S2Item] = []
     skipped: list[Skipped] = []
     for obj in raw:
-        it = normalize_item(obj, base_href=base_href)
+        it = normalize_item(obj, base_href=base_href, aliases=aliases)
         if isinstance(it, Skipped):
             skipped.append(it)
             continue
         if not _in_dates(it.datetime, cfg.start, cfg.end) or not _intersects(it.bbox, cfg.bbox):
             continue  # outside the request: not "skipped", simply not matched
         if it.cloud_cover is not None and it.cloud_cover > cfg.max_cloud:
-            skipped.append(Skipped(it.id, f"eo:cloud_cover {it.cloud_cover:g} > max_cloud {cfg.max_cloud:g}"))
+            skipped.append(
+                Skipped(it.id, f"cloud cover above max_cloud {cfg.max_cloud:g}% (eo:cloud_cover {it.cloud_cover:g})")
+            )
             continue
         keep.append(it)
     keep.sort(key=lambda it: (it.datetime, it.id))
@@ -86,32 +144,97 @@ def _is_url(s: str) -> bool:
     return s.startswith(("http://", "https://"))
 
 
-def _api_items(url: str, cfg: RunConfig, collections_: Sequence[str] | None, server_query: bool) -> list[dict]:
-    """Search a STAC API with pystac-client, paging through all results, as plain dicts (no pystac migration)."""
+def _search_method(client: Any) -> str:
+    """POST when the landing page advertises it (or says nothing), else GET (pystac-client always POSTs)."""
+    methods = {
+        str(link.extra_fields.get("method") or "GET").upper() for link in client.get_links("search")
+    }
+    return "POST" if not methods or "POST" in methods else "GET"
+
+
+def _cloud_filter(client: Any, cfg: RunConfig, profile: Profile | None) -> tuple[dict[str, Any], str]:
+    """Server-side ``eo:cloud_cover`` arguments for ``client.search`` and a note saying what was done."""
+    from pystac_client.conformance import ConformanceClasses
+
+    if cfg.max_cloud >= 100:
+        return {}, "no cloud cover limit"
+    if profile is None:
+        return {}, (
+            f"eo:cloud_cover <= {cfg.max_cloud:g} filtered client-side only (unknown API: a query/filter it does "
+            "not implement may silently return nothing)"
+        )
+    if not profile.server_side_query:
+        return {}, f"eo:cloud_cover <= {cfg.max_cloud:g} filtered client-side only (profile {profile.name})"
+    if client.conforms_to(ConformanceClasses.QUERY):
+        return {"query": {"eo:cloud_cover": {"lte": cfg.max_cloud}}}, (
+            f"eo:cloud_cover <= {cfg.max_cloud:g} filtered server-side (query extension) and client-side"
+        )
+    if client.conforms_to(ConformanceClasses.FILTER):
+        cql2 = {"op": "<=", "args": [{"property": "eo:cloud_cover"}, cfg.max_cloud]}
+        return {"filter": cql2, "filter_lang": "cql2-json"}, (
+            f"eo:cloud_cover <= {cfg.max_cloud:g} filtered server-side (CQL2 filter) and client-side"
+        )
+    return {}, (
+        f"eo:cloud_cover <= {cfg.max_cloud:g} filtered client-side only: the API advertises neither the query nor "
+        "the filter extension"
+    )
+
+
+def _api_items(
+    url: str, cfg: RunConfig, profile: Profile | None = None, *, limit: int | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Search a STAC API with pystac-client, following every ``next`` link, as plain dicts (no pystac migration).
+
+    Returns the item dicts (each once, in server order) and notes on how the search was done. ``limit`` overrides
+    the page size (default: the profile's ``page_limit``, else :data:`DEFAULT_PAGE_LIMIT`).
+    """
     from pystac_client import Client
     from pystac_client.exceptions import APIError
     from pystac_client.stac_api_io import StacApiIO
-    from urllib3.util.retry import Retry
 
-    # One retry policy for 429/5xx: exponential backoff, honouring Retry-After (CDSE throttles with 429).
-    retry = Retry(
-        total=5, backoff_factor=1.0, status_forcelist=(429, 500, 502, 503, 504),
-        allowed_methods=None, respect_retry_after_header=True,
-    )
+    from .http import stac_retry, stac_timeout
+
+    page_limit = limit or (profile.page_limit if profile else DEFAULT_PAGE_LIMIT)
+    notes: list[str] = []
     try:
-        client = Client.open(url, stac_io=StacApiIO(max_retries=retry, timeout=60))
+        client = Client.open(url, stac_io=StacApiIO(max_retries=stac_retry(), timeout=stac_timeout()))
+        method = _search_method(client)
         kwargs: dict[str, Any] = dict(
+            method=method,
             bbox=cfg.bbox.as_tuple(),
             datetime=f"{cfg.start.isoformat()}T00:00:00Z/{cfg.end.isoformat()}T23:59:59.999Z",
-            limit=100,  # pystac-client's default page of 10 turns a year of scenes into dozens of round trips
+            limit=page_limit,
         )
-        if collections_:
-            kwargs["collections"] = list(collections_)
-        if server_query and cfg.max_cloud < 100:
-            kwargs["query"] = {"eo:cloud_cover": {"lte": cfg.max_cloud}}
-        return list(client.search(**kwargs).items_as_dicts())
+        if profile is not None:
+            kwargs["collections"] = list(profile.collections)
+        cloud_kwargs, cloud_note = _cloud_filter(client, cfg, profile)
+        kwargs.update(cloud_kwargs)
+        seen: set[tuple[Any, Any]] = set()
+        out: list[dict[str, Any]] = []
+        pages = duplicates = 0
+        for page in client.search(**kwargs).pages_as_dicts():
+            pages += 1
+            features = [f for f in page.get("features") or [] if isinstance(f, dict)]
+            new = 0
+            for feat in features:
+                key = (feat.get("collection"), feat.get("id"))
+                if key in seen:
+                    duplicates += 1
+                    continue
+                seen.add(key)
+                out.append(feat)
+                new += 1
+            if features and not new:
+                raise CatalogError(
+                    f"STAC API {url} sent page {pages} with only items of earlier pages: its 'next' links go round "
+                    "in a loop; report it to the provider, or search a shorter period"
+                )
     except APIError as e:
-        raise CatalogError(f"STAC API {url} refused the search: {str(e)[:300]}; check the URL and collection") from None
+        status = f" HTTP {e.status_code}" if getattr(e, "status_code", None) else ""
+        raise CatalogError(
+            f"STAC API {url} refused the search{status}: {str(e)[:300]}; check the URL and the collection "
+            "(requests were retried on 429/5xx and timeouts)"
+        ) from None
     except CatalogError:
         raise
     except Exception as e:  # connection errors, JSON errors, not an API
@@ -119,12 +242,24 @@ def _api_items(url: str, cfg: RunConfig, collections_: Sequence[str] | None, ser
             f"cannot search STAC API {url}: {type(e).__name__}: {str(e)[:300]}; check the URL (a STAC API root "
             "with /search) or pass a local item-collection file"
         ) from None
+    colls = ",".join(profile.collections) if profile else "all"
+    notes.append(
+        f"searched {url} ({method} /search, collections {colls}, limit {page_limit}): {len(out)} items in "
+        f"{pages} page(s)"
+    )
+    if duplicates:
+        notes.append(f"{duplicates} item(s) sent twice by the API were kept once")
+    notes.append(cloud_note)
+    return out, notes
 
 
 def search(cfg: RunConfig) -> SearchResult:
     """Find the usable scenes for ``cfg``; raise :class:`NoScenesError` if there are none."""
+    from .profiles import get_profile, profile_for_url
+
     cat = cfg.catalog
     profile_name: str | None = None
+    notes: list[str] = []
     if cat in _SAMPLE_NAMES:
         from .sample import sample_catalog
 
@@ -133,24 +268,31 @@ def search(cfg: RunConfig) -> SearchResult:
         items, skipped = filter_items(raw, cfg, base_href=base)
         source = f"sample catalog ({path})"
     elif _is_url(cat) and not cat.lower().endswith(".json"):
-        raw = _api_items(cat, cfg, None, server_query=False)
-        items, skipped = filter_items(raw, cfg)
+        prof = profile_for_url(cat)
+        if prof is not None:
+            profile_name = prof.name
+            notes.append(
+                f"{cat} is the API of profile {prof.name}: searching its collections {', '.join(prof.collections)} "
+                f"(pass --catalog <profile> to choose another, see ndvi-scale catalogs)"
+            )
+        raw, api_notes = _api_items(cat, cfg, prof)
+        notes += api_notes
+        items, skipped = filter_items(raw, cfg, aliases=prof.assets if prof else None)
         source = f"STAC API {cat}"
     elif _is_url(cat) or cat.startswith("file://") or os.path.exists(cat) or cat.endswith(".json") or os.sep in cat:
         raw, base = read_items(cat)
         items, skipped = filter_items(raw, cfg, base_href=base)
         source = f"item collection {cat}"
     else:
-        from .profiles import get_profile
-
         prof = get_profile(cat)
         profile_name = prof.name
-        raw = _api_items(prof.url, cfg, prof.collections, server_query=prof.server_side_query)
-        items, skipped = filter_items(raw, cfg)
+        raw, api_notes = _api_items(prof.url, cfg, prof)
+        notes += api_notes
+        items, skipped = filter_items(raw, cfg, aliases=prof.assets)
         source = f"{prof.title} ({prof.url})"
-    result = SearchResult(tuple(items), tuple(skipped), source=source, profile=profile_name)
+    result = SearchResult(tuple(items), tuple(skipped), source=source, profile=profile_name, notes=tuple(notes))
     if not items:
-        reasons = collections.Counter(s.reason.split(";")[0] for s in skipped).most_common(3)
+        reasons = result.skipped_reasons().most_common(3)
         why = f"; {len(skipped)} skipped ({', '.join(f'{r} x{n}' for r, n in reasons)})" if skipped else ""
         raise NoScenesError(
             f"no Sentinel-2 L2A scenes found in {source} for bbox {cfg.bbox} between {cfg.start} and {cfg.end} "
