@@ -52,6 +52,10 @@ def compute(
     ] = None,
     start: Annotated[str | None, typer.Option(help="First day, YYYY-MM-DD.")] = None,
     end: Annotated[str | None, typer.Option(help="Last day (inclusive), YYYY-MM-DD.")] = None,
+    window: Annotated[
+        str | None,
+        typer.Option(help="Relative dates instead of --start/--end: previous-month, previous-dekad, last-N-days, ..."),
+    ] = None,
     catalog: Annotated[
         str | None, typer.Option(help="'sample', a profile (ndvi-scale catalogs), a STAC API URL or an items file.")
     ] = None,
@@ -64,29 +68,48 @@ def compute(
     crs: Annotated[str | None, typer.Option(help="'auto' or EPSG:XXXX.")] = None,
     chunk: Annotated[int | None, typer.Option(help="Spatial chunk in pixels (processing = Zarr chunks).")] = None,
     zarr_format: Annotated[int | None, typer.Option(help="Zarr format of a new output: 3 or 2.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace existing output.")] = False,
+    overwrite: Annotated[
+        bool | None, typer.Option("--overwrite/--no-overwrite", help="Replace existing output.", show_default=False)
+    ] = None,
+    append: Annotated[
+        bool | None,
+        typer.Option("--append/--no-append", help="Add new periods to an existing cube.", show_default=False),
+    ] = None,
+    skip_bad_assets: Annotated[
+        bool | None,
+        typer.Option(
+            "--skip-bad-assets/--no-skip-bad-assets",
+            help="Continue past unreadable assets, recording them in the output.",
+            show_default=False,
+        ),
+    ] = None,
+    cluster: Annotated[
+        str | None, typer.Option(help="threads (default), local, tcp://HOST:PORT, gateway or kubernetes.")
+    ] = None,
+    config: Annotated[
+        str | None, typer.Option(help="YAML run config (same fields as these options; options override it).")
+    ] = None,
 ) -> None:
     """Search, mask clouds, compute NDVI, composite per period and write Zarr."""
 
     def go() -> None:
-        from .config import RunConfig
         from .pipeline import run
+        from .runfile import run_config_from
 
         values: dict[str, Any] = dict(
-            bbox=bbox, start=start, end=end, catalog=catalog, out=out, period=period, method=method,
-            max_cloud=max_cloud, mask_classes=mask_classes, resolution=resolution, crs=crs, chunk=chunk,
-            zarr_format=zarr_format,
+            bbox=bbox, start=start, end=end, window=window, catalog=catalog, out=out, period=period,
+            method=method, max_cloud=max_cloud, mask_classes=mask_classes, resolution=resolution, crs=crs,
+            chunk=chunk, zarr_format=zarr_format, overwrite=overwrite, append=append,
+            skip_bad_assets=skip_bad_assets, cluster=cluster,
         )
-        kwargs = {k: v for k, v in values.items() if v is not None}
-        if overwrite:
-            kwargs["overwrite"] = True
-        if "out" not in kwargs:
+        cfg, merged = run_config_from(config, {k: v for k, v in values.items() if v is not None})
+        if cfg.out is None:
             from .errors import InputError
 
             raise InputError("out is missing; give --out PATH (local path, gs://bucket/path or s3://bucket/path)")
-        cfg = RunConfig.create(**kwargs)
-        report = run(cfg, progress=lambda msg: typer.echo(msg, err=True), show_progress=True)
-        typer.echo(f"wrote {report.out}: {report.periods} {cfg.period} composite(s) of NDVI ({cfg.method})")
+        report = run(cfg, cluster=merged.get("cluster"), echo=lambda msg: typer.echo(msg, err=True),
+                     show_progress=True)
+        typer.echo(report.describe())
 
     _guard(go)
 

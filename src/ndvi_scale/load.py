@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -116,11 +117,6 @@ def _signers() -> dict[str, Profile]:
     return {p.name: p for p in list_profiles() if p.signing}
 
 
-def signing_profile(item: S2Item) -> Profile | None:
-    """The profile whose signing ``item``'s hrefs need (Planetary Computer), or None."""
-    return _signers().get(item.provider)
-
-
 def sign_items(items: Sequence[S2Item]) -> list[S2Item]:
     """Copies of ``items`` with their band hrefs signed (:func:`ndvi_scale.profiles.sign_href`) where the
     provider needs it; other items are returned as they are. The given items keep their unsigned hrefs.
@@ -194,6 +190,11 @@ def with_crs_from_cog(item: S2Item) -> S2Item:
 FOOTPRINT_TOLERANCE = 0.1
 
 
+@functools.lru_cache(maxsize=64)
+def _from_lonlat(epsg: int) -> Transformer:
+    return Transformer.from_crs(4326, epsg, always_xy=True)
+
+
 def asset_footprints(item: dict[str, Any]) -> dict[str, Any]:
     """Check each asset's footprint (``proj:transform`` x ``proj:shape``) against the item's lon/lat bbox.
 
@@ -215,10 +216,12 @@ def asset_footprints(item: dict[str, Any]) -> dict[str, Any]:
         ys = (tf[5], tf[5] + tf[4] * shape[0])
         left, right, bottom, top = min(xs), max(xs), min(ys), max(ys)
         try:
-            w, s, e, n = Transformer.from_crs(4326, epsg, always_xy=True).transform_bounds(
-                *bbox, densify_pts=21
+            w, s, e, n = _from_lonlat(int(epsg)).transform_bounds(
+                bbox[0], bbox[1], bbox[2], bbox[3], densify_pts=21
             )
         except Exception:  # pyproj errors for a bbox outside the CRS's area: nothing to compare with
+            continue
+        if not all(math.isfinite(v) for v in (w, s, e, n)):
             continue
         mx, my = FOOTPRINT_TOLERANCE * (right - left), FOOTPRINT_TOLERANCE * (top - bottom)
         if w >= left - mx and e <= right + mx and s >= bottom - my and n <= top + my:

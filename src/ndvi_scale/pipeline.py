@@ -31,6 +31,7 @@ from .load import choose_epsg, load_stack, with_crs_from_cog
 from .mask import SCL_CLASSES, clear_mask
 from .ndvi import ndvi as ndvi_index
 from .search import SearchResult, search
+from .write import WriteReport
 
 #: Largest uint16 stack (bytes) one fused task may read for one period and chunk. Beyond it the spatial chunk is
 #: halved: a year-long period with 150 items at 2048 px would otherwise need ~3.8 GB in one task.
@@ -270,32 +271,64 @@ def provenance_attrs(plan: Plan) -> dict[str, Any]:
 class RunReport:
     """What a run did."""
 
-    out: str | None
+    config: RunConfig
     summary: str
+    """One line on the scenes used (items, dates, tiles, CRSs)."""
     periods: int
     dataset: xr.Dataset
+    """The lazy composite (also returned when nothing was written)."""
+    write: WriteReport | None = None
+    """What the write stage did, if ``config.out`` was set."""
+
+    def describe(self) -> str:
+        if self.write is None:
+            return f"built {self.periods} {self.config.period} composite(s) (not written)"
+        w = self.write
+        parts = [f"wrote {w.url}: {len(w.periods_written)} {self.config.period} composite(s) of NDVI "
+                 f"({self.config.method})"]
+        if w.periods_skipped:
+            parts.append(f"{len(w.periods_skipped)} already present, skipped")
+        if w.resumed:
+            parts.append(f"resumed: {w.regions_written} region(s) computed, {w.regions_skipped} kept")
+        if w.stac_item_url:
+            parts.append(f"STAC item {w.stac_item_url}")
+        return "; ".join(parts)
 
 
-def run(cfg: RunConfig, *, progress: Callable[[str], Any] | None = None, show_progress: bool = False) -> RunReport:
-    """Search, build and (if ``cfg.out``) write. Returns the lazy Dataset when there is no ``out``."""
-    from .write import check_output, write_zarr
+def run(
+    cfg: RunConfig,
+    *,
+    cluster: str | None = None,
+    echo: Callable[[str], Any] | None = None,
+    show_progress: bool = False,
+) -> RunReport:
+    """Search, build and (if ``cfg.out``) write, on the Dask ``cluster`` (see :func:`ndvi_scale.cluster.connect`).
 
-    if cfg.out is not None:
-        check_output(cfg.out, cfg.overwrite)  # refuse early: before searching or reading anything
+    The output is checked before anything is searched or read: an existing cube is refused (or appended to, or
+    resumed) before any work is spent.
+    """
+    from .cluster import connect
+    from .write import check_output, write_cube
+
+    say = echo or (lambda msg: None)
+    loc = check_output(cfg.out, cfg.overwrite, append=cfg.append) if cfg.out is not None else None
     plan = make_plan(cfg)
-    if progress:
-        progress(plan.search.summary())
+    say(plan.search.summary())
     ds = build(cfg, plan)
-    if cfg.out is None:
-        return RunReport(None, plan.search.summary(), len(plan.periods), ds)
-    if show_progress:
-        from .progress import dask_progress
+    if loc is None:
+        return RunReport(cfg, plan.search.summary(), len(plan.periods), ds)
+    with connect(cluster) as (_client, dashboard):
+        if dashboard:
+            say(f"dask dashboard: {dashboard}")
+        if show_progress:
+            from .progress import region_progress
 
-        with dask_progress("composite"):
-            write_zarr(ds, cfg.out, overwrite=cfg.overwrite, zarr_format=cfg.zarr_format)
-    else:
-        write_zarr(ds, cfg.out, overwrite=cfg.overwrite, zarr_format=cfg.zarr_format)
-    return RunReport(cfg.out, plan.search.summary(), len(plan.periods), ds)
+            with region_progress("composite + write") as advance:
+                report = write_cube(ds, loc, overwrite=cfg.overwrite, append=cfg.append,
+                                    zarr_format=cfg.zarr_format, progress=advance)
+        else:
+            report = write_cube(ds, loc, overwrite=cfg.overwrite, append=cfg.append, zarr_format=cfg.zarr_format)
+    return RunReport(cfg, plan.search.summary(), len(plan.periods), ds, report)
 
 
 def compute(
@@ -314,12 +347,15 @@ def compute(
     Without ``out`` it returns the lazy composite Dataset (nothing read yet: ``.compute()``, ``.hvplot()`` or
     ``.to_zarr()`` it yourself). With ``out`` it writes the Zarr and returns it opened lazily from the store.
     """
+    cluster = options.pop("cluster", None)
     cfg = RunConfig.create(bbox=bbox, start=start, end=end, catalog=catalog, out=out, period=period, method=method,
                            **options)
-    report = run(cfg)
-    if cfg.out is None:
+    report = run(cfg, cluster=cluster)
+    if report.write is None:
         return report.dataset
-    return xr.open_zarr(cfg.out, decode_coords="all")
+    from .storage import open_location
+
+    return xr.open_zarr(open_location(cfg.out or "").store, decode_coords="all", consolidated=None)
 
 
 __all__ = ["InputError", "build", "compute", "make_plan", "run"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from dask.callbacks import Callback
@@ -48,3 +48,18 @@ def dask_progress(description: str) -> Iterator[Progress]:
     progress = make_progress()
     with progress, _RichCallback(progress, description):
         yield progress
+
+
+@contextlib.contextmanager
+def region_progress(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A ``progress(done, total)`` callable (as :func:`ndvi_scale.write.write_cube` takes) drawing a rich bar."""
+    progress = make_progress()
+    task: list[Any] = []
+
+    def advance(done: int, total: int) -> None:
+        if not task:
+            task.append(progress.add_task(description, total=total))
+        progress.update(task[0], completed=done, total=total)
+
+    with progress:
+        yield advance

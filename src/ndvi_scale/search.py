@@ -1,18 +1,18 @@
 """Search stage: resolve ``--catalog`` and find the Sentinel-2 L2A scenes over a bbox and a period.
 
-``--catalog`` is one of: ``sample`` (the embedded offline sample, generated once into the cache), a provider profile
-name (``ndvi-scale catalogs``), a STAC API URL (searched with pystac-client), or a local item-collection file
-(item, FeatureCollection, API page or JSON array; filtered here, client-side).
+``--catalog`` is one of: ``sample`` (the embedded offline sample, generated once into the cache), a provider
+profile name (``ndvi-scale catalogs``), a STAC API URL (searched with pystac-client), or a local
+item-collection file (item, FeatureCollection, API page or JSON array; filtered here, client-side).
 
-A STAC API is searched with what its profile says (:mod:`ndvi_scale.profiles`): collections, asset keys, page size,
-whether ``eo:cloud_cover`` can be filtered server-side. A bare URL is matched to a profile with
-:func:`~ndvi_scale.profiles.profile_for_url`; an unknown URL gets no server-side cloud filter at all, because some
-servers silently answer 0 items to a ``query``/``filter`` they do not implement (rustac's memory backend does).
-Cloud cover, bbox and dates are always checked again client-side, whatever the server did.
+A STAC API is searched with what its profile says (:mod:`ndvi_scale.profiles`): collections, asset keys, page
+size, whether ``eo:cloud_cover`` can be filtered server-side. A bare URL is matched to a profile with
+:func:`~ndvi_scale.profiles.profile_for_url`; an unknown URL gets no server-side cloud filter at all, because
+some servers silently answer 0 items to a ``query``/``filter`` they do not implement (rustac's memory backend
+does). Cloud cover, bbox and dates are always checked again client-side, whatever the server did.
 
-Paging follows the API's ``next`` links (POST links with a JSON body token, or GET links with ``?token=``), every
-request with the retry policy of :mod:`ndvi_scale.http`. Items stay unsigned here: hrefs that need a signature
-(Planetary Computer) are signed by :func:`ndvi_scale.load.load_stack`, right before reading.
+Paging follows the API's ``next`` links (POST links with a JSON body token, or GET links with ``?token=``),
+every request with the retry policy of :mod:`ndvi_scale.http`. Items stay unsigned here: hrefs that need a
+signature (Planetary Computer) are signed by :func:`ndvi_scale.load.load_stack`, right before reading.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ if TYPE_CHECKING:
 
 _SAMPLE_NAMES = ("sample",)
 
-#: ``limit`` (items per page) for an API without a profile. pystac-client's default of 10 turns a year of scenes
-#: into dozens of round trips (pystac-client #49, #115); 100 is accepted by every STAC API we know.
+#: ``limit`` (items per page) for an API without a profile. pystac-client's default of 10 turns a year of
+#: scenes into dozens of round trips (pystac-client #49, #115); 100 is accepted by every STAC API we know.
 DEFAULT_PAGE_LIMIT = 100
 
 #: At most this many dates are listed one by one in :meth:`SearchResult.summary`; beyond, the span is given.
@@ -60,7 +60,7 @@ class SearchResult:
     profile: str | None = None
     """Provider profile name when the catalog was a profile (or a URL matching one)."""
     notes: tuple[str, ...] = field(default_factory=tuple)
-    """How the search was done (requests, pages, server-side filters) and warnings gathered while searching."""
+    """How the search was done (requests, pages, server-side filters) and warnings gathered on the way."""
 
     def skipped_reasons(self) -> collections.Counter[str]:
         """How many items were skipped for each kind of reason (most common first with ``most_common()``)."""
@@ -85,8 +85,8 @@ class SearchResult:
         if crs_counts and no_crs:
             crs += f" (+{no_crs} from files)"
         text = (
-            f"{len(self.items)} scenes on {len(days)} dates ({span}), tiles {', '.join(tiles) or '-'}, CRS {crs}; "
-            f"{len(self.skipped)} skipped"
+            f"{len(self.items)} scenes on {len(days)} dates ({span}), tiles {', '.join(tiles) or '-'}, "
+            f"CRS {crs}; {len(self.skipped)} skipped"
         )
         if self.skipped:
             text += " (" + ", ".join(f"{r} x{n}" for r, n in self.skipped_reasons().most_common()) + ")"
@@ -117,9 +117,9 @@ def filter_items(
 ) -> tuple[list[S2Item], list[Skipped]]:
     """Normalise raw item dicts and keep those inside bbox/dates/cloud limit (client-side filtering).
 
-    ``aliases`` is the asset-key table of the provider profile (default table when None). Items outside the bbox
-    or dates are dropped silently (not asked for); unusable items and items above ``max_cloud`` are returned as
-    :class:`Skipped` with the reason. Items without ``eo:cloud_cover`` are kept.
+    ``aliases`` is the asset-key table of the provider profile (default table when None). Items outside the
+    bbox or dates are dropped silently (not asked for); unusable items and items above ``max_cloud`` are
+    returned as :class:`Skipped` with the reason. Items without ``eo:cloud_cover`` are kept.
     """
     keep: list[S2Item] = []
     skipped: list[Skipped] = []
@@ -131,9 +131,8 @@ def filter_items(
         if not _in_dates(it.datetime, cfg.start, cfg.end) or not _intersects(it.bbox, cfg.bbox):
             continue  # outside the request: not "skipped", simply not matched
         if it.cloud_cover is not None and it.cloud_cover > cfg.max_cloud:
-            skipped.append(
-                Skipped(it.id, f"cloud cover above max_cloud {cfg.max_cloud:g}% (eo:cloud_cover {it.cloud_cover:g})")
-            )
+            why = f"cloud cover above max_cloud {cfg.max_cloud:g}% (eo:cloud_cover {it.cloud_cover:g})"
+            skipped.append(Skipped(it.id, why))
             continue
         keep.append(it)
     keep.sort(key=lambda it: (it.datetime, it.id))
@@ -142,6 +141,13 @@ def filter_items(
 
 def _is_url(s: str) -> bool:
     return s.startswith(("http://", "https://"))
+
+
+def _is_file_like(cat: str) -> bool:
+    """An item-collection document: a URL of a .json file, a file:// URL or a local path."""
+    if _is_url(cat) or cat.startswith("file://") or cat.endswith(".json"):
+        return True
+    return os.sep in cat or os.path.exists(cat)
 
 
 def _search_method(client: Any) -> str:
@@ -160,8 +166,8 @@ def _cloud_filter(client: Any, cfg: RunConfig, profile: Profile | None) -> tuple
         return {}, "no cloud cover limit"
     if profile is None:
         return {}, (
-            f"eo:cloud_cover <= {cfg.max_cloud:g} filtered client-side only (unknown API: a query/filter it does "
-            "not implement may silently return nothing)"
+            f"eo:cloud_cover <= {cfg.max_cloud:g} filtered client-side only (unknown API: a query/filter it "
+            "does not implement may silently return nothing)"
         )
     if not profile.server_side_query:
         return {}, f"eo:cloud_cover <= {cfg.max_cloud:g} filtered client-side only (profile {profile.name})"
@@ -175,18 +181,18 @@ def _cloud_filter(client: Any, cfg: RunConfig, profile: Profile | None) -> tuple
             f"eo:cloud_cover <= {cfg.max_cloud:g} filtered server-side (CQL2 filter) and client-side"
         )
     return {}, (
-        f"eo:cloud_cover <= {cfg.max_cloud:g} filtered client-side only: the API advertises neither the query nor "
-        "the filter extension"
+        f"eo:cloud_cover <= {cfg.max_cloud:g} filtered client-side only: the API advertises neither the "
+        "query nor the filter extension"
     )
 
 
 def _api_items(
     url: str, cfg: RunConfig, profile: Profile | None = None, *, limit: int | None = None
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Search a STAC API with pystac-client, following every ``next`` link, as plain dicts (no pystac migration).
+    """Search a STAC API with pystac-client, following every ``next`` link, as plain dicts (no migration).
 
-    Returns the item dicts (each once, in server order) and notes on how the search was done. ``limit`` overrides
-    the page size (default: the profile's ``page_limit``, else :data:`DEFAULT_PAGE_LIMIT`).
+    Returns the item dicts (each once, in server order) and notes on how the search was done. ``limit``
+    overrides the page size (default: the profile's ``page_limit``, else :data:`DEFAULT_PAGE_LIMIT`).
     """
     from pystac_client import Client
     from pystac_client.exceptions import APIError
@@ -197,7 +203,10 @@ def _api_items(
     page_limit = limit or (profile.page_limit if profile else DEFAULT_PAGE_LIMIT)
     notes: list[str] = []
     try:
-        client = Client.open(url, stac_io=StacApiIO(max_retries=stac_retry(), timeout=stac_timeout()))
+        # The timeout must be given to Client.open too: it resets the StacApiIO's timeout to its own argument.
+        client = Client.open(
+            url, stac_io=StacApiIO(max_retries=stac_retry(), timeout=stac_timeout()), timeout=stac_timeout()
+        )
         method = _search_method(client)
         kwargs: dict[str, Any] = dict(
             method=method,
@@ -226,21 +235,26 @@ def _api_items(
                 new += 1
             if features and not new:
                 raise CatalogError(
-                    f"STAC API {url} sent page {pages} with only items of earlier pages: its 'next' links go round "
-                    "in a loop; report it to the provider, or search a shorter period"
+                    f"STAC API {url} sent page {pages} with only items of earlier pages: its 'next' links go "
+                    "round in a loop; report it to the provider, or search a shorter period"
                 )
     except APIError as e:
-        status = f" HTTP {e.status_code}" if getattr(e, "status_code", None) else ""
+        code = getattr(e, "status_code", None)
+        if code is None:  # pystac-client wraps connection errors and timeouts in APIError too
+            raise CatalogError(
+                f"cannot search STAC API {url}: {str(e)[:300]}; check the URL and the network (requests were "
+                "retried on timeouts and dropped connections), or pass a local item-collection file"
+            ) from None
         raise CatalogError(
-            f"STAC API {url} refused the search{status}: {str(e)[:300]}; check the URL and the collection "
-            "(requests were retried on 429/5xx and timeouts)"
+            f"STAC API {url} refused the search HTTP {code}: {str(e)[:300]}; check the URL and the "
+            "collection (429/5xx answers and timeouts were retried)"
         ) from None
     except CatalogError:
         raise
     except Exception as e:  # connection errors, JSON errors, not an API
         raise CatalogError(
-            f"cannot search STAC API {url}: {type(e).__name__}: {str(e)[:300]}; check the URL (a STAC API root "
-            "with /search) or pass a local item-collection file"
+            f"cannot search STAC API {url}: {type(e).__name__}: {str(e)[:300]}; check the URL (a STAC API "
+            "root with /search) or pass a local item-collection file"
         ) from None
     colls = ",".join(profile.collections) if profile else "all"
     notes.append(
@@ -272,14 +286,15 @@ def search(cfg: RunConfig) -> SearchResult:
         if prof is not None:
             profile_name = prof.name
             notes.append(
-                f"{cat} is the API of profile {prof.name}: searching its collections {', '.join(prof.collections)} "
-                f"(pass --catalog <profile> to choose another, see ndvi-scale catalogs)"
+                f"{cat} is the API of profile {prof.name}: searching its collections "
+                f"{', '.join(prof.collections)} (pass --catalog <profile> to choose another, see ndvi-scale "
+                "catalogs)"
             )
         raw, api_notes = _api_items(cat, cfg, prof)
         notes += api_notes
         items, skipped = filter_items(raw, cfg, aliases=prof.assets if prof else None)
         source = f"STAC API {cat}"
-    elif _is_url(cat) or cat.startswith("file://") or os.path.exists(cat) or cat.endswith(".json") or os.sep in cat:
+    elif _is_file_like(cat):
         raw, base = read_items(cat)
         items, skipped = filter_items(raw, cfg, base_href=base)
         source = f"item collection {cat}"
@@ -290,13 +305,15 @@ def search(cfg: RunConfig) -> SearchResult:
         notes += api_notes
         items, skipped = filter_items(raw, cfg, aliases=prof.assets)
         source = f"{prof.title} ({prof.url})"
-    result = SearchResult(tuple(items), tuple(skipped), source=source, profile=profile_name, notes=tuple(notes))
+    result = SearchResult(
+        tuple(items), tuple(skipped), source=source, profile=profile_name, notes=tuple(notes)
+    )
     if not items:
         reasons = result.skipped_reasons().most_common(3)
         why = f"; {len(skipped)} skipped ({', '.join(f'{r} x{n}' for r, n in reasons)})" if skipped else ""
         raise NoScenesError(
-            f"no Sentinel-2 L2A scenes found in {source} for bbox {cfg.bbox} between {cfg.start} and {cfg.end} "
-            f"with cloud cover <= {cfg.max_cloud:g}%{why}; widen the bbox or the dates, raise --max-cloud, "
-            "or check the catalog"
+            f"no Sentinel-2 L2A scenes found in {source} for bbox {cfg.bbox} between {cfg.start} and "
+            f"{cfg.end} with cloud cover <= {cfg.max_cloud:g}%{why}; widen the bbox or the dates, raise "
+            "--max-cloud, or check the catalog"
         )
     return result
