@@ -1,0 +1,1225 @@
+"""Write stage: a lazy NDVI composite Dataset -> a resumable, appendable Zarr cube (local path, gs://, s3://).
+
+How a write goes (:func:`write_cube`):
+
+1. **Template.** Metadata and coordinates are written first (``to_zarr(compute=False)``), with a *write
+   state* in the root attributes (``ndvi_scale:write``: run fingerprint, periods being written, phase).
+2. **Regions.** The data is written region by region, where a region is one output chunk: one period x one
+   (y, x) block, i.e. exactly one Zarr chunk of every data variable. Why one chunk and not one period: each
+   task then owns whole chunks (no two tasks touch the same object, no read-modify-write), its memory is
+   bounded by one chunk's inputs, there are enough tasks to keep every core busy even for a single period,
+   and a crash loses at most the regions in flight. All missing regions go into ONE dask computation
+   (threaded scheduler, or the active ``distributed`` client); each task writes its chunks and then a
+   zero-byte **marker** object ``.ndvi-scale/done/<period>/<yblock>-<xblock>`` inside the store. Markers are
+   independent objects (no shared counter to update, so no races and no rate limit on one hot object) and
+   listing them is one call.
+3. **Finish.** The write state becomes ``complete``, the markers are removed (so finished cubes hold nothing
+   but Zarr), metadata is consolidated and a STAC Item is written beside the store (``<out>.stac-item.json``).
+
+**Resume**: an unfinished store whose fingerprint (hash of config + items + grid + periods) equals this run's
+is finished instead of refused: only regions without a marker are computed; finished chunks are never
+rewritten. Computation is deterministic, so a resumed cube is bit-for-bit the cube of an uninterrupted run.
+
+**Append**: periods not yet in the cube are added along ``time`` (the grid must match exactly); periods
+already there are skipped, or recomputed in place with ``overwrite``. An append goes through the same
+template/regions/finish phases, so it is resumable too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
+
+import dask
+import dask.array as da
+import numpy as np
+import rioxarray  # noqa: F401  (registers the .rio accessor used for the CRS)
+import xarray as xr
+from dask.callbacks import Callback
+
+from .errors import GridMismatchError, InputError, NdviScaleError, OutputError, OutputExistsError
+from .storage import (
+    Location,
+    LocationSpec,
+    location_from_spec,
+    open_location,
+    redact,
+    storage_error,
+    store_from_spec,
+)
+
+__all__ = [
+    "WriteReport",
+    "write_cube",
+    "check_output",
+    "write_zarr",
+    "run_fingerprint",
+    "prepare_dataset",
+    "stac_item_dict",
+    "CUBE_ATTR",
+    "WRITE_ATTR",
+    "RUNS_ATTR",
+    "MARKER_PREFIX",
+]
+
+log = logging.getLogger(__name__)
+
+#: Root attribute that tags a store as an ndvi-scale cube (value: layout version).
+CUBE_ATTR = "ndvi_scale:cube"
+#: Root attribute (JSON string) holding the write state: fingerprint, state, periods, n_before.
+WRITE_ATTR = "ndvi_scale:write"
+#: Root attribute (JSON string): one entry per run that wrote periods (fingerprint, periods, software).
+RUNS_ATTR = "ndvi_scale:runs"
+#: Prefix (inside the store) of the progress markers; removed when a write completes.
+MARKER_PREFIX = ".ndvi-scale"
+MARKER_DIR = f"{MARKER_PREFIX}/done"
+#: Chunk length of the 1-D coordinates along time: one object for up to 512 periods.
+TIME_COORD_CHUNK = 512
+STAC_SUFFIX = ".stac-item.json"
+ZARR_MEDIA_TYPE = "application/vnd+zarr"
+XARRAY_ASSETS_EXT = "https://stac-extensions.github.io/xarray-assets/v1.0.0/schema.json"
+PROCESSING_EXT = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
+DATACUBE_EXT = "https://stac-extensions.github.io/datacube/v2.2.0/schema.json"
+_CUBE_DIMS = ("time", "y", "x")
+_CUBE_LAYOUT = "1"
+# Encoding keys that change the stored values (what xarray's CF encoder needs to reproduce them).
+_CF_ENCODING_KEYS = (
+    "units",
+    "calendar",
+    "dtype",
+    "_FillValue",
+    "missing_value",
+    "scale_factor",
+    "add_offset",
+)
+# Time coordinates are stored as integer seconds: the units stay valid for any period appended later (xarray
+# would otherwise pick "days since <first period>" and refuse a later value that is not a whole day).
+_TIME_ENCODING = {
+    "units": "seconds since 1970-01-01 00:00:00",
+    "calendar": "proleptic_gregorian",
+    "dtype": "int64",
+}
+
+ProgressCallback = Callable[[int, int], None]
+ZarrFormat = Literal[2, 3]
+
+
+@dataclass(frozen=True)
+class WriteReport:
+    """What :func:`write_cube` did."""
+
+    url: str
+    """Credential-free URL of the cube."""
+    stac_item_url: str | None
+    """URL of the STAC Item written beside the cube (None when nothing was written)."""
+    zarr_format: int
+    regions_total: int
+    """Regions (period x y-block x x-block) covering every period of the dataset given."""
+    regions_written: int
+    """Regions computed and written by this call."""
+    regions_skipped: int
+    """Regions already in the store (finished before a resume, or in skipped periods)."""
+    periods_written: tuple[str, ...]
+    periods_skipped: tuple[str, ...]
+    resumed: bool
+    """True if this call finished an interrupted write."""
+    fingerprint: str
+
+
+# ------------------------------------------------------------------------------------------------- public API
+
+
+def write_cube(
+    ds: xr.Dataset,
+    location_or_url: Location | str,
+    *,
+    overwrite: bool = False,
+    append: bool = False,
+    zarr_format: int = 3,
+    progress: ProgressCallback | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    fingerprint: str | None = None,
+) -> WriteReport:
+    """Write the lazy composite ``ds`` (dims time, y, x) as a Zarr cube at ``location_or_url``.
+
+    * New output: written from scratch (Zarr ``zarr_format`` 3 by default, or 2).
+    * Unfinished output of the same run (same fingerprint): resumed, computing only the missing regions.
+    * Existing finished output: :class:`~ndvi_scale.errors.OutputExistsError` unless ``append`` (add new
+      periods, skip existing ones) or ``overwrite`` (replace the store; with ``append``: recompute existing
+      periods).
+    * Anything else at the path (a file, another Zarr, a non-empty folder): refused unless ``overwrite``.
+
+    ``progress(done, total)`` is called as regions finish. ``fingerprint`` overrides :func:`run_fingerprint`.
+    Returns a :class:`WriteReport`. Storage failures raise one :class:`~ndvi_scale.errors.StorageError`.
+    """
+    if zarr_format not in (2, 3):
+        raise InputError(f"zarr_format {zarr_format!r} is invalid; expected 2 or 3")
+    _quiet_marker_warnings()
+    loc = (
+        location_or_url
+        if isinstance(location_or_url, Location)
+        else open_location(str(location_or_url), storage_options)
+    )
+    _refuse_bucket_root(loc)
+    ds = prepare_dataset(ds)
+    loc.check_access()
+    existing = _inspect(loc)
+    writer = _Writer(loc, ds, progress, fingerprint)
+
+    if existing.kind == "absent":
+        return writer.new(zarr_format)
+    if existing.kind == "foreign":
+        if overwrite and not append:
+            loc.delete()
+            return writer.new(zarr_format)
+        fix = (
+            "pass --overwrite without --append to replace it" if append else "pass --overwrite to replace it"
+        )
+        raise OutputExistsError(
+            f"output {loc.url} already exists and is {existing.what}, not an ndvi-scale cube, so ndvi-scale "
+            f"will not {'append to' if append else 'write into'} it; {fix}, or choose another --out"
+        )
+    state = existing.write
+    fmt = existing.zarr_format
+    if state.get("state") != "complete":
+        same_run = state.get("fingerprint") == writer.fingerprint(fmt)
+        replacing = overwrite and not append and int(state.get("n_before", 0)) > 0
+        if same_run and not replacing:
+            return writer.resume(existing)
+        if overwrite and not append:
+            loc.delete()
+            return writer.new(zarr_format)
+        raise OutputExistsError(
+            f"output {loc.url} holds an unfinished write of another run (periods "
+            f"{', '.join(state.get('periods', [])) or '?'}); rerun that exact command to finish it, or pass "
+            "--overwrite without --append to replace the whole cube"
+        )
+    if overwrite and not append:
+        loc.delete()
+        return writer.new(zarr_format)
+    if append:
+        return writer.append(existing, recompute=overwrite)
+    raise OutputExistsError(
+        f"output {loc.url} already exists; pass --append to add new periods, --overwrite to replace it, or "
+        "choose another --out"
+    )
+
+
+def check_output(
+    out: str | Location,
+    overwrite: bool = False,
+    *,
+    append: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Location:
+    """Cheap pre-flight before any computation: resolve ``out``, probe access, refuse what write_cube would.
+
+    Raises :class:`~ndvi_scale.errors.OutputExistsError` for an existing finished cube (without
+    append/overwrite) or a non-cube path (without overwrite). An unfinished cube passes: :func:`write_cube`
+    decides to resume it.
+    """
+    loc = out if isinstance(out, Location) else open_location(str(out), storage_options)
+    _refuse_bucket_root(loc)
+    loc.check_access()
+    existing = _inspect(loc)
+    if existing.kind == "foreign" and not (overwrite and not append):
+        raise OutputExistsError(
+            f"output {loc.url} already exists and is {existing.what}, not an ndvi-scale cube; pass "
+            "--overwrite to replace it, or choose another --out"
+        )
+    if existing.kind == "cube" and existing.write.get("state") == "complete" and not (overwrite or append):
+        raise OutputExistsError(
+            f"output {loc.url} already exists; pass --append to add new periods, --overwrite to replace it, "
+            "or choose another --out"
+        )
+    return loc
+
+
+def write_zarr(
+    ds: xr.Dataset,
+    out: str | Location,
+    *,
+    overwrite: bool = False,
+    append: bool = False,
+    zarr_format: int = 3,
+    progress: ProgressCallback | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> WriteReport:
+    """Backwards-compatible name of :func:`write_cube`."""
+    return write_cube(
+        ds,
+        out,
+        overwrite=overwrite,
+        append=append,
+        zarr_format=zarr_format,
+        progress=progress,
+        storage_options=storage_options,
+    )
+
+
+def prepare_dataset(ds: xr.Dataset) -> xr.Dataset:
+    """Validate the composite and normalise it for writing (raises :class:`OutputError` naming the problem).
+
+    Cube variables are the data variables with dims (time, y, x); they must be dask-backed (numpy ones are
+    wrapped) with regular spatial chunks; time is rechunked to one period per chunk (one chunk = one region).
+    """
+    missing = [d for d in _CUBE_DIMS if d not in ds.dims]
+    if missing:
+        raise OutputError(f"dataset lacks dimension(s) {', '.join(missing)}; expected dims (time, y, x)")
+    if "ndvi" not in ds.data_vars:
+        raise OutputError(
+            f"dataset has no 'ndvi' variable (has {', '.join(map(str, ds.data_vars))}); nothing to write"
+        )
+    for dim in _CUBE_DIMS:
+        if dim not in ds.coords:
+            raise OutputError(f"dataset has no '{dim}' coordinate; expected 1-D coordinates time, y and x")
+    times = ds["time"].values
+    if not np.issubdtype(times.dtype, np.datetime64):
+        raise OutputError(f"time coordinate has dtype {times.dtype}; expected datetime64 (period start)")
+    if times.size == 0:
+        raise OutputError("dataset has no period (time is empty); nothing to write")
+    if times.size > 1 and not bool(np.all(times[1:] > times[:-1])):
+        raise OutputError(
+            "time coordinate is not strictly increasing; sort periods and drop duplicates first"
+        )
+    for name, var in ds.data_vars.items():
+        if set(var.dims) == set(_CUBE_DIMS) and var.dims != _CUBE_DIMS:
+            ds = ds.assign({name: var.transpose(*_CUBE_DIMS)})
+        elif set(var.dims) != set(_CUBE_DIMS) and isinstance(var.data, da.Array) and "time" in var.dims:
+            raise OutputError(
+                f"variable {name} has dims {var.dims}; data variables along time must have dims (time, y, x)"
+            )
+    if ds.rio.crs is None:
+        raise OutputError(
+            "dataset has no CRS (no spatial_ref / grid_mapping); expected the UTM CRS written with "
+            "ds.rio.write_crs(...)"
+        )
+    cube_vars = _cube_vars(ds)
+    ndvi = ds["ndvi"].data
+    if isinstance(ndvi, da.Array):
+        ychunks, xchunks = ndvi.chunks[1], ndvi.chunks[2]
+        for dim, chunks in (("y", ychunks), ("x", xchunks)):
+            if len(chunks) > 1 and (len(set(chunks[:-1])) != 1 or chunks[-1] > chunks[0]):
+                raise OutputError(
+                    f"ndvi chunks along {dim} are irregular ({', '.join(map(str, chunks[:6]))}...); rechunk "
+                    f"to a fixed size first, e.g. ds.chunk({dim}=2048)"
+                )
+        target = {"time": 1, "y": ychunks[0], "x": xchunks[0]}
+    else:
+        from .config import DEFAULT_CHUNK
+
+        target = {"time": 1, "y": min(DEFAULT_CHUNK, ds.sizes["y"]), "x": min(DEFAULT_CHUNK, ds.sizes["x"])}
+    rechunk = {}
+    for name in cube_vars:
+        data = ds[name].data
+        want = da.core.normalize_chunks((target["time"], target["y"], target["x"]), data.shape)
+        if not isinstance(data, da.Array) or data.chunks != want:
+            rechunk[name] = ds[name].chunk(target)
+    if rechunk:
+        ds = ds.assign(rechunk)
+    return ds
+
+
+def run_fingerprint(ds: xr.Dataset, zarr_format: int) -> str:
+    """Stable hash of what determines the cube's bytes: config, items, grid, periods, variables, format.
+
+    Flags that do not change the data (out, overwrite, append) are left out, so re-running an interrupted
+    command with other flags still resumes.
+    """
+    cfg = _json_attr(ds.attrs.get("ndvi_scale:config"))
+    if isinstance(cfg, dict):
+        cfg = {k: v for k, v in cfg.items() if k not in ("out", "overwrite", "append", "zarr_format")}
+    crs = ds.rio.crs
+    payload = {
+        "software": _software_version(),
+        "config": cfg,
+        "items": _json_attr(ds.attrs.get("ndvi_scale:items")),
+        "crs": crs.to_wkt() if crs is not None else None,
+        "x": hashlib.sha256(np.ascontiguousarray(ds["x"].values, dtype="<f8").tobytes()).hexdigest(),
+        "y": hashlib.sha256(np.ascontiguousarray(ds["y"].values, dtype="<f8").tobytes()).hexdigest(),
+        "time": _labels(ds["time"].values),
+        "time_end": _labels(ds["time_end"].values) if "time_end" in ds.coords else None,
+        "variables": {n: str(ds[n].dtype) for n in _cube_vars(ds)},
+        "chunks": [int(ds["ndvi"].data.chunks[1][0]), int(ds["ndvi"].data.chunks[2][0])],
+        "zarr_format": int(zarr_format),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+# ------------------------------------------------------------------------------------------------- inspection
+
+
+@dataclass(frozen=True)
+class _Existing:
+    kind: str
+    """``absent`` (nothing, or an empty folder), ``foreign`` (something else) or ``cube``."""
+    what: str = ""
+    zarr_format: int = 3
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+    write: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _inspect(loc: Location) -> _Existing:
+    """Classify what is at ``loc`` from the root metadata objects only (no listing of the whole store)."""
+    if loc.is_local:
+        if not os.path.lexists(loc.path):
+            return _Existing("absent")
+        if not os.path.isdir(loc.path):
+            return _Existing("foreign", "a file")
+        if loc.is_empty_dir():
+            return _Existing("absent")
+    elif not loc.exists():
+        return _Existing("absent")
+    meta = loc.read_bytes("zarr.json")
+    fmt = 3
+    attrs: dict[str, Any] | None = None
+    if meta is not None:
+        try:
+            doc = json.loads(meta)
+        except ValueError:
+            return _Existing("foreign", "an unreadable Zarr store")
+        if doc.get("node_type") != "group":
+            return _Existing("foreign", "a Zarr array")
+        attrs = dict(doc.get("attributes") or {})
+    elif loc.read_bytes(".zgroup") is not None:
+        fmt = 2
+        raw = loc.read_bytes(".zattrs")
+        try:
+            attrs = json.loads(raw) if raw else {}
+        except ValueError:
+            return _Existing("foreign", "an unreadable Zarr store")
+    if attrs is None:
+        if loc.is_local:
+            return _Existing("foreign", "a non-empty folder")
+        try:
+            is_file = bool(loc.fs.isfile(loc.path))
+        except Exception as exc:
+            raise storage_error(exc, loc, "checking") from None
+        return _Existing("foreign", "an object" if is_file else "a prefix holding other objects")
+    if CUBE_ATTR not in attrs:
+        return _Existing("foreign", "a Zarr store")
+    write = _json_attr(attrs.get(WRITE_ATTR))
+    if not isinstance(write, dict):
+        return _Existing("foreign", "a damaged ndvi-scale cube (no write state)")
+    return _Existing("cube", "an ndvi-scale cube", fmt, attrs, write)
+
+
+# ------------------------------------------------------------------------------------------------- the writer
+
+
+class _Writer:
+    """One write_cube call: phases shared by new, resumed and appended writes."""
+
+    def __init__(
+        self, loc: Location, ds: xr.Dataset, progress: ProgressCallback | None, fingerprint: str | None
+    ) -> None:
+        self.loc = loc
+        self.ds = ds
+        self.progress = progress
+        self._fingerprint = fingerprint
+        self.cube_vars = _cube_vars(ds)
+        self.labels = _labels(ds["time"].values)
+        chunks = ds["ndvi"].data.chunks
+        self.nblocks = (len(chunks[1]), len(chunks[2]))
+
+    def fingerprint(self, fmt: int) -> str:
+        return self._fingerprint or run_fingerprint(self.ds, fmt)
+
+    @property
+    def regions_per_period(self) -> int:
+        return self.nblocks[0] * self.nblocks[1]
+
+    # ---------------------------------------------------------------- entry points
+
+    def new(self, fmt: int) -> WriteReport:
+        fp = self.fingerprint(fmt)
+        state = {"fingerprint": fp, "state": "template", "periods": self.labels, "n_before": 0}
+        self._write_template(fmt, state)
+        self._set_state(fmt, {**state, "state": "regions"})
+        return self._regions_and_finish(fmt, state, resumed=False, skipped_periods=())
+
+    def resume(self, existing: _Existing) -> WriteReport:
+        fmt = existing.zarr_format
+        state = dict(existing.write)
+        periods = list(state.get("periods", []))
+        unknown = [p for p in periods if p not in self.labels]
+        if unknown:  # cannot happen with equal fingerprints unless the attribute was edited by hand
+            raise OutputError(
+                f"output {self.loc.url} has unfinished periods {', '.join(unknown)} that this run does not "
+                "compute; rerun the command that started it, or pass --overwrite to replace the cube"
+            )
+        log.info("resuming the unfinished write of %s (periods %s)", self.loc.url, ", ".join(periods))
+        if state.get("state") == "template":
+            if int(state.get("n_before", 0)) == 0:
+                # Interrupted while writing metadata of a new cube: no data yet, start that cube again.
+                self.loc.delete()
+                return self.new(fmt)
+            self._extend(fmt, state)
+            self._set_state(fmt, {**state, "state": "regions"})
+        skipped = tuple(p for p in self.labels if p not in periods)
+        return self._regions_and_finish(fmt, state, resumed=True, skipped_periods=skipped)
+
+    def append(self, existing: _Existing, *, recompute: bool) -> WriteReport:
+        fmt = existing.zarr_format
+        store = self._store()
+        try:
+            cube = xr.open_zarr(store, consolidated=False, decode_coords="all", zarr_format=_zf(fmt))
+        except NdviScaleError:
+            raise
+        except Exception as exc:
+            raise _as_error(exc, self.loc, "reading") from None
+        self._check_grid(cube)
+        old = _labels(cube["time"].values)
+        present = [p for p in self.labels if p in old]
+        new = [p for p in self.labels if p not in old]
+        if new and old and new[0] < old[-1]:
+            raise OutputError(
+                f"period {new[0]} is earlier than the last period {old[-1]} of {self.loc.url} and not in it; "
+                "periods must stay sorted in time: write it to another --out, or rebuild the cube with "
+                "--overwrite"
+            )
+        self._check_period_ends(cube, present)
+        todo = sorted(set(new) | (set(present) if recompute else set()))
+        skipped = tuple(p for p in self.labels if p not in todo)
+        fp = self.fingerprint(fmt)
+        if not todo:
+            log.info("all periods of this run are already in %s: nothing to write", self.loc.url)
+            total = len(self.labels) * self.regions_per_period
+            if self.progress:
+                self.progress(0, 0)
+            return WriteReport(
+                self.loc.url, None, fmt, total, 0, total, (), skipped, resumed=False, fingerprint=fp
+            )
+        state = {"fingerprint": fp, "state": "template", "periods": todo, "n_before": len(old)}
+        self._set_state(fmt, state)
+        if fmt == 2:
+            # A stale .zmetadata would show readers the old shapes; without it they list (slower, but right).
+            self._rm(".zmetadata")
+        self._extend(fmt, state)
+        self._set_state(fmt, {**state, "state": "regions"})
+        return self._regions_and_finish(fmt, state, resumed=False, skipped_periods=skipped)
+
+    # ---------------------------------------------------------------- phases
+
+    def _write_template(self, fmt: int, state: Mapping[str, Any]) -> None:
+        tmpl = _template(self.ds)
+        tmpl.attrs = {**tmpl.attrs, CUBE_ATTR: _CUBE_LAYOUT, WRITE_ATTR: _dumps(state), RUNS_ATTR: _dumps([])}
+        encoding = _encoding(tmpl, self.cube_vars)
+        try:
+            with warnings.catch_warnings():
+                # xarray/zarr notes on v3 and chunk encodings
+                warnings.simplefilter("ignore", category=UserWarning)
+                # Mode "w", not "w-": the location was checked to hold no object (or just emptied by
+                # --overwrite), yet some S3 servers still list the deleted "folders", which "w-" would take
+                # for existing data.
+                tmpl.to_zarr(
+                    self._store(),
+                    mode="w",
+                    compute=False,
+                    consolidated=False,
+                    zarr_format=_zf(fmt),
+                    encoding=encoding,
+                )
+        except NdviScaleError:
+            raise
+        except Exception as exc:
+            raise _as_error(exc, self.loc, "writing") from None
+
+    def _extend(self, fmt: int, state: Mapping[str, Any]) -> None:
+        """Grow the time axis for the new periods of an append.
+
+        Idempotent, so a resumed append redoes it safely: every time array is resized to the absolute target
+        length, then the new time coordinates are (re)written.
+        """
+        import zarr
+
+        n_before = int(state["n_before"])
+        new = [p for p in state["periods"] if p in self.labels]
+        sub = self.ds.isel(time=[self.labels.index(p) for p in new])
+        try:
+            group = zarr.open_group(self._store(), mode="r+", zarr_format=_zf(fmt), use_consolidated=False)
+            old_labels = _labels(
+                xr.open_zarr(self._store(), consolidated=False, zarr_format=_zf(fmt))["time"].values[
+                    :n_before
+                ]
+            )
+            added = [p for p in new if p not in old_labels]  # empty for a recompute-only run
+            total = n_before + len(added)
+            add = sub.isel(time=[new.index(p) for p in added])
+            for _, arr in group.arrays() if added else ():
+                dims = _array_dims(arr)
+                if dims and dims[0] == "time" and arr.shape[0] != total:
+                    arr.resize((total, *arr.shape[1:]))
+            # The new coordinate values are encoded exactly like the stored ones (same units/dtype) and
+            # written with zarr directly: xarray's region writes skip index coordinates such as `time`.
+            stored = xr.open_zarr(self._store(), consolidated=False, zarr_format=_zf(fmt))
+            for key, coord in add.coords.items():
+                name = str(key)
+                if not added or coord.dims != ("time",) or name not in group:
+                    continue
+                var = coord.variable.copy()
+                var.encoding = {
+                    k: v for k, v in stored[name].encoding.items() if k in ("units", "calendar", "dtype")
+                }
+                encoded = xr.conventions.encode_cf_variable(var, name=name)
+                target = cast(zarr.Array, group[name])
+                target[n_before:total] = np.asarray(encoded.values)
+        except NdviScaleError:
+            raise
+        except Exception as exc:
+            raise _as_error(exc, self.loc, "extending") from None
+        # Markers of the periods about to be (re)written must not survive from any earlier attempt.
+        for period in state["periods"]:
+            self._rm(f"{MARKER_DIR}/{_marker_name(period)}")
+
+    def _regions_and_finish(
+        self, fmt: int, state: Mapping[str, Any], *, resumed: bool, skipped_periods: Sequence[str]
+    ) -> WriteReport:
+        periods = list(state["periods"])
+        store_labels, encodings = self._store_layout(fmt)
+        done = self._done_markers()
+        sub = self.ds.isel(time=[self.labels.index(p) for p in periods])
+        time_index = tuple(store_labels.index(p) for p in periods)
+        tasks, keys = self._region_tasks(sub, fmt, periods, time_index, encodings, done)
+        per = self.regions_per_period
+        already = len(periods) * per - len(tasks)
+        log.info(
+            "writing %d region(s) of %s (%d already written, %d period(s) skipped)",
+            len(tasks),
+            self.loc.url,
+            already,
+            len(skipped_periods),
+        )
+        self._compute(tasks, keys)
+        fp = str(state["fingerprint"])
+        self._finish(fmt, state)
+        item_url = self._write_stac(fmt, fp)
+        total = len(self.labels) * per
+        return WriteReport(
+            url=self.loc.url,
+            stac_item_url=item_url,
+            zarr_format=_zf(fmt),
+            regions_total=total,
+            regions_written=len(tasks),
+            regions_skipped=total - len(tasks),
+            periods_written=tuple(periods),
+            periods_skipped=tuple(skipped_periods),
+            resumed=resumed,
+            fingerprint=fp,
+        )
+
+    def _region_tasks(
+        self,
+        sub: xr.Dataset,
+        fmt: int,
+        periods: Sequence[str],
+        time_index: Sequence[int],
+        encodings: Mapping[str, Mapping[str, Any]],
+        done: set[str],
+    ) -> tuple[list[Any], set[Any]]:
+        arrays = [sub[n].data for n in self.cube_vars]
+        nt = len(periods)
+        nby, nbx = self.nblocks
+        token = dask.base.tokenize(*arrays, self.loc.url, tuple(periods), time_index)
+        out = da.map_blocks(
+            _write_region,
+            *arrays,
+            names=tuple(self.cube_vars),
+            encodings=encodings,
+            spec=self.loc.spec(),
+            zarr_format=_zf(fmt),
+            time_index=tuple(time_index),
+            markers=tuple(_marker_name(p) for p in periods),
+            dtype=bool,
+            chunks=((1,) * nt, (1,) * nby, (1,) * nbx),
+            meta=np.empty((0, 0, 0), dtype=bool),
+            name=f"ndvi-scale-write-{token}",
+        )
+        # One optimisation of the whole graph (all variables together, so shared inputs are computed once),
+        # then keep only the regions without a marker: dask culls everything else.
+        delayed = out.to_delayed(optimize_graph=True)
+        tasks = []
+        for t, period in enumerate(periods):
+            for j in range(nby):
+                for k in range(nbx):
+                    if f"{_marker_name(period)}/{j}-{k}" not in done:
+                        tasks.append(delayed[t, j, k])
+        return tasks, {t.key for t in tasks}
+
+    def _compute(self, tasks: list[Any], keys: set[Any]) -> None:
+        total = len(tasks)
+        if self.progress:
+            self.progress(0, total)
+        if not tasks:
+            return
+        client = _active_client()
+        try:
+            if client is not None:
+                from distributed import as_completed
+
+                from .cluster import DEFAULT_RETRIES
+
+                # A worker lost mid-run (preemption, OOM kill) must not fail the job: its regions are retried.
+                futures = client.compute(tasks, retries=DEFAULT_RETRIES)
+                try:
+                    for n, fut in enumerate(as_completed(futures), start=1):
+                        fut.result()
+                        if self.progress:
+                            self.progress(n, total)
+                except BaseException:
+                    client.cancel(futures)
+                    raise
+            elif self.progress:
+                with _ProgressCallback(keys, total, self.progress):
+                    dask.compute(*tasks)
+            else:
+                dask.compute(*tasks)
+        except NdviScaleError:
+            raise
+        except Exception as exc:
+            if _is_storage_failure(exc):
+                raise storage_error(exc, self.loc, "writing") from exc
+            raise
+
+    def _finish(self, fmt: int, state: Mapping[str, Any]) -> None:
+        """Mark complete, drop the markers, consolidate metadata.
+
+        In this order: a crash after the first step leaves a complete cube (with leftover markers, removed by
+        the next append) and never a cube whose finished regions would be forgotten.
+        """
+        import zarr
+
+        store = self._store()
+        try:
+            group = zarr.open_group(store, mode="r+", zarr_format=_zf(fmt), use_consolidated=False)
+            attrs = dict(group.attrs)
+            runs = _json_attr(attrs.get(RUNS_ATTR))
+            runs = runs if isinstance(runs, list) else []
+            entry = {
+                "fingerprint": state["fingerprint"],
+                "periods": list(state["periods"]),
+                "software": {"ndvi-scale": _software_version()},
+            }
+            if entry not in runs:
+                runs.append(entry)
+            update = {**_cf_attrs(self.ds.attrs), WRITE_ATTR: _dumps({**state, "state": "complete"})}
+            update[RUNS_ATTR] = _dumps(runs)
+            update[CUBE_ATTR] = _CUBE_LAYOUT
+            group.attrs.update(update)
+        except NdviScaleError:
+            raise
+        except Exception as exc:
+            raise _as_error(exc, self.loc, "finishing") from None
+        self._rm(MARKER_PREFIX)
+        try:
+            with warnings.catch_warnings():
+                # zarr notes that consolidated metadata is not (yet) in the v3 spec; xarray uses it anyway
+                warnings.simplefilter("ignore", category=UserWarning)
+                zarr.consolidate_metadata(store, zarr_format=_zf(fmt))
+        except Exception as exc:
+            raise _as_error(exc, self.loc, "consolidating") from None
+
+    # ---------------------------------------------------------------- checks
+
+    def _check_grid(self, cube: xr.Dataset) -> None:
+        ds = self.ds
+        diffs: list[str] = []
+        crs_a, crs_b = cube.rio.crs, ds.rio.crs
+        if (crs_a is None) != (crs_b is None) or (crs_a is not None and crs_a != crs_b):
+            diffs.append(f"CRS: cube {_crs_name(crs_a)}, this run {_crs_name(crs_b)}")
+        for dim in ("x", "y"):
+            a, b = cube[dim].values, ds[dim].values
+            if a.shape == b.shape and np.array_equal(a, b):
+                continue
+            ra, rb = _resolution(a), _resolution(b)
+            if not math.isclose(ra, rb, rel_tol=1e-9):
+                diffs.append(f"resolution along {dim}: cube {ra:g}, this run {rb:g}")
+            else:
+                diffs.append(
+                    f"{dim} coordinates: cube {a.size} values from {a[0]:.2f} to {a[-1]:.2f}, this run "
+                    f"{b.size} from {b[0]:.2f} to {b[-1]:.2f} (another bbox or origin)"
+                )
+        cube_vars = {str(n): str(v.dtype) for n, v in cube.data_vars.items() if v.dims == _CUBE_DIMS}
+        run_vars = {n: str(ds[n].dtype) for n in self.cube_vars}
+        if cube_vars != run_vars:
+            diffs.append(f"variables: cube {_fmt_vars(cube_vars)}, this run {_fmt_vars(run_vars)}")
+        chunks_a = tuple(cube["ndvi"].encoding.get("chunks") or ())[1:]
+        chunks_b = (ds["ndvi"].data.chunks[1][0], ds["ndvi"].data.chunks[2][0])
+        if chunks_a and tuple(chunks_a) != chunks_b:
+            diffs.append(
+                f"chunking: cube {chunks_a[0]}x{chunks_a[1]} px, this run {chunks_b[0]}x{chunks_b[1]} px"
+            )
+        if diffs:
+            raise GridMismatchError(
+                f"cannot append to {self.loc.url}: its grid differs from this run's - {'; '.join(diffs)}. "
+                "Use the cube's --crs/--resolution/--bbox/--chunk (and method), or write to another --out"
+            )
+
+    def _check_period_ends(self, cube: xr.Dataset, present: Sequence[str]) -> None:
+        if "time_end" not in cube.coords or "time_end" not in self.ds.coords or not present:
+            return
+        old = dict(zip(_labels(cube["time"].values), _labels(cube["time_end"].values), strict=True))
+        new = dict(zip(self.labels, _labels(self.ds["time_end"].values), strict=True))
+        for p in present:
+            if old[p] != new[p]:
+                raise GridMismatchError(
+                    f"cannot append to {self.loc.url}: period {p} ends {old[p]} in the cube but {new[p]} in "
+                    "this run (another --period?); use the cube's period, or write to another --out"
+                )
+
+    # ---------------------------------------------------------------- helpers
+
+    def _store(self) -> Any:
+        return store_from_spec(self.loc.spec())
+
+    def _set_state(self, fmt: int, state: Mapping[str, Any]) -> None:
+        import zarr
+
+        try:
+            group = zarr.open_group(self._store(), mode="r+", zarr_format=_zf(fmt), use_consolidated=False)
+            group.attrs.update({WRITE_ATTR: _dumps(state)})
+        except Exception as exc:
+            raise _as_error(exc, self.loc, "writing") from None
+
+    def _store_layout(self, fmt: int) -> tuple[list[str], dict[str, dict[str, Any]]]:
+        """Period labels along the stored time axis, and the CF encoding of each stored cube variable."""
+        try:
+            stored = xr.open_zarr(self._store(), consolidated=False, zarr_format=_zf(fmt))
+        except Exception as exc:
+            raise _as_error(exc, self.loc, "reading") from None
+        encodings = {
+            name: {k: v for k, v in stored[name].encoding.items() if k in _CF_ENCODING_KEYS}
+            for name in self.cube_vars
+        }
+        return _labels(stored["time"].values), encodings
+
+    def _done_markers(self) -> set[str]:
+        root = self.loc.join(MARKER_DIR)
+        try:
+            found = self.loc.fs.find(root)
+        except FileNotFoundError:
+            return set()
+        except Exception as exc:
+            raise storage_error(exc, self.loc, "listing progress markers of") from None
+        prefix = root.rstrip("/") + "/"
+        return {p[len(prefix) :] for p in found if p.startswith(prefix)}
+
+    def _rm(self, sub: str) -> None:
+        """Remove ``sub`` (object or prefix) inside the store; nothing outside it."""
+        path = self.loc.join(sub)
+        try:
+            if self.loc.is_local:
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.lexists(path):
+                    os.remove(path)
+                return
+            fs = self.loc.fs
+            doomed = [p for p in fs.find(path) if p == path or p.startswith(path + "/")]
+            if doomed:
+                fs.rm(doomed)
+        except FileNotFoundError:
+            return
+        except Exception as exc:
+            raise storage_error(exc, self.loc, "cleaning up") from None
+
+    def _write_stac(self, fmt: int, fingerprint: str) -> str:
+        try:
+            cube = xr.open_zarr(self._store(), decode_coords="all", zarr_format=_zf(fmt))
+        except Exception as exc:
+            raise _as_error(exc, self.loc, "reading") from None
+        item = stac_item_dict(cube, self.loc, fmt, fingerprint)
+        target = self.loc.sibling(STAC_SUFFIX)
+        data = json.dumps(item, indent=2, sort_keys=False).encode()
+        try:
+            import pystac
+
+            pystac.Item.from_dict(json.loads(data))  # refuse to publish an item pystac cannot load
+            target.fs.pipe_file(target.path, data)
+        except NdviScaleError:
+            raise
+        except Exception as exc:
+            if _is_storage_failure(exc):
+                raise storage_error(exc, target, "writing") from None
+            raise OutputError(f"STAC item for {self.loc.url} is invalid: {redact(str(exc))}") from exc
+        return target.url
+
+
+# ------------------------------------------------------------------------------------------------- dask task
+
+
+def _write_region(
+    *blocks: np.ndarray,
+    names: tuple[str, ...],
+    encodings: Mapping[str, Mapping[str, Any]],
+    spec: LocationSpec,
+    zarr_format: int,
+    time_index: tuple[int, ...],
+    markers: tuple[str, ...],
+    block_info: dict[Any, Any] | None = None,
+) -> np.ndarray:
+    """Write one region (one chunk of every cube variable), then its marker. Runs in a dask worker."""
+    import zarr
+
+    assert block_info is not None
+    info = block_info[0]
+    (t0, _), (y0, y1), (x0, x1) = info["array-location"]
+    _, j, k = info["chunk-location"]
+    t = time_index[t0]
+    store = store_from_spec(spec)
+    for name, block in zip(names, blocks, strict=True):
+        # Encode exactly as xarray would for this stored variable (NaN/NaT fill, datetime units, dtype), then
+        # write the one chunk with zarr: a region is chunk-aligned, and going direct saves xarray's listing
+        # and reading of every array's metadata on each region (a dozen requests on object storage).
+        var = xr.Variable(_CUBE_DIMS, block, encoding=dict(encodings[name]))
+        data = np.asarray(xr.conventions.encode_cf_variable(var, name=name).values)
+        array = zarr.open_array(store, path=name, mode="r+", zarr_format=_zf(zarr_format))
+        array[t : t + 1, y0:y1, x0:x1] = data
+    # The marker goes last: its presence guarantees every chunk of the region is stored.
+    loc = location_from_spec(spec)
+    loc.fs.pipe_file(loc.join(MARKER_DIR, markers[t0], f"{j}-{k}"), b"")
+    return np.ones((1, 1, 1), dtype=bool)
+
+
+class _ProgressCallback(Callback):
+    """Counts finished region tasks on the local schedulers (runs in the scheduler's thread)."""
+
+    def __init__(self, keys: set[Any], total: int, fn: ProgressCallback) -> None:
+        super().__init__()
+        self._keys = keys
+        self._total = total
+        self._fn = fn
+        self._done = 0
+
+    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:
+        if key in self._keys:
+            self._done += 1
+            self._fn(self._done, self._total)
+
+
+def _active_client() -> Any:
+    """The distributed Client that dask would use now, if any (else the local threaded scheduler is used)."""
+    scheduler = dask.base.get_scheduler()
+    owner = getattr(scheduler, "__self__", None)
+    if owner is not None and type(owner).__name__ == "Client":
+        return owner
+    return None
+
+
+# ------------------------------------------------------------------------------------------------- STAC
+
+
+def stac_item_dict(cube: xr.Dataset, loc: Location, zarr_format: int, fingerprint: str) -> dict[str, Any]:
+    """A STAC Item (dict) describing the cube at ``loc``: WGS84 footprint, time range, projection, asset."""
+    from pyproj import CRS, Transformer
+
+    crs = cube.rio.crs
+    x, y = cube["x"].values, cube["y"].values
+    rx, ry = _resolution(x), _resolution(y)
+    left, right = float(x.min()) - abs(rx) / 2, float(x.max()) + abs(rx) / 2
+    bottom, top = float(y.min()) - abs(ry) / 2, float(y.max()) + abs(ry) / 2
+    ring = _densified_ring(left, bottom, right, top, 16)
+    if crs is not None:
+        to_wgs84 = Transformer.from_crs(CRS.from_user_input(crs.to_wkt()), "EPSG:4326", always_xy=True)
+        lons, lats = to_wgs84.transform([p[0] for p in ring], [p[1] for p in ring])
+        ring = list(zip(lons, lats, strict=True))
+    lons = [p[0] for p in ring]
+    lats = [p[1] for p in ring]
+    bbox = [min(lons), min(lats), max(lons), max(lats)]
+    geometry = {"type": "Polygon", "coordinates": [[[round(a, 7), round(b, 7)] for a, b in ring]]}
+    starts = cube["time"].values
+    ends = cube["time_end"].values if "time_end" in cube.coords else starts
+    start = _iso(starts.min())
+    end = _iso_end(ends.max())
+    # Pixel-edge affine (x0 at the left edge, y0 at the top edge for north-up grids).
+    transform = [rx, 0.0, float(x[0]) - rx / 2, 0.0, ry, float(y[0]) - ry / 2]
+    epsg = crs.to_epsg() if crs is not None else None
+    name = loc.name
+    item_id = name[: -len(".zarr")] if name.endswith(".zarr") else name
+    props: dict[str, Any] = {
+        "datetime": None,
+        "start_datetime": start,
+        "end_datetime": end,
+        "title": str(cube.attrs.get("title", item_id)),
+        "proj:code": f"EPSG:{epsg}" if epsg else None,
+        "proj:epsg": epsg,
+        "proj:shape": [int(y.size), int(x.size)],
+        "proj:transform": transform,
+        "processing:software": {"ndvi-scale": _software_version()},
+        "processing:lineage": "Cloud-masked Sentinel-2 L2A NDVI composited per period by ndvi-scale",
+        "ndvi_scale:fingerprint": fingerprint,
+        "ndvi_scale:periods": len(starts),
+        "cube:dimensions": {
+            "time": {"type": "temporal", "extent": [start, end]},
+            "x": {
+                "type": "spatial",
+                "axis": "x",
+                "extent": [left, right],
+                "step": rx,
+                "reference_system": epsg,
+            },
+            "y": {
+                "type": "spatial",
+                "axis": "y",
+                "extent": [bottom, top],
+                "step": ry,
+                "reference_system": epsg,
+            },
+        },
+        "cube:variables": {
+            str(n): {
+                "type": "data",
+                "dimensions": list(_CUBE_DIMS),
+                "data_type": _stac_dtype(v.dtype),
+                **({"description": str(v.attrs["long_name"])} if "long_name" in v.attrs else {}),
+                **({"unit": str(v.attrs["units"])} if "units" in v.attrs else {}),
+            }
+            for n, v in cube.data_vars.items()
+            if v.dims == _CUBE_DIMS
+        },
+    }
+    if epsg is None and crs is not None:
+        props["proj:code"] = None
+        props["proj:wkt2"] = crs.to_wkt()
+    cfg = _json_attr(cube.attrs.get("ndvi_scale:config"))
+    if isinstance(cfg, dict):
+        props["ndvi_scale:config"] = _without_secrets(cfg)
+    open_kwargs: dict[str, Any] = {
+        "engine": "zarr",
+        "chunks": {},
+        "consolidated": True,
+        "decode_coords": "all",
+    }
+    asset: dict[str, Any] = {
+        "href": loc.url,
+        "type": ZARR_MEDIA_TYPE,
+        "title": f"NDVI composite cube (Zarr v{zarr_format})",
+        "roles": ["data"],
+        "xarray:open_kwargs": open_kwargs,
+    }
+    if loc.endpoint and not loc.is_local and loc.protocol == "s3":
+        asset["xarray:storage_options"] = {"endpoint_url": loc.endpoint}
+    elif loc.endpoint and loc.protocol == "gs" and loc.storage_options.get("endpoint_url"):
+        asset["xarray:storage_options"] = {"endpoint_url": loc.endpoint}
+    return {
+        "type": "Feature",
+        "stac_version": "1.1.0",
+        "stac_extensions": [
+            "https://stac-extensions.github.io/projection/v2.0.0/schema.json",
+            DATACUBE_EXT,
+            XARRAY_ASSETS_EXT,
+            PROCESSING_EXT,
+        ],
+        "id": item_id,
+        "geometry": geometry,
+        "bbox": [round(v, 7) for v in bbox],
+        "properties": props,
+        "links": [],
+        "assets": {"zarr": asset},
+    }
+
+
+def _densified_ring(
+    left: float, bottom: float, right: float, top: float, n: int
+) -> list[tuple[float, float]]:
+    """Closed counter-clockwise ring along the grid edges, n points per side (UTM edges curve in WGS84)."""
+    pts: list[tuple[float, float]] = []
+    for i in range(n):
+        pts.append((left + (right - left) * i / n, bottom))
+    for i in range(n):
+        pts.append((right, bottom + (top - bottom) * i / n))
+    for i in range(n):
+        pts.append((right - (right - left) * i / n, top))
+    for i in range(n):
+        pts.append((left, top - (top - bottom) * i / n))
+    pts.append(pts[0])
+    return pts
+
+
+# ------------------------------------------------------------------------------------ small helpers
+
+
+def _quiet_marker_warnings() -> None:
+    """Markers sit inside the store while a write runs and zarr warns about them whenever it lists the group
+    (xarray does, for every region). Harmless, so silenced - at each call rather than at import, because
+    callers
+    (pytest among them) may reset the warning filters in between; adding the same filter again is a no-op."""
+    warnings.filterwarnings(
+        "ignore", message=r"Object at \.ndvi-scale is not recognized", category=UserWarning
+    )
+
+
+def _refuse_bucket_root(loc: Location) -> None:
+    if not loc.is_local and not loc.key:
+        raise InputError(
+            f"out {loc.url} is a bucket root; give a path inside the bucket, e.g. {loc.url}/ndvi.zarr"
+        )
+
+
+def _cube_vars(ds: xr.Dataset) -> list[str]:
+    return [str(n) for n, v in ds.data_vars.items() if v.dims == _CUBE_DIMS]
+
+
+def _template(ds: xr.Dataset) -> xr.Dataset:
+    """Dataset to write as metadata + coordinates: encodings reset (deterministic output whatever the source),
+    CF ``grid_mapping`` kept as an attribute (rioxarray keeps it in ``encoding``, which the Zarr backend
+    drops),
+    small lazy coordinates loaded (so that ``compute=False`` writes them now)."""
+    out = ds.copy()
+    for name in list(out.variables):
+        var = out[name]
+        attrs = dict(var.attrs)
+        gm = var.encoding.get("grid_mapping")
+        if gm and "grid_mapping" not in attrs:
+            attrs["grid_mapping"] = gm
+        out[name].attrs = attrs
+        out[name].encoding = {}
+    lazy = {k: v.compute() for k, v in out.coords.items() if isinstance(v.data, da.Array)}
+    if lazy:
+        out = out.assign_coords(lazy)
+    data_lazy = {k: v.compute() for k, v in out.data_vars.items() if k not in _cube_vars(out) and v.chunks}
+    if data_lazy:
+        out = out.assign(data_lazy)
+    out.attrs = _cf_attrs(out.attrs)
+    return out
+
+
+def _encoding(tmpl: xr.Dataset, cube_vars: Sequence[str]) -> dict[str, dict[str, Any]]:
+    enc: dict[str, dict[str, Any]] = {}
+    for name in cube_vars:
+        data = tmpl[name].data
+        chunks = (1, int(data.chunks[1][0]), int(data.chunks[2][0]))
+        e: dict[str, Any] = {"chunks": chunks}
+        if np.issubdtype(tmpl[name].dtype, np.floating):
+            e["_FillValue"] = tmpl[name].dtype.type(np.nan)  # NaN = no valid observation
+        elif np.issubdtype(tmpl[name].dtype, np.integer) or tmpl[name].dtype == bool:
+            e["_FillValue"] = None  # counts: 0 is a value, not "missing"
+        enc[name] = e
+    for key, var in tmpl.coords.items():
+        if var.dims == ("time",):
+            e = {"chunks": (TIME_COORD_CHUNK,)}
+            if np.issubdtype(var.dtype, np.datetime64):
+                e.update(_TIME_ENCODING)
+            enc[str(key)] = e
+    return enc
+
+
+def _cf_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """Dataset attributes minus the write bookkeeping (which write_cube owns)."""
+    return {k: v for k, v in attrs.items() if k not in (CUBE_ATTR, WRITE_ATTR, RUNS_ATTR)}
+
+
+def _array_dims(arr: Any) -> tuple[str, ...]:
+    names = getattr(arr.metadata, "dimension_names", None)
+    if names:
+        return tuple(str(n) for n in names)
+    return tuple(arr.attrs.get("_ARRAY_DIMENSIONS", ()))
+
+
+def _labels(values: np.ndarray) -> list[str]:
+    """Period labels: ``YYYY-MM-DD`` at midnight, else ISO seconds (used in markers and messages)."""
+    out = []
+    for v in np.asarray(values).astype("datetime64[s]"):
+        s = str(v)
+        out.append(s[:10] if s.endswith("T00:00:00") else s)
+    return out
+
+
+def _zf(fmt: int) -> ZarrFormat:
+    return 2 if fmt == 2 else 3
+
+
+def _marker_name(label: str) -> str:
+    return label.replace(":", "")
+
+
+def _iso(value: Any) -> str:
+    return str(np.asarray(value).astype("datetime64[s]")) + "Z"
+
+
+def _iso_end(value: np.datetime64) -> str:
+    """Inclusive period end: a date at midnight means the whole day."""
+    v = np.asarray(value).astype("datetime64[s]")
+    if str(v).endswith("T00:00:00"):
+        v = v + np.timedelta64(86399, "s")
+    return str(v) + "Z"
+
+
+def _resolution(values: np.ndarray) -> float:
+    return float(values[1] - values[0]) if values.size > 1 else float("nan")
+
+
+def _crs_name(crs: Any) -> str:
+    if crs is None:
+        return "none"
+    epsg = crs.to_epsg()
+    return f"EPSG:{epsg}" if epsg else crs.to_wkt()[:60]
+
+
+def _fmt_vars(v: Mapping[str, str]) -> str:
+    return ", ".join(f"{k} ({t})" for k, t in sorted(v.items())) or "none"
+
+
+def _without_secrets(value: Any) -> Any:
+    """A copy of a JSON-like value without entries whose key names a secret (published in the STAC item)."""
+    if isinstance(value, dict):
+        return {
+            k: _without_secrets(v)
+            for k, v in value.items()
+            if not any(s in str(k).lower() for s in ("secret", "token", "password", "credential"))
+        }
+    if isinstance(value, list):
+        return [_without_secrets(v) for v in value]
+    return value
+
+
+def _stac_dtype(dtype: np.dtype) -> str:
+    if np.issubdtype(dtype, np.datetime64):
+        return "int64"
+    return str(np.dtype(dtype).name)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _json_attr(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _software_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ndvi-scale")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _is_storage_failure(exc: BaseException) -> bool:
+    from .storage import _classify
+
+    return _classify(exc) != "other" or isinstance(exc, OSError)
+
+
+def _as_error(exc: BaseException, loc: Location, action: str) -> NdviScaleError:
+    if isinstance(exc, NdviScaleError):
+        return exc
+    if _is_storage_failure(exc):
+        return storage_error(exc, loc, action)
+    return OutputError(
+        f"{action} {loc.url} failed: {type(exc).__name__}: {redact(str(exc), loc.storage_options)}"
+    )
