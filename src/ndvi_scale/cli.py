@@ -89,6 +89,10 @@ def compute(
     config: Annotated[
         str | None, typer.Option(help="YAML run config (same fields as these options; options override it).")
     ] = None,
+    quicklook: Annotated[
+        str | None,
+        typer.Option(metavar="PNG", help="Also write a PNG quicklook of the written cube (all periods)."),
+    ] = None,
 ) -> None:
     """Search, mask clouds, compute NDVI, composite per period and write Zarr."""
 
@@ -107,9 +111,18 @@ def compute(
             from .errors import InputError
 
             raise InputError("out is missing; give --out PATH (local path, gs://bucket/path or s3://bucket/path)")
+        if quicklook is not None:
+            from .viz import check_png_path
+
+            check_png_path(quicklook)  # refuse a bad --quicklook before hours of work
         report = run(cfg, cluster=merged.get("cluster"), echo=lambda msg: typer.echo(msg, err=True),
                      show_progress=True)
         typer.echo(report.describe())
+        if quicklook is not None:
+            from .viz import quicklook_png
+
+            width, height = quicklook_png(cfg.out, quicklook)
+            typer.echo(f"wrote {quicklook} ({width}x{height} px)")
 
     _guard(go)
 
@@ -146,6 +159,27 @@ def inspect_cmd(
 
         for rec in inspect(source):
             typer.echo(json.dumps(rec))
+
+    _guard(go)
+
+
+@app.command("show")
+def show_cmd(
+    zarr: Annotated[str, typer.Argument(help="Cube written by compute: path, gs://bucket/path or s3://bucket/path.")],
+    png: Annotated[str, typer.Option("--png", metavar="PNG", help="PNG file to write.")],
+    time: Annotated[
+        str | None,
+        typer.Option(help="Period: index (0, -1), 'last', or a date inside it (2024-06-15). Default: all periods."),
+    ] = None,
+    width: Annotated[int, typer.Option(help="Image width in pixels.")] = 1200,
+    dpi: Annotated[int, typer.Option(help="Dots per inch (text size).")] = 100,
+) -> None:
+    """Write a PNG quicklook of an NDVI cube: every period as small multiples, or one period."""
+
+    def go() -> None:
+        from .viz import show
+
+        typer.echo(show(zarr, png, time=time, width=width, dpi=dpi))
 
     _guard(go)
 
