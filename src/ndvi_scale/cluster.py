@@ -47,7 +47,7 @@ from dask.system import CPU_COUNT
 from distributed import Client, LocalCluster
 from distributed.system import MEMORY_LIMIT
 
-from .errors import InputError, NdviScaleError
+from .errors import ClusterError, InputError, NdviScaleError
 
 #: Retries per task for ``client.compute(..., retries=DEFAULT_RETRIES)``. Three covers the transient
 #: failures of object storage (HTTP 429/5xx, connection resets, a bucket throttled for a few seconds) that
@@ -91,12 +91,6 @@ DEFAULT_CONNECT_TIMEOUT = 20.0
 SPECS = ("threads", "local", "tcp://HOST:PORT", "gateway", "kubernetes")
 
 _TCP_RE = re.compile(r"^tcp://(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+):(?P<port>\d{1,5})/?$")
-
-
-class ClusterError(NdviScaleError):
-    """The requested cluster cannot be reached, created or used."""
-
-    exit_code = 11
 
 
 def parse_spec(spec: str | None) -> str:

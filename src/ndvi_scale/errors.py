@@ -67,3 +67,9 @@ class ReadError(NdviScaleError):
     """Pixel reads failed after retries."""
 
     exit_code = 10
+
+
+class ClusterError(NdviScaleError):
+    """The requested Dask cluster cannot be reached, created or used."""
+
+    exit_code = 11
