@@ -47,7 +47,7 @@ from dask.system import CPU_COUNT
 from distributed import Client, LocalCluster
 from distributed.system import MEMORY_LIMIT
 
-from .errors import ClusterError, InputError, NdviScaleError
+from .errors import ClusterError, InputError
 
 #: Retries per task for ``client.compute(..., retries=DEFAULT_RETRIES)``. Three covers the transient
 #: failures of object storage (HTTP 429/5xx, connection resets, a bucket throttled for a few seconds) that
