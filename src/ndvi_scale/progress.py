@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from dask.callbacks import Callback
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
@@ -20,7 +21,7 @@ def make_progress() -> Progress:
         TimeRemainingColumn(),
         transient=False,
         disable=not sys.stderr.isatty(),
-        console=None,
+        console=Console(stderr=True),  # stdout carries the result line; keep it clean when piped
     )
 
 
