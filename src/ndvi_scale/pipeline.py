@@ -263,6 +263,7 @@ def provenance_attrs(plan: Plan) -> dict[str, Any]:
         "ndvi_scale:config": json.dumps(safe_config, sort_keys=True),
         "ndvi_scale:items": json.dumps(items),
         "ndvi_scale:skipped": json.dumps([{"id": s.id, "reason": s.reason} for s in plan.search.skipped]),
+        "ndvi_scale:search": json.dumps({"source": plan.search.source, "notes": list(plan.search.notes)}),
         "ndvi_scale:versions": json.dumps(versions, sort_keys=True),
     }
 
