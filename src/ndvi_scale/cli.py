@@ -5,14 +5,64 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
 from .errors import NdviScaleError
 
+try:  # typer >= 0.2x vendors click as typer._click; older typer raises click's own exceptions
+    from typer._click import exceptions as _click_exc
+except ImportError:  # pragma: no cover
+    from click import exceptions as _click_exc  # type: ignore[no-redef]
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """Click's own usage errors (unknown option, missing option value, extra argument) as ONE ``error:`` line
+    with exit code 2, like every other input error, instead of a usage banner and a box."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        def run() -> Any:
+            return super(_OneLineUsageErrors, self).main(
+                args, prog_name, complete_var, standalone_mode=False, windows_expand_args=windows_expand_args, **extra
+            )
+
+        if not standalone_mode:
+            return run()
+        try:
+            rv = run()
+        except getattr(_click_exc, "NoArgsIsHelpError", ()) as e:  # bare `ndvi-scale`: the help, as before
+            e.show()
+            sys.exit(e.exit_code)
+        except _click_exc.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "ndvi-scale"
+            message = e.format_message().replace("\n", " ").rstrip(". ")
+            argv = list(args) if args is not None else sys.argv[1:]
+            if "extra argument" in message and "--bbox" in argv:  # the usual cause: fewer than 4 bbox values
+                message += " (--bbox takes exactly 4 numbers W S E N, e.g. --bbox 1.4 48.1 1.6 48.3)"
+            _err(f"{message}; see '{where} --help'")
+            sys.exit(e.exit_code)
+        except _click_exc.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            _err("aborted")
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     name="ndvi-scale",
     help="Cloud-free Sentinel-2 L2A NDVI composites as Zarr (local, gs://, s3://).",
     no_args_is_help=True,
@@ -47,7 +97,7 @@ def _guard(fn: Callable[[], T]) -> T:
 @app.command()
 def compute(
     bbox: Annotated[
-        tuple[float, float, float, float] | None,
+        tuple[str, str, str, str] | None,
         typer.Option(help="Area of interest W S E N in degrees (EPSG:4326).", metavar="W S E N"),
     ] = None,
     start: Annotated[str | None, typer.Option(help="First day, YYYY-MM-DD.")] = None,
@@ -62,12 +112,16 @@ def compute(
     out: Annotated[str | None, typer.Option(help="Output Zarr: path, gs://bucket/path or s3://bucket/path.")] = None,
     period: Annotated[str | None, typer.Option(help="day, week, dekad, month, season or year.")] = None,
     method: Annotated[str | None, typer.Option(help="median, mean, max, min or a percentile like q25.")] = None,
-    max_cloud: Annotated[float | None, typer.Option(help="Skip scenes with eo:cloud_cover above this %.")] = None,
+    max_cloud: Annotated[
+        str | None, typer.Option(metavar="PCT", help="Skip scenes with eo:cloud_cover above this %.")
+    ] = None,
     mask_classes: Annotated[str | None, typer.Option(help="SCL classes to mask, e.g. 0,1,2,3,8,9,10.")] = None,
-    resolution: Annotated[float | None, typer.Option(help="Pixel size in metres.")] = None,
+    resolution: Annotated[str | None, typer.Option(metavar="METRES", help="Pixel size in metres.")] = None,
     crs: Annotated[str | None, typer.Option(help="'auto' or EPSG:XXXX.")] = None,
-    chunk: Annotated[int | None, typer.Option(help="Spatial chunk in pixels (processing = Zarr chunks).")] = None,
-    zarr_format: Annotated[int | None, typer.Option(help="Zarr format of a new output: 3 or 2.")] = None,
+    chunk: Annotated[
+        str | None, typer.Option(metavar="PIXELS", help="Spatial chunk in pixels (processing = Zarr chunks).")
+    ] = None,
+    zarr_format: Annotated[str | None, typer.Option(metavar="3|2", help="Zarr format of a new output: 3 or 2.")] = None,
     overwrite: Annotated[
         bool | None, typer.Option("--overwrite/--no-overwrite", help="Replace existing output.", show_default=False)
     ] = None,
@@ -97,7 +151,6 @@ def compute(
     """Search, mask clouds, compute NDVI, composite per period and write Zarr."""
 
     def go() -> None:
-        from .pipeline import run
         from .runfile import run_config_from
 
         values: dict[str, Any] = dict(
@@ -115,6 +168,8 @@ def compute(
             from .viz import check_png_path
 
             check_png_path(quicklook)  # refuse a bad --quicklook before hours of work
+        from .pipeline import run  # imported once the input is valid: bad input is refused in a blink
+
         report = run(cfg, cluster=merged.get("cluster"), echo=lambda msg: typer.echo(msg, err=True),
                      show_progress=True)
         typer.echo(report.describe())

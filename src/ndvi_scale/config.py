@@ -8,6 +8,8 @@ known names. Every rejection is an :class:`~ndvi_scale.errors.InputError` naming
 from __future__ import annotations
 
 import datetime as dt
+import math
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -34,6 +36,10 @@ DEFAULT_RESOLUTION = 10.0
 #: Spatial chunk (pixels) for processing and output. 2048 = 2 x 2 internal 1024-px COG tiles: the published
 #: sweet spot for both stackstac and odc-stac (512-px chunks are 4-5x slower), and whole tiles only are read.
 DEFAULT_CHUNK = 2048
+
+#: Largest accepted ``chunk`` (pixels): far beyond any useful task size (the pipeline halves a chunk whose task
+#: would read too much anyway), it only stops absurd values early.
+MAX_CHUNK = 65536
 
 
 @dataclass(frozen=True)
@@ -78,22 +84,49 @@ def format_bbox(value: Any) -> BBox:
         )
     try:
         w, s, e, n = (float(p) for p in parts)
-    except (TypeError, ValueError):
-        raise InputError(f"bbox {raw!r} holds a non-number; expected 4 numbers W S E N in degrees") from None
+    except (TypeError, ValueError, OverflowError):
+        option = next((p for p in parts if isinstance(p, str) and p.startswith("--")), None)
+        took = f" (it took the option {option} as a value: --bbox needs exactly 4 numbers)" if option else ""
+        raise InputError(
+            f"bbox {raw!r} holds a non-number{took}; expected 4 numbers W S E N in degrees, "
+            "e.g. --bbox 1.4 48.1 1.6 48.3"
+        ) from None
     for name, v, lim in (("west", w, 180), ("east", e, 180), ("south", s, 90), ("north", n, 90)):
         if not (-lim <= v <= lim):  # also rejects NaN
             raise InputError(
-                f"bbox {name} {v:g} is out of range [-{lim}, {lim}]; give longitude/latitude in degrees (EPSG:4326), "
-                "W S E N"
+                f"bbox {name} {_deg(v)} is out of range [-{lim}, {lim}]; give longitude/latitude in degrees "
+                "(EPSG:4326), W S E N"
             )
     if s >= n:
-        raise InputError(f"bbox south {s:g} >= north {n:g}; give W S E N with south < north (is the order swapped?)")
+        raise InputError(
+            f"bbox south {_deg(s)} >= north {_deg(n)}; give W S E N with south < north (is the order swapped?)"
+        )
+    if w > e and w > 0 > e and w - e > 180:
+        raise InputError(_antimeridian_message(w, s, e, n))
     if w >= e:
         raise InputError(
-            f"bbox west {w:g} >= east {e:g}; give W S E N with west < east (is the order swapped?). Areas crossing "
-            "the antimeridian are not supported: split them in two runs at 180 degrees"
+            f"bbox west {_deg(w)} >= east {_deg(e)}; give W S E N with west < east (is the order swapped?). Areas "
+            "crossing the antimeridian are not supported: split them in two runs at 180 degrees"
         )
     return BBox(w, s, e, n)
+
+
+def _antimeridian_message(w: float, s: float, e: float, n: float) -> str:
+    """The fix for a bbox whose west is east of its east, across 180 degrees: two runs, one on each side."""
+    where = f"bbox crosses the antimeridian (west {_deg(w)} > east {_deg(e)})"
+    if w == 180:  # nothing east of 180: the box is -180..east
+        return f"{where}; nothing lies between west 180 and 180: give it as --bbox -180 {_deg(s)} {_deg(e)} {_deg(n)}"
+    if e == -180:  # nothing west of -180: the box is west..180
+        return f"{where}; nothing lies between -180 and east -180: give it as --bbox {_deg(w)} {_deg(s)} 180 {_deg(n)}"
+    return (
+        f"{where}; split it into two runs: {_deg(w)}..180 and -180..{_deg(e)} "
+        f"(--bbox {_deg(w)} {_deg(s)} 180 {_deg(n)} and --bbox -180 {_deg(s)} {_deg(e)} {_deg(n)})"
+    )
+
+
+def _deg(v: float) -> str:
+    """A coordinate as the user typed it (up to 12 significant digits, no trailing .0)."""
+    return f"{v:.12g}"
 
 
 def parse_date(value: Any, *, name: str) -> dt.date:
@@ -129,13 +162,14 @@ def normalise_period(value: str) -> str:
 
 
 def normalise_mask_classes(value: Any) -> tuple[int, ...]:
+    raw = value
     if isinstance(value, str):
         value = [p for p in re.split(r"[,\s]+", value.strip()) if p]
     try:
-        classes = tuple(sorted({int(v) for v in value}))
-    except (TypeError, ValueError):
+        classes = tuple(sorted({_integer_value(v) for v in value}))
+    except (TypeError, ValueError, OverflowError):
         raise InputError(
-            f"mask classes {value!r} are not integers; expected SCL classes 0-11, e.g. 0,3,8,9,10"
+            f"mask classes {raw!r} are not integers; expected SCL classes 0-11, e.g. 0,3,8,9,10"
         ) from None
     bad = [c for c in classes if not 0 <= c <= 11]
     if bad:
@@ -168,7 +202,8 @@ class RunConfig:
     resolution: float = DEFAULT_RESOLUTION
     """Output pixel size in metres."""
     crs: str = "auto"
-    """Output CRS: ``auto`` (the UTM zone of most scenes) or ``EPSG:XXXX``."""
+    """Output CRS: ``auto`` (the UTM zone covering most of the bbox, see :func:`ndvi_scale.load.choose_epsg`) or
+    ``EPSG:XXXX`` (a projected CRS in metres)."""
     chunk: int = DEFAULT_CHUNK
     """Spatial chunk size in pixels (processing and Zarr chunks are the same)."""
     overwrite: bool = False
@@ -193,11 +228,11 @@ class RunConfig:
             )
         if kwargs.get("bbox") is None:
             raise InputError("bbox is missing; give --bbox W S E N in degrees, e.g. --bbox 1.4 48.1 1.6 48.3")
+        kw: dict[str, Any] = dict(kwargs)
+        kw["bbox"] = format_bbox(kw["bbox"])  # first: a --bbox short of values swallows the next option
         for name in ("start", "end"):
             if kwargs.get(name) is None:
                 raise InputError(f"{name} is missing; give --{name} YYYY-MM-DD")
-        kw: dict[str, Any] = dict(kwargs)
-        kw["bbox"] = format_bbox(kw["bbox"])
         kw["start"] = parse_date(kw["start"], name="start")
         kw["end"] = parse_date(kw["end"], name="end")
         if kw["start"] > kw["end"]:
@@ -211,35 +246,48 @@ class RunConfig:
         if "mask_classes" in kw:
             kw["mask_classes"] = normalise_mask_classes(kw["mask_classes"])
         if "catalog" in kw:
-            if not str(kw["catalog"]).strip():
+            cat = kw["catalog"]
+            if not isinstance(cat, str | os.PathLike):
                 raise InputError(
-                    "catalog is empty; give 'sample', a profile name (ndvi-scale catalogs), a URL or a path"
+                    f"catalog {cat!r} is not text; give 'sample', a profile name (ndvi-scale catalogs), a URL or a "
+                    "path"
                 )
-            kw["catalog"] = str(kw["catalog"]).strip()
+            if not os.fspath(cat).strip():
+                raise InputError(
+                    f"catalog is empty ({cat!r}); give 'sample', a profile name (ndvi-scale catalogs), a URL or a path"
+                )
+            kw["catalog"] = os.fspath(cat).strip()
         if kw.get("out") is not None:
-            out = str(kw["out"]).strip()
+            out_value = kw["out"]
+            if not isinstance(out_value, str | os.PathLike):
+                raise InputError(
+                    f"out {out_value!r} is not text; give a local path, gs://bucket/path or s3://bucket/path"
+                )
+            out = os.fspath(out_value).strip()
             if not out:
-                raise InputError("out is empty; give a local path, gs://bucket/path or s3://bucket/path")
+                raise InputError(
+                    f"out is empty ({out_value!r}); give a local path, gs://bucket/path or s3://bucket/path"
+                )
             kw["out"] = out
         if "max_cloud" in kw:
-            mc = _number(kw["max_cloud"], "max_cloud")
+            mc = _number(kw["max_cloud"], "max_cloud", "a percentage 0-100, e.g. 20")
             if not 0 <= mc <= 100:
                 raise InputError(f"max_cloud {mc:g} is out of range; expected a percentage 0-100")
             kw["max_cloud"] = mc
         if "resolution" in kw:
-            res = _number(kw["resolution"], "resolution")
+            res = _number(kw["resolution"], "resolution", "metres > 0, e.g. 10")
             if not 0 < res <= 10000:
                 raise InputError(f"resolution {res:g} is out of range; expected metres > 0, e.g. 10")
             kw["resolution"] = res
         if "chunk" in kw:
-            ch = int(_number(kw["chunk"], "chunk"))
-            if ch < 64 or ch % 16:
+            ch = _integer(kw["chunk"], "chunk", f"pixels 64-{MAX_CHUNK} and a multiple of 16, e.g. 2048")
+            if not 64 <= ch <= MAX_CHUNK or ch % 16:
                 raise InputError(
-                    f"chunk {ch} is invalid; expected pixels >= 64 and a multiple of 16, e.g. 2048"
+                    f"chunk {ch} is invalid; expected pixels {64}-{MAX_CHUNK} and a multiple of 16, e.g. 2048"
                 )
             kw["chunk"] = ch
         if "zarr_format" in kw:
-            zf = int(_number(kw["zarr_format"], "zarr_format"))
+            zf = _integer(kw["zarr_format"], "zarr_format", "2 or 3")
             if zf not in (2, 3):
                 raise InputError(f"zarr_format {zf} is invalid; expected 2 or 3")
             kw["zarr_format"] = zf
@@ -271,13 +319,31 @@ class RunConfig:
 
 
 def normalise_crs(value: Any) -> str:
+    """``auto`` or ``EPSG:XXXX`` of a known projected CRS in metres (the resolution is given in metres)."""
     v = str(value).strip()
     if v.lower() == "auto":
         return "auto"
     m = re.fullmatch(r"(?i)(?:epsg:)?(\d{4,5})", v)
     if not m:
         raise InputError(f"crs {value!r} is invalid; expected 'auto' or EPSG:XXXX, e.g. EPSG:32631")
-    return f"EPSG:{int(m.group(1))}"
+    code = f"EPSG:{int(m.group(1))}"
+    from pyproj import CRS
+    from pyproj.exceptions import CRSError
+
+    try:
+        crs = CRS.from_user_input(code)
+    except CRSError:
+        raise InputError(
+            f"crs {value!r} is not a known EPSG code; expected 'auto' or a projected CRS, e.g. EPSG:32631 (UTM 31N)"
+        ) from None
+    units = {(a.unit_name or "").lower() for a in crs.axis_info[:2]}
+    if not crs.is_projected or not units <= {"metre", "meter"}:
+        kind = "geographic (degrees)" if crs.is_geographic else f"not a projected CRS in metres ({', '.join(units)})"
+        raise InputError(
+            f"crs {value!r} is {kind}; --resolution is in metres: give 'auto' or a projected CRS in metres, "
+            "e.g. EPSG:32631 (UTM 31N)"
+        )
+    return code
 
 
 def _flag(value: Any, name: str) -> bool:
@@ -288,14 +354,44 @@ def _flag(value: Any, name: str) -> bool:
     raise InputError(f"{name} {value!r} is not a boolean; expected true or false")
 
 
-def _number(value: Any, name: str) -> float:
+def _number(value: Any, name: str, expected: str) -> float:
+    if isinstance(value, bool):
+        raise InputError(f"{name} {value!r} is not a number; expected {expected}")
     try:
         v = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} {value!r} is not a number") from None
-    if v != v:
-        raise InputError(f"{name} is NaN; expected a number")
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"{name} {value!r} is not a number; expected {expected}") from None
+    if not math.isfinite(v):
+        raise InputError(f"{name} {value!r} is not a finite number; expected {expected}")
     return v
+
+
+def _integer_value(value: Any) -> int:
+    """An int from an int, an integral float or an integer string (bools refused); TypeError/ValueError else."""
+    if isinstance(value, bool):
+        raise TypeError("a boolean is not an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        return int(value.strip())
+    v = float(value)
+    if not v.is_integer():
+        raise ValueError(f"{value!r} is not a whole number")
+    return int(v)
+
+
+def _integer(value: Any, name: str, expected: str) -> int:
+    try:
+        return _integer_value(value)
+    except (TypeError, ValueError, OverflowError):
+        pass
+    try:  # "2048.0" or 2048.0 are fine, 2048.5 is not
+        v = _number(value, name, expected)
+    except InputError:
+        raise InputError(f"{name} {value!r} is not an integer; expected {expected}") from None
+    if not v.is_integer():
+        raise InputError(f"{name} {value!r} is not an integer; expected {expected}")
+    return int(v)
 
 
 def as_sequence(value: Any) -> Sequence[Any]:

@@ -26,6 +26,7 @@ import functools
 import logging
 import math
 from collections.abc import Sequence
+from fractions import Fraction
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -73,31 +74,109 @@ GDAL_ENV = LayeredEnv(
 
 
 def utm_epsg(lon: float, lat: float) -> int:
-    """EPSG code of the WGS84 UTM zone containing (lon, lat)."""
+    """EPSG code of the WGS84 UTM zone containing (lon, lat): 326zz north of the equator (and on it), 327zz south.
+
+    Regular 6-degree zones: zone 1 is 180W..174W, zone 60 is 174E..180E (lon 180 belongs to zone 60). The
+    Norway/Svalbard exceptions of the MGRS are not applied.
+    """
     zone = min(max(int(math.floor((lon + 180) / 6)) + 1, 1), 60)
     return (32600 if lat >= 0 else 32700) + zone
 
 
-def choose_epsg(items: Sequence[S2Item], bbox: BBox, crs: str = "auto") -> int:
-    """The output CRS: ``crs`` if given as EPSG:XXXX, else the CRS shared by most items.
+def utm_zone_shares(bbox: BBox) -> dict[int, float]:
+    """Fraction of the bbox's area in each UTM zone it touches (zone number -> share, summing to 1).
 
-    Ties are broken by the UTM zone of the bbox centre, then the smallest code, so the choice is
-    deterministic.
+    On the sphere the area of a lon/lat box is ``R^2 (lon2 - lon1) (sin lat2 - sin lat1)``: every zone sees the
+    same latitude span of the bbox, so its share of the area is its share of the longitude span.
+    """
+    width = bbox.east - bbox.west
+    shares: dict[int, float] = {}
+    first = utm_epsg(bbox.west, 0) - 32600
+    for zone in range(first, 61):
+        lo, hi = -180.0 + 6 * (zone - 1), -180.0 + 6 * zone
+        if lo >= bbox.east:
+            break
+        part = min(hi, bbox.east) - max(lo, bbox.west)
+        if part > 0:
+            shares[zone] = part / width
+    return shares
+
+
+def auto_epsg(bbox: BBox) -> int:
+    """The output CRS of ``--crs auto``: the UTM zone covering most of ``bbox`` by area (see :func:`choose_epsg`)."""
+    # Exact arithmetic on the (exactly representable) float inputs: a box symmetric about a zone boundary is an
+    # exact tie, never decided by rounding; the western zone wins it.
+    w, e = Fraction(bbox.west), Fraction(bbox.east)
+    best_zone, best = 0, Fraction(-1)
+    for zone in range(utm_epsg(bbox.west, 0) - 32600, 61):
+        lo, hi = Fraction(-180 + 6 * (zone - 1)), Fraction(-180 + 6 * zone)
+        if lo >= e:
+            break
+        part = min(hi, e) - max(lo, w)
+        if part > best:  # strictly larger: on a tie the western zone (seen first) stays
+            best_zone, best = zone, part
+    # Hemisphere by area too: the part of the box north of the equator against the part south of it.
+    s, n = math.radians(bbox.south), math.radians(bbox.north)
+    north = math.sin(n) - math.sin(max(s, 0.0)) if n > 0 else 0.0
+    south = math.sin(min(n, 0.0)) - math.sin(s) if s < 0 else 0.0
+    return (32600 if north >= south else 32700) + best_zone
+
+
+def choose_epsg(items: Sequence[S2Item], bbox: BBox, crs: str = "auto") -> int:
+    """The output CRS of a run: ``crs`` if given as ``EPSG:XXXX``, else the UTM zone covering most of the bbox.
+
+    Policy for areas across several UTM zones (Sentinel-2 granules come in the UTM zone of their MGRS tile, so
+    a bbox across a zone boundary gets items in two or more CRSs):
+
+    * ``crs="auto"`` (the default): the WGS84 UTM zone that covers the largest part of the bbox **by area**;
+      on an exact tie, the western zone. The hemisphere is that of the larger part of the bbox (north on a
+      tie): EPSG:326zz or EPSG:327zz. Regular 6-degree zones (the MGRS exceptions over Norway and Svalbard
+      are not applied). The items are **not** consulted: the grid must not depend on which scenes a search
+      returned (a month with more scenes from the neighbouring zone would otherwise move the whole cube to
+      another CRS, and the monthly append to an existing cube would no longer match its grid). Same bbox, same
+      resolution: same CRS and same grid, every run.
+    * ``crs="EPSG:XXXX"``: that CRS for everything (a projected CRS in metres, since ``resolution`` is in
+      metres). Use it to keep a cube in a CRS of your choice, e.g. to continue an existing cube.
+
+    Every item in another CRS is reprojected **once**, straight from its native 10 m/20 m pixels onto the
+    output grid (stackstac builds a GDAL WarpedVRT per asset), with **nearest** resampling: reflectances are
+    not blended across pixels and SCL classes stay classes. Items already in the output CRS are not reprojected:
+    at 10 or 20 m their pixels line up with the snapped grid (Sentinel-2 tile origins are multiples of 60 m), so
+    nearest resampling copies them unchanged.
+
+    The output grid is the bbox's four corners projected to the output CRS, their envelope snapped outwards to
+    multiples of the resolution (stackstac's ``snap_bounds``: ``floor(min / res) * res``,
+    ``ceil(max / res) * res``). Pixel edges therefore lie on multiples of the resolution (pixel centres on odd
+    multiples of half of it) and the grid is a pure function of (bbox, CRS, resolution): it does not depend on
+    the items, nor on ``--chunk`` (chunks are windows of that one grid, so chunked and unchunked runs agree).
     """
     if crs != "auto":
         try:
-            return int(CRS.from_user_input(crs).to_epsg() or 0) or _bad_crs(crs)
+            epsg = int(CRS.from_user_input(crs).to_epsg() or 0) or _bad_crs(crs)
+        except InputError:
+            raise
         except Exception as e:  # pyproj raises its own CRSError
             raise InputError(
                 f"crs {crs!r} is not a known CRS ({e}); expected EPSG:XXXX, e.g. EPSG:32631"
             ) from None
-    counts = collections.Counter(it.epsg for it in items if it.epsg)
-    if not counts:
-        return utm_epsg((bbox.west + bbox.east) / 2, (bbox.south + bbox.north) / 2)
-    best = max(counts.values())
-    tied = sorted(e for e, c in counts.items() if c == best)
-    centre = utm_epsg((bbox.west + bbox.east) / 2, (bbox.south + bbox.north) / 2)
-    return centre if centre in tied else tied[0]
+        try:
+            bounds = projected_bounds(bbox, epsg)
+        except Exception:  # pyproj's ProjError: the bbox is outside what the projection can represent
+            bounds = (math.nan,) * 4
+        if not all(math.isfinite(v) for v in bounds):
+            raise InputError(
+                f"crs {crs!r} cannot represent bbox {bbox} (projection gives {bounds}); choose a CRS that covers "
+                "the area, or --crs auto"
+            )
+        return epsg
+    epsg = auto_epsg(bbox)
+    others = collections.Counter(it.epsg for it in items if it.epsg and it.epsg != epsg)
+    if others:
+        log.info(
+            "output CRS EPSG:%d (UTM zone covering most of the bbox); reprojecting %s item(s) from %s",
+            epsg, sum(others.values()), ", ".join(f"EPSG:{e}" for e in sorted(others)),
+        )
+    return epsg
 
 
 def _bad_crs(crs: str) -> int:

@@ -189,6 +189,28 @@ def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
 
 
+def _bad_timestamp(text: str) -> str:
+    """`` line N (value)`` of the first YAML timestamp in ``text`` that is not a real date/time, else ``""``."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except Exception:  # the loader already failed: the location is a nicety
+        return ""
+    constructor = yaml.SafeLoader("")
+    todo = [root] if root is not None else []
+    while todo:  # iterative: no recursion on deep documents
+        node = todo.pop()
+        if isinstance(node, yaml.MappingNode):
+            todo.extend(v for pair in reversed(node.value) for v in reversed(pair))
+        elif isinstance(node, yaml.SequenceNode):
+            todo.extend(reversed(node.value))
+        elif isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:timestamp":
+            try:
+                constructor.construct_yaml_timestamp(node)
+            except (ValueError, OverflowError):
+                return f" line {node.start_mark.line + 1} ({node.value!r})"
+    return ""
+
+
 def canonical_key(key: str) -> str:
     """``max-cloud`` / ``Max_Cloud`` -> ``max_cloud`` (the RunConfig spelling)."""
     return key.strip().lower().replace("-", "_")
@@ -229,6 +251,15 @@ def load_run_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise InputError(
             f"{where}{at}: invalid YAML ({problem}); expected 'field: value' lines such as 'period: month'; "
             "fix the syntax there (indentation, a missing ':' or an unclosed quote/bracket)"
+        ) from None
+    except (ValueError, OverflowError) as exc:  # a YAML timestamp that is no real date, e.g. 2024-02-30
+        raise InputError(
+            f"{where}{_bad_timestamp(text)}: a value cannot be read ({exc}); expected real dates as YYYY-MM-DD, "
+            "e.g. 'start: 2024-01-31'; fix that value (or quote it)"
+        ) from None
+    except RecursionError:
+        raise InputError(
+            f"{where}: invalid YAML (nested too deeply); expected flat 'field: value' lines such as 'period: month'"
         ) from None
     if data is None:
         raise InputError(

@@ -52,7 +52,7 @@ import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import IntEnum
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -79,8 +79,10 @@ __all__ = [
     "SampleSpec",
     "Truth",
     "generate",
+    "generate_zones",
     "pixel_centres",
     "sample_catalog",
+    "straddling_specs",
 ]
 
 #: Bump whenever the generated scene changes: it names the cache folder of :func:`sample_catalog`.
@@ -1021,6 +1023,82 @@ def generate(
     collection = {"type": "FeatureCollection", "features": features}
     tmp = root / ".items.json.tmp"
     tmp.write_text(json.dumps(collection, indent=1) + "\n")
+    os.replace(tmp, root / "items.json")
+    return [pystac.Item.from_dict(f, migrate=False) for f in features]
+
+
+#: MGRS latitude bands, 8 degrees each from 80S (the letters I and O are not used).
+_MGRS_BANDS = "CDEFGHJKLMNPQRSTUVWX"
+
+
+def straddling_specs(
+    boundary_lon: float = 0.0, lat: float = 48.35, *, overlap: int = 20, **kwargs: Any
+) -> tuple[SampleSpec, SampleSpec]:
+    """Two specs, one in each UTM zone on either side of the zone boundary ``boundary_lon``: areas across zones.
+
+    Like real Sentinel-2 tiles, each spec keeps its own UTM zone (``proj:epsg``) and its own analytic truth in
+    its own coordinates (:class:`Truth` with that spec): the western spec is in the zone ending at
+    ``boundary_lon``, its granules A and B reaching ``overlap`` 10 m pixels east of the boundary; the eastern spec
+    is in the zone starting there, reaching ``overlap`` pixels west of it. So the two unions overlap by about
+    ``2 * overlap`` pixels around the boundary, where a pipeline sees granules from both zones on the same date.
+    Both top edges lie at ``lat`` (snapped to 20 m). ``kwargs`` go to both :class:`SampleSpec` (``size``,
+    ``start``, ``end``, ...); the eastern spec gets ``seed + 1``, so its parcels and clouds differ from the western
+    ones. Tile names are synthetic (``30UXQ``, ``30UYQ`` | ``31UBQ``, ``31UCQ`` for the default boundary).
+    Write both into one catalog with :func:`generate_zones`.
+    """
+    if not -180 < boundary_lon < 180 or boundary_lon % 6:
+        raise InputError(
+            f"boundary_lon {boundary_lon!r} is not a UTM zone boundary; expected a multiple of 6 in (-180, 180), "
+            "e.g. 0"
+        )
+    if not -80 <= lat < 84:
+        raise InputError(f"lat {lat!r} is outside the UTM latitudes; expected -80 <= lat < 84, e.g. 48.35")
+    if not isinstance(overlap, int) or overlap < 0:
+        raise InputError(f"overlap {overlap!r} is invalid; expected a number of 10 m pixels >= 0, e.g. 20")
+    east_zone = int(round((boundary_lon + 180) / 6)) + 1
+    west_zone = east_zone - 1
+    hemisphere = 32600 if lat >= 0 else 32700
+    band = _MGRS_BANDS[min(int((lat + 80) // 8), len(_MGRS_BANDS) - 1)]
+    seed = int(kwargs.pop("seed", SampleSpec.seed))
+    template = SampleSpec(**kwargs)  # validates kwargs; gives size and shift
+    union = 10 * (template.size + template.shift)
+
+    def snap20(v: float) -> float:
+        return float(20 * math.floor(v / 20))
+
+    specs = []
+    for zone, tiles, seed_k in (
+        (west_zone, (f"{west_zone:02d}{band}XQ", f"{west_zone:02d}{band}YQ"), seed),
+        (east_zone, (f"{east_zone:02d}{band}BQ", f"{east_zone:02d}{band}CQ"), seed + 1),
+    ):
+        epsg = hemisphere + zone
+        xb, yb = Transformer.from_crs(4326, epsg, always_xy=True).transform(boundary_lon, lat)
+        x0 = xb + 10 * overlap - union if zone == west_zone else xb - 10 * overlap
+        specs.append(
+            replace(template, epsg=epsg, x0=snap20(x0), y0=snap20(yb), tiles=tiles, seed=seed_k)
+        )
+    return specs[0], specs[1]
+
+
+def generate_zones(
+    root: str | Path, specs: Sequence[SampleSpec], href_base: str | None = None
+) -> list[pystac.Item]:
+    """Write the granules of several specs (e.g. :func:`straddling_specs`) as ONE catalog under ``root``.
+
+    Each spec is written as by :func:`generate` (same files, same items); ``<root>/items.json`` then holds the
+    items of all specs, sorted by datetime then id. Tile names must differ between specs. Returns the items.
+    """
+    names = [g.name for spec in specs for g in spec.granules()]
+    if len(set(names)) != len(names):
+        raise InputError(f"specs share tile names {sorted(names)}; give each spec its own tiles")
+    root = Path(root)
+    features: list[dict[str, Any]] = []
+    for spec in specs:
+        generate(root, spec, href_base)
+        features += json.loads((root / "items.json").read_text())["features"]
+    features.sort(key=lambda f: (f["properties"]["datetime"], f["id"]))
+    tmp = root / ".items.json.tmp"
+    tmp.write_text(json.dumps({"type": "FeatureCollection", "features": features}, indent=1) + "\n")
     os.replace(tmp, root / "items.json")
     return [pystac.Item.from_dict(f, migrate=False) for f in features]
 
