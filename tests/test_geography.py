@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import rioxarray  # noqa: F401  (the .rio accessor)
 import xarray as xr
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pyproj import Transformer
 
@@ -192,6 +192,7 @@ def test_forced_crs_wins_over_the_policy() -> None:
     s=st.floats(-89, 88.9),
     height=st.floats(1e-6, 30),
 )
+@example(w=-2.8744986292867722e-15, width=1.0000000000000002e-06, s=0.0, height=1.0)  # west + 180 rounds to 180
 def test_auto_crs_properties(w: float, width: float, s: float, height: float) -> None:
     e, n = min(w + width, 180.0), min(s + height, 89.99)
     if not (w < e and s < n):

@@ -91,8 +91,9 @@ def utm_zone_shares(bbox: BBox) -> dict[int, float]:
     """
     width = bbox.east - bbox.west
     shares: dict[int, float] = {}
-    first = utm_epsg(bbox.west, 0) - 32600
-    for zone in range(first, 61):
+    # All 60 zones, not "from the zone of west": west + 180 may round to a zone boundary in floating point
+    # (west = -3e-15 gives 180.0) and a sliver of the zone to the west would be lost.
+    for zone in range(1, 61):
         lo, hi = -180.0 + 6 * (zone - 1), -180.0 + 6 * zone
         if lo >= bbox.east:
             break
@@ -108,7 +109,7 @@ def auto_epsg(bbox: BBox) -> int:
     # exact tie, never decided by rounding; the western zone wins it.
     w, e = Fraction(bbox.west), Fraction(bbox.east)
     best_zone, best = 0, Fraction(-1)
-    for zone in range(utm_epsg(bbox.west, 0) - 32600, 61):
+    for zone in range(1, 61):  # all zones: see utm_zone_shares
         lo, hi = Fraction(-180 + 6 * (zone - 1)), Fraction(-180 + 6 * zone)
         if lo >= e:
             break
