@@ -1,0 +1,249 @@
+"""Read and composite in one streamed pass per (period, spatial chunk): no uint16 stack is materialised.
+
+:func:`fused_composite` replaces ``da.map_blocks(_fused_kernel, stack.data, ...)`` in
+:func:`ndvi_scale.pipeline.build`: same chunks, same values bit for bit. stackstac's ``fetch_raster_window``
+builds the whole (items, 3, y, x) uint16 block of a period and chunk before the kernel runs (12 items at
+2048 px: 300 MB, page-faulted afresh by every task). Here each task reads one item at a time (red, nir, scl
+windows, through the very Readers stackstac made for the stack: same URLs and signing, ``gdal_env``,
+``errors_as_nodata`` and Reader class, e.g. :class:`~ndvi_scale.reader.FastReader`) and folds it straight into
+the period's day layers (:func:`ndvi_scale.kernel.ndvi_into`). A task holds the (days, y, x) float32 NDVI and
+three (y, x) windows: about 3x less memory than the stack, and no copy of it.
+
+The graph is stackstac's asset and reader tables (one task each per period, opening nothing) plus ONE task per
+(period, chunk), like stackstac's own ``fetch_raster_window`` layer: O(periods x chunks) whatever the number
+of items, on any dask scheduler (readers pickle by URL and reopen on the worker).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+from dask.blockwise import blockwise
+from dask.highlevelgraph import HighLevelGraph
+from dask.layers import ArrayBlockIdDep, ArraySliceDep
+from rasterio import windows
+
+from .kernel import ndvi_into, reduce_days
+
+__all__ = ["cube_layer", "fused_composite", "fused_cube", "reader_table"]
+
+_FETCH_PREFIX = "fetch_raster_window-"
+_READERS_PREFIX = "asset_table_to_reader_and_window-"
+
+
+def reader_table(stack: Any) -> da.Array:
+    """stackstac's (time, band) object array of ``(Reader, asset window)`` (or None) behind ``stack``.
+
+    Taken from the stack's own graph, so it is exactly what stackstac would read with. Raises ValueError when
+    ``stack`` is not a plain ``stackstac.stack`` result (e.g. sliced or computed on after stacking).
+    """
+    graph = stack.data.dask
+    fetch = [name for name in graph.layers if str(name).startswith(_FETCH_PREFIX)]
+    if len(fetch) != 1 or stack.data.name != fetch[0]:
+        raise ValueError("not a plain stackstac.stack() array: expected its fetch_raster_window layer on top")
+    deps = [d for d in graph.dependencies[fetch[0]] if str(d).startswith(_READERS_PREFIX)]
+    if len(deps) != 1:
+        raise ValueError("stackstac's reader table was not found in the graph (another stackstac version?)")
+    name = deps[0]
+    sub = graph.cull_layers([name])
+    chunks = stack.data.chunks[:2]
+    return da.Array(sub, name, chunks=chunks, dtype=object, meta=np.empty((0, 0), dtype=object))
+
+
+def fused_composite(
+    stack: Any, plans: Sequence[Any], *, method: str, mask_classes: Sequence[int], n_out: int
+) -> da.Array:
+    """(periods, n_out, y, x) float32 composites of ``stack`` (time chunked by period, band = red, nir, scl).
+
+    ``plans`` are the :class:`ndvi_scale.pipeline.PeriodPlan` of the stack's time chunks, in order.
+    """
+    readers = reader_table(stack)
+    chunks_t, chunks_b = readers.chunks
+    if len(chunks_t) != len(plans) or any(c != len(p.items) for c, p in zip(chunks_t, plans, strict=True)):
+        raise ValueError(f"time chunks {chunks_t} do not match the periods' item counts")
+    if chunks_b != (3,):
+        raise ValueError(f"band chunks {chunks_b}: expected red, nir, scl in one chunk")
+    chunks_yx = stack.data.chunks[2:]
+    func = functools.partial(
+        _composite_block,
+        plans=tuple(plans),
+        method=method,
+        mask_classes=tuple(int(c) for c in mask_classes),
+    )
+    key = [(p.day_index, p.day_numbers, p.red_scale, p.red_offset, p.nir_scale, p.nir_offset) for p in plans]
+    name = f"ndvi-composite-{method}-" + tokenize(
+        readers.name, chunks_yx, key, method, tuple(mask_classes), n_out
+    )
+    layer = blockwise(
+        func,
+        name,
+        "tbyx",
+        readers.name,
+        "tb",
+        ArrayBlockIdDep((chunks_t,)),
+        "t",
+        ArraySliceDep(chunks_yx),
+        "yx",
+        numblocks={readers.name: readers.numblocks},
+    )
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=[readers])  # type: ignore[list-item]
+    chunks = ((1,) * len(plans), (n_out,), *chunks_yx)
+    return da.Array(graph, name, chunks=chunks, meta=np.empty((0, 0, 0, 0), dtype=np.float32))
+
+
+def fused_cube(
+    stack: Any, plans: Sequence[Any | None], *, method: str, mask_classes: Sequence[int], n_out: int
+) -> da.Array:
+    """Like :func:`fused_composite`, with the empty periods (None in ``plans``) in place: (all periods, n_out,
+    y, x), NaN values and count 0 where a period has no scene.
+
+    Exactly ONE task per (period, chunk) and nothing else: stackstac's reader table is made here, when the
+    graph is built (it only creates Reader objects; nothing is opened or read), and each period's part is
+    embedded in its tasks. With the threaded scheduler all chunks of a period share those readers (and their
+    open datasets); on a distributed cluster each task unpickles its own (URL + grid) and reopens the files,
+    whose headers GDAL's in-process cache has usually kept. build()'s slicing and concatenation of the empty
+    periods (2 more tasks per period and chunk) are not needed either.
+    """
+    live = [p for p in plans if p is not None]
+    readers = reader_table(stack)
+    chunks_t, chunks_b = readers.chunks
+    tables = readers.compute(scheduler="sync") if len(live) else None  # Reader objects: no I/O
+    starts = np.cumsum((0, *chunks_t))
+    if len(chunks_t) != len(live) or any(c != len(p.items) for c, p in zip(chunks_t, live, strict=True)):
+        raise ValueError(f"time chunks {chunks_t} do not match the periods' item counts")
+    if chunks_b != (3,):
+        raise ValueError(f"band chunks {chunks_b}: expected red, nir, scl in one chunk")
+    chunks_y, chunks_x = stack.data.chunks[2:]
+    func = functools.partial(
+        _composite_block, plans=tuple(live), method=method, mask_classes=tuple(int(c) for c in mask_classes)
+    )
+    key = [
+        None
+        if p is None
+        else (p.day_index, p.day_numbers, p.red_scale, p.red_offset, p.nir_scale, p.nir_offset)
+        for p in plans
+    ]
+    name = f"ndvi-composite-{method}-" + tokenize(
+        readers.name, chunks_y, chunks_x, key, method, tuple(mask_classes), n_out
+    )
+    ys = np.cumsum((0, *chunks_y))
+    xs = np.cumsum((0, *chunks_x))
+    dsk: dict[Any, Any] = {}
+    k_live = 0
+    for t, p in enumerate(plans):
+        for i in range(len(chunks_y)):
+            for j in range(len(chunks_x)):
+                sl = (slice(int(ys[i]), int(ys[i + 1])), slice(int(xs[j]), int(xs[j + 1])))
+                if p is None:
+                    dsk[(name, t, 0, i, j)] = (_empty_block, n_out, chunks_y[i], chunks_x[j])
+                else:
+                    table = tables[starts[k_live] : starts[k_live + 1]]  # type: ignore[index]
+                    dsk[(name, t, 0, i, j)] = (func, table, (k_live, i, j), sl)
+        k_live += p is not None
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[])
+    chunks = ((1,) * len(plans), (n_out,), chunks_y, chunks_x)
+    return da.Array(graph, name, chunks=chunks, meta=np.empty((0, 0, 0, 0), dtype=np.float32))
+
+
+def cube_layer(
+    cube: da.Array,
+    index: int,
+    dtype: Any = np.float32,
+    convert: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> da.Array:
+    """(periods, y, x) layer ``index`` of a :func:`fused_cube`, cast to ``dtype`` or through ``convert``.
+
+    A blockwise ``map_blocks`` (not ``cube[:, index]``, a getitem layer dask does not fuse): with the cast it
+    is ONE task per block, so a Dataset of ndvi + valid_count costs 3 tasks per (period, chunk) in all.
+    """
+    return da.map_blocks(
+        functools.partial(_layer, index=index, dtype=np.dtype(dtype), convert=convert),
+        cube,
+        drop_axis=1,
+        dtype=np.dtype(dtype),
+        meta=np.empty((0, 0, 0), dtype=np.dtype(dtype)),
+    )
+
+
+def _layer(block: np.ndarray, index: int, dtype: np.dtype, convert: Any) -> np.ndarray:
+    layer = block[:, index]
+    return convert(layer) if convert is not None else layer.astype(dtype, copy=False)
+
+
+def _empty_block(n_out: int, height: int, width: int) -> np.ndarray:
+    out = np.full((1, n_out, height, width), np.nan, dtype=np.float32)
+    out[:, 1] = 0  # valid_count of an empty period is 0, not NaN
+    return out
+
+
+def _composite_block(
+    table: np.ndarray,
+    block_id: tuple[int, ...],
+    slices: tuple[slice, slice],
+    *,
+    plans: tuple[Any, ...],
+    method: str,
+    mask_classes: tuple[int, ...],
+) -> np.ndarray:
+    """One (period, chunk): read each item's red/nir/scl window and fold its NDVI into the day layers.
+
+    Days are visited from a start that differs between neighbouring chunks (``block_id`` = (period, i, j)
+    from :func:`fused_cube`): two threads on adjacent chunks then read different items at a time, so a COG
+    tile they share is inflated by one and found in the tile cache by the other, instead of both waiting for
+    it at once. Each day's items are still folded in their own order (the mosaic rule: first valid wins),
+    and each day has its own layer, so the result does not depend on the visiting order.
+    """
+    p = plans[block_id[0]]
+    window = windows.Window.from_slices(*slices)
+    height, width = int(window.height), int(window.width)
+    n_days = len(p.day_numbers)
+    days = np.empty((n_days, height, width), dtype=np.float32)
+    started = np.zeros(n_days, dtype=bool)
+    by_day: list[list[int]] = [[] for _ in range(n_days)]
+    for i, d in enumerate(p.day_index):
+        by_day[d].append(i)
+    shift = (sum(block_id[1:]) * ((n_days + 1) // 2)) % n_days if n_days else 0
+    for d in [*range(shift, n_days), *range(shift)]:
+        for i in by_day[d]:
+            bands = [_read(table[i, b], window, height, width) for b in range(3)]
+            if bands[0] is None or bands[1] is None:  # no red or nir here: nothing observed by this item
+                if not started[d]:
+                    days[d] = np.nan
+                    started[d] = True
+                continue
+            scl = bands[2] if bands[2] is not None else np.zeros((height, width), dtype=np.uint16)
+            ndvi_into(
+                days[d],
+                bands[0],
+                bands[1],
+                scl,
+                p.red_scale[i],
+                p.red_offset[i],
+                p.nir_scale[i],
+                p.nir_offset[i],
+                mask_classes,
+                first=not started[d],
+            )
+            started[d] = True
+    if not started.all():
+        days[~started] = np.nan
+    layers = reduce_days(days, method, np.asarray(p.day_numbers, dtype=np.int64))
+    return np.stack(layers)[None].astype(np.float32, copy=False)
+
+
+def _read(entry: Any, window: windows.Window, height: int, width: int) -> np.ndarray | None:
+    """The asset's DN window (fill outside the asset), or None where the asset does not reach the window."""
+    if not entry:
+        return None
+    reader, asset_window = entry
+    if not windows.intersect(window, asset_window):  # as stackstac: do not even open it
+        return None
+    data = reader.read(window)
+    if data.shape != (height, width):
+        raise RuntimeError(f"reader returned {data.shape} for a {height} x {width} window")
+    return data
