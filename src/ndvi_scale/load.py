@@ -40,6 +40,7 @@ from stackstac.rio_env import LayeredEnv
 from .config import BBox
 from .errors import InputError, ItemError
 from .http import gdal_retry_options
+from .reader import FastReader
 
 if TYPE_CHECKING:
     from .items import S2Item
@@ -354,5 +355,6 @@ def load_stack(
         properties=False,
         band_coords=False,
         gdal_env=GDAL_ENV,
+        reader=FastReader,
     )
     return stack
