@@ -185,16 +185,17 @@ def _ndvi_item_loop(
                 out[y, x] = v
 
 
-def _compile() -> Any:
+def _njit(func: Any) -> Any:
+    """``func`` compiled by numba (cached on disk, GIL released), or None when numba is not installed."""
     try:
         import numba
     except ImportError:
         return None
-    return numba.njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)(_ndvi_item_loop)
+    return numba.njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)(func)
 
 
 #: The compiled per-item loop, or None (numba missing): then the numpy path runs.
-_NUMBA_LOOP = _compile()
+_NUMBA_LOOP = _njit(_ndvi_item_loop)
 #: True when numba is there (``NDVI_SCALE_NUMBA=0`` still switches to numpy at run time).
 NUMBA = _NUMBA_LOOP is not None
 
@@ -289,15 +290,7 @@ def _reduce_loop(
                 date[y, x] = np.float32(numbers[best_d])
 
 
-def _compile_reduce() -> Any:
-    try:
-        import numba
-    except ImportError:
-        return None
-    return numba.njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)(_reduce_loop)
-
-
-_NUMBA_REDUCE = _compile_reduce()
+_NUMBA_REDUCE = _njit(_reduce_loop)
 
 
 def warm_up() -> bool:
