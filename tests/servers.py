@@ -266,3 +266,30 @@ def start_gcs_emulator(data_dir: Path, *, default_bucket: str, timeout: float = 
             last_error = exc
             server.stop()
     raise ServerError(f"gcp-storage-emulator could not be started: {last_error}")
+
+
+def start_fault_server(root: Path, work_dir: Path, *, timeout: float = 20.0) -> Server:
+    """tests/faultserver.py serving ``root`` on 127.0.0.1 with the faults of ``server.extra["rules"]``.
+
+    Write a JSON list of rules to that file to inject faults (re-read on change); every request is logged as a
+    JSON line to ``server.extra["requests"]``.
+    """
+    work_dir.mkdir(parents=True, exist_ok=True)
+    rules, requests, port_file = work_dir / "rules.json", work_dir / "requests.jsonl", work_dir / "port"
+    rules.write_text("[]")
+    log_path = work_dir / "faultserver.log"
+    script = Path(__file__).with_name("faultserver.py")
+    cmd = [sys.executable, str(script), "--root", str(root), "--rules", str(rules), "--log", str(requests),
+           "--port-file", str(port_file)]
+    process = _popen(cmd, log_path)
+    deadline = time.monotonic() + timeout
+    while not port_file.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise ServerError(f"the fault server did not start:\n{log_path.read_text(errors='replace')}")
+        time.sleep(0.05)
+    endpoint = f"http://{HOST}:{port_file.read_text().strip()}"
+    server = Server("fault server", endpoint, process, root, log_path,
+                    extra={"rules": str(rules), "requests": str(requests)})
+    _wait_http(server, endpoint + "/", timeout, ok=(404,))
+    return server

@@ -129,3 +129,45 @@ def test_no_scene_in_range(tiny):
 
 def test_periods_are_calendar_months():
     assert len(periods_between(dt.date(2024, 4, 1), dt.date(2024, 6, 10), "month")) == 3
+
+
+def _readers_alive() -> tuple[int, int]:
+    """(Reader objects, open rasterio datasets) alive in this process (run on a dask worker)."""
+    import gc
+
+    import rasterio.io
+    from stackstac.rio_reader import AutoParallelRioReader
+
+    gc.collect()
+    objs = gc.get_objects()
+    readers = sum(isinstance(o, AutoParallelRioReader) for o in objs)
+    return readers, sum(isinstance(o, rasterio.io.DatasetReader) and not o.closed for o in objs)
+
+
+def test_a_distributed_worker_keeps_no_reader_per_task(tiny):
+    """On a real worker process, with every result held (as write_cube holds its regions until the end): the
+    readers are not retained per task. Before, each (period, chunk) task carried its own copy of the
+    period's readers, which opened their own datasets and stayed alive with the task: memory grew with every
+    task until dask paused the worker for good (a killed worker's share then hung the run)."""
+    from distributed import Client, LocalCluster, wait
+
+    cfg = _cfg(tiny)
+    plan = make_plan(cfg)
+    ds = build(cfg, plan)
+    n_chunks = len(ds.ndvi.chunks[1]) * len(ds.ndvi.chunks[2])
+    n_readers = 3 * sum(len(p.items) for p in plan.plans if p)  # one copy of every period's readers
+    assert n_chunks >= 4
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        futures = client.compute([ds.ndvi.data, ds.valid_count.data])
+        wait(futures)
+        ((readers, datasets),) = client.run(_readers_alive).values()
+        ndvi, count = (f.result() for f in futures)
+    # Embedded in every task, the readers were n_chunks x n_readers, most of them with open datasets. Now the
+    # worker keeps only the unopened table of each period's reader-table task; what was opened is dropped.
+    assert readers <= n_readers and datasets == 0, (readers, datasets)
+    ref = build(cfg, plan).compute()
+    np.testing.assert_array_equal(ndvi, ref.ndvi.values)
+    np.testing.assert_array_equal(count, ref.valid_count.values)

@@ -285,7 +285,10 @@ def _spec_of(stack: Any) -> Any:
     return stack.attrs["spec"]  # stackstac's RasterSpec of the output grid
 
 
-def test_missing_asset_errors_as_stackstac_does(sample, tmp_path):
+def test_missing_asset_fails_naming_it_or_is_nodata_as_stackstac_allows(sample, tmp_path, monkeypatch):
+    from ndvi_scale.faults import AssetReadError
+
+    monkeypatch.setenv("NDVI_SCALE_READ_BACKOFF", "0")  # the read policy's retries (ndvi_scale.faults): no wait
     spec, catalog = sample
     bbox = _bboxes(spec)["inside-A"]
     items, epsg = _items(catalog, bbox)
@@ -309,8 +312,10 @@ def test_missing_asset_errors_as_stackstac_does(sample, tmp_path):
         gdal_env=GDAL_ENV,
     )
     window = rasterio.windows.Window(0, 0, 5, 4)
-    with pytest.raises(RuntimeError, match="missing.tif"):
+    # an error naming the file once the read policy (retries, then fail or skip) has given up on the asset
+    with pytest.raises(AssetReadError, match="missing.tif") as err:
         FastReader(**args).read(window)
+    assert err.value.fault.attempts == 3 and err.value.fault.window == (0, 0, 4, 5)
     with pytest.warns(UserWarning, match="missing.tif"):
         out = FastReader(**args, errors_as_nodata=(OSError(r".*"),)).read(window)
     np.testing.assert_array_equal(out, np.full((4, 5), 7, dtype=np.uint16))
@@ -585,7 +590,7 @@ def test_fused_pass_equals_stack_then_kernel(sample, monkeypatch, method, chunk)
 
 
 def test_fused_graph_is_one_task_per_period_and_chunk(sample, monkeypatch):
-    from ndvi_scale.fused import fused_composite, reader_table
+    from ndvi_scale.fused import fused_cube, reader_table
 
     spec, catalog = sample
     cfg = _cfg(catalog, spec.bbox_lonlat(), chunk=64)
@@ -602,26 +607,76 @@ def test_fused_graph_is_one_task_per_period_and_chunk(sample, monkeypatch):
         chunk=32,
         time_chunks=[len(p.items) for p in live],
     )
-    cube = fused_composite(stack, live, method="median", mask_classes=cfg.mask_classes, n_out=2)
+    cube = fused_cube(stack, plan.plans, method="median", mask_classes=cfg.mask_classes, n_out=2)
     n_chunks = len(stack.chunks[2]) * len(stack.chunks[3])
-    assert cube.chunks[:2] == ((1,) * len(live), (2,)) and cube.chunks[2:] == stack.chunks[2:]
+    assert cube.chunks[:2] == ((1,) * len(plan.plans), (2,)) and cube.chunks[2:] == stack.chunks[2:]
     layers = cube.dask.layers
-    assert len(layers[cube.name]) == len(live) * n_chunks
-    assert len(dict(cube.dask)) <= len(live) * n_chunks + 2 * len(
-        live
-    )  # + reader and asset tables per period
+    assert len(layers[cube.name]) == len(plan.plans) * n_chunks
+    assert len(dict(cube.dask)) == len(plan.plans) * n_chunks + len(live)  # + one reader table per period
     assert reader_table(stack).shape == (len(items), 3)
     with pytest.raises(ValueError, match="plain stackstac"):
         reader_table(stack[:, :, :10])
 
 
-def _proposed_build(cfg: RunConfig) -> Any:
-    """build() as the proposed pipeline.py diff makes it: fused_cube + cube_layer (same coords, same vars)."""
+def test_fused_tasks_share_their_periods_readers_and_carry_none(sample):
+    """A distributed worker unpickles each task's spec on its own and keeps it until the run's results are
+    released: readers inside the (period, chunk) tasks would be a private copy per task, each opening its own
+    datasets (a killed worker's share then paused the survivor for good). They come from the period's one
+    reader-table task instead, whose result all chunks of the period share."""
+    import cloudpickle
+
+    from ndvi_scale.fused import fused_cube
+
+    spec, catalog = sample
+    cfg = _cfg(catalog, spec.bbox_lonlat(), chunk=64)
+    plan = make_plan(cfg)
+    live = [p for p in plan.plans if p]
+    stack = load.load_stack(
+        [it for p in live for it in p.items], epsg=plan.epsg, bbox=cfg.bbox, resolution=cfg.resolution,
+        chunk=32, time_chunks=[len(p.items) for p in live],
+    )
+    cube = fused_cube(stack, plan.plans, method="median", mask_classes=cfg.mask_classes, n_out=2)
+    graph = dict(cube.dask)
+    tasks = [v for k, v in graph.items() if k[0] == cube.name]
+    assert len(stack.chunks[2]) * len(stack.chunks[3]) > 1 and tasks
+    for task in tasks:  # as distributed sends it
+        assert b"FastReader" not in cloudpickle.dumps(task)
+    tables = [v for k, v in graph.items() if k[0] != cube.name]
+    assert len(tables) == len(live)
+    made = [dask.get(graph, k) for k in graph if k[0] != cube.name]  # each table task makes its readers
+    assert [t.shape for t in made] == [(len(p.items), 3) for p in live]
+    assert all(isinstance(e[0], FastReader) for t in made for e in t.ravel() if e)
+
+
+def _old_kernel(
+    block: np.ndarray, plans: Any, method: str, mask_classes: tuple[int, ...], block_info: Any = None
+) -> np.ndarray:
+    """The kernel of the stack-then-kernel build() (before ndvi_scale.fused): the stage modules on the
+    (items, band, y, x) uint16 block of one period and chunk."""
+    from ndvi_scale.composite import mosaic_days, reduce_days
+    from ndvi_scale.mask import clear_mask
+    from ndvi_scale.ndvi import ndvi as ndvi_index
+
+    p = plans[block_info[0]["chunk-location"][0]]
+    red, nir, scl = block[:, 0], block[:, 1], block[:, 2]
+    per_item = np.empty(red.shape, dtype=np.float32)
+    for i in range(red.shape[0]):
+        clear = clear_mask(scl[i], red[i], nir[i], mask_classes)
+        per_item[i] = ndvi_index(
+            red[i], nir[i], p.red_scale[i], p.red_offset[i], clear, p.nir_scale[i], p.nir_offset[i]
+        )
+    layers = reduce_days(mosaic_days(per_item, p.day_index), method, np.asarray(p.day_numbers, dtype=np.int64))
+    return np.stack(layers)[None].astype(np.float32, copy=False)
+
+
+def _stack_build(cfg: RunConfig) -> Any:
+    """build() as it was before ndvi_scale.fused: stackstac's stack, ``map_blocks`` of the kernel, the empty
+    periods concatenated in as NaN (count 0) blocks. Same coordinates and variables as build()'s."""
+    import dask.array as da
     import xarray as xr
 
     import ndvi_scale.pipeline as pipeline
     from ndvi_scale.composite import EXTRA_OUTPUTS
-    from ndvi_scale.fused import cube_layer, fused_cube
 
     plan = make_plan(cfg)
     live = [p for p in plan.plans if p is not None]
@@ -634,16 +689,37 @@ def _proposed_build(cfg: RunConfig) -> Any:
         time_chunks=[len(p.items) for p in live],
     )
     extras = EXTRA_OUTPUTS.get(cfg.method, ())
-    cube = fused_cube(
-        stack, plan.plans, method=cfg.method, mask_classes=cfg.mask_classes, n_out=2 + len(extras)
+    n_out = 2 + len(extras)
+    data = stack.data
+    fused = da.map_blocks(
+        _old_kernel,
+        data,
+        plans=tuple(live),
+        method=cfg.method,
+        mask_classes=cfg.mask_classes,
+        dtype=np.float32,
+        chunks=((1,) * len(live), (n_out,), data.chunks[2], data.chunks[3]),
+        meta=np.array((), dtype=np.float32),
     )
+    empty = np.full((1, n_out, 1, 1), np.nan, dtype=np.float32)
+    empty[:, 1] = 0
+    pieces, k = [], 0
+    for p in plan.plans:
+        if p is None:
+            pieces.append(
+                da.broadcast_to(empty, (1, n_out) + data.shape[2:], chunks=((1,), (n_out,)) + data.chunks[2:])
+            )
+        else:
+            pieces.append(fused[k : k + 1])
+            k += 1
+    cube = da.concatenate(pieces, axis=0)
     dims = ("time", "y", "x")
     data_vars: dict[str, Any] = {
-        "ndvi": (dims, cube_layer(cube, 0)),
-        "valid_count": (dims, cube_layer(cube, 1, np.uint16)),
+        "ndvi": (dims, cube[:, 0]),
+        "valid_count": (dims, cube[:, 1].astype(np.uint16)),
     }
     for j, name in enumerate(extras):
-        data_vars[name] = (dims, cube_layer(cube, 2 + j, "datetime64[ns]", pipeline._days_to_datetime))
+        data_vars[name] = (dims, da.map_blocks(pipeline._days_to_datetime, cube[:, 2 + j], dtype="datetime64[ns]"))
     return xr.Dataset(data_vars, coords={"y": stack.y.values, "x": stack.x.values}), plan
 
 
@@ -653,14 +729,17 @@ def test_fused_cube_with_empty_periods(sample, monkeypatch, method):
     # March has no acquisition: an empty period between... nothing and April, at the start of the calendar
     cfg = _cfg(catalog, _bboxes(spec)["across-overlap"], chunk=64, method=method, start="2024-03-01")
     monkeypatch.setattr(load.stackstac, "stack", _Forced(FastReader))
-    ref = build(cfg)
-    got, plan = _proposed_build(cfg)
+    got = build(cfg)  # ndvi_scale.fused
+    ref, plan = _stack_build(cfg)
     assert plan.plans[0] is None and sum(p is not None for p in plan.plans) >= 2
     n_cp = len(plan.periods) * len(got.ndvi.chunks[1]) * len(got.ndvi.chunks[2])
+    n_live = sum(p is not None for p in plan.plans)
     tasks = len(dict(dask.optimize(got)[0].__dask_graph__()))
-    assert tasks <= (1 + len(got.data_vars)) * n_cp  # 3 per (period, chunk) for ndvi + count, nothing else
+    # 1 + one per variable per (period, chunk) and each non-empty period's reader table: nothing else
+    assert tasks <= (1 + len(got.data_vars)) * n_cp + n_live
     ref, got = ref.compute(), got.compute()
     for name in ref.data_vars:
+        assert got[name].dtype == ref[name].dtype
         np.testing.assert_array_equal(got[name].values, ref[name].values)
     assert np.isnan(got.ndvi.values[0]).all() and (got.valid_count.values[0] == 0).all()
 

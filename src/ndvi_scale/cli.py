@@ -168,10 +168,15 @@ def compute(
             from .viz import check_png_path
 
             check_png_path(quicklook)  # refuse a bad --quicklook before hours of work
+        import warnings
+
+        from .faults import SkippedAssetWarning
         from .pipeline import run  # imported once the input is valid: bad input is refused in a blink
 
-        report = run(cfg, cluster=merged.get("cluster"), echo=lambda msg: typer.echo(msg, err=True),
-                     show_progress=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SkippedAssetWarning)  # listed in the summary, once per asset
+            report = run(cfg, cluster=merged.get("cluster"), echo=lambda msg: typer.echo(msg, err=True),
+                         show_progress=True)
         typer.echo(report.describe())
         if quicklook is not None:
             from .viz import quicklook_png

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -45,6 +46,7 @@ import dask.config
 # exist before ROBUST_CONFIG overrides a few of them.
 from dask.system import CPU_COUNT
 from distributed import Client, LocalCluster
+from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.system import MEMORY_LIMIT
 
 from .errors import ClusterError, InputError
@@ -227,8 +229,31 @@ def local_cluster_kwargs(n_workers: int | None = None, threads_per_worker: int |
 def _local(n_workers: int | None, threads_per_worker: int | None) -> Iterator[tuple[Client, str | None]]:
     kwargs = local_cluster_kwargs(n_workers, threads_per_worker)
     with LocalCluster(**kwargs) as cluster, Client(cluster) as client:
+        # The workers write to this terminal: keep the tracebacks of errors the CLI reports itself out of it.
+        client.register_plugin(QuietReportedErrors(), name="ndvi-scale-quiet-reported-errors")
         link = cluster.dashboard_link if kwargs["dashboard_address"] else None
         yield client, link
+
+
+class _DropReported(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:
+            return True
+        return not (text.startswith("Compute Failed") and any(name in text for name in REPORTED_ERRORS))
+
+
+#: Exceptions that end a run with one clear line of their own (e.g. the list of unreadable assets): a worker
+#: need not also log their traceback.
+REPORTED_ERRORS = ("AssetReadError",)
+
+
+class QuietReportedErrors(WorkerPlugin):
+    """Worker plugin: drop distributed's "Compute Failed" traceback for :data:`REPORTED_ERRORS`."""
+
+    def setup(self, worker: Any) -> None:
+        logging.getLogger("distributed.worker").addFilter(_DropReported())
 
 
 @contextlib.contextmanager

@@ -1,21 +1,23 @@
 """Read and composite in one streamed pass per (period, spatial chunk): no uint16 stack is materialised.
 
-:func:`fused_composite` replaces ``da.map_blocks(_fused_kernel, stack.data, ...)`` in
-:func:`ndvi_scale.pipeline.build`: same chunks, same values bit for bit. stackstac's ``fetch_raster_window``
-builds the whole (items, 3, y, x) uint16 block of a period and chunk before the kernel runs (12 items at
-2048 px: 300 MB, page-faulted afresh by every task). Here each task reads one item at a time (red, nir, scl
-windows, through the very Readers stackstac made for the stack: same URLs and signing, ``gdal_env``,
-``errors_as_nodata`` and Reader class, e.g. :class:`~ndvi_scale.reader.FastReader`) and folds it straight into
-the period's day layers (:func:`ndvi_scale.kernel.ndvi_into`). A task holds the (days, y, x) float32 NDVI and
-three (y, x) windows: about 3x less memory than the stack, and no copy of it.
+:func:`fused_cube` is what :func:`ndvi_scale.pipeline.build` composites with (:func:`cube_layer` makes its
+variables). It replaced ``da.map_blocks(kernel, stack.data, ...)`` over stackstac's stack (now the reference
+of tests/test_reader.py), with the same chunks and the same values bit for bit: stackstac's
+``fetch_raster_window`` builds the whole (items, 3, y, x) uint16 block of a period and chunk before the kernel
+runs (12 items at 2048 px: 300 MB, page-faulted afresh by every task). Here each task reads one item at a
+time (red, nir, scl windows, through the very Readers stackstac made for the stack: same URLs and signing,
+``gdal_env``, ``errors_as_nodata`` and Reader class, e.g. :class:`~ndvi_scale.reader.FastReader`) and folds it
+straight into the period's day layers (:func:`ndvi_scale.kernel.ndvi_into`). A task holds the (days, y, x)
+float32 NDVI and three (y, x) windows: about 3x less memory than the stack, and no copy of it.
 
-The graph is stackstac's asset and reader tables (one task each per period, opening nothing) plus ONE task per
-(period, chunk), like stackstac's own ``fetch_raster_window`` layer: O(periods x chunks) whatever the number
-of items, on any dask scheduler (readers pickle by URL and reopen on the worker).
+The graph is one reader-table task per period (opening nothing) plus ONE task per (period, chunk), like
+stackstac's own reader table and ``fetch_raster_window`` layer: O(periods x chunks) whatever the number of
+items, on any dask scheduler (readers pickle by URL and open lazily where they run).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,14 +25,12 @@ from typing import Any
 import dask.array as da
 import numpy as np
 from dask.base import tokenize
-from dask.blockwise import blockwise
 from dask.highlevelgraph import HighLevelGraph
-from dask.layers import ArrayBlockIdDep, ArraySliceDep
 from rasterio import windows
 
 from .kernel import ndvi_into, reduce_days
 
-__all__ = ["cube_layer", "fused_composite", "fused_cube", "reader_table"]
+__all__ = ["cube_layer", "fused_cube", "reader_table"]
 
 _FETCH_PREFIX = "fetch_raster_window-"
 _READERS_PREFIX = "asset_table_to_reader_and_window-"
@@ -55,69 +55,37 @@ def reader_table(stack: Any) -> da.Array:
     return da.Array(sub, name, chunks=chunks, dtype=object, meta=np.empty((0, 0), dtype=object))
 
 
-def fused_composite(
-    stack: Any, plans: Sequence[Any], *, method: str, mask_classes: Sequence[int], n_out: int
-) -> da.Array:
-    """(periods, n_out, y, x) float32 composites of ``stack`` (time chunked by period, band = red, nir, scl).
-
-    ``plans`` are the :class:`ndvi_scale.pipeline.PeriodPlan` of the stack's time chunks, in order.
-    """
-    readers = reader_table(stack)
-    chunks_t, chunks_b = readers.chunks
-    if len(chunks_t) != len(plans) or any(c != len(p.items) for c, p in zip(chunks_t, plans, strict=True)):
-        raise ValueError(f"time chunks {chunks_t} do not match the periods' item counts")
-    if chunks_b != (3,):
-        raise ValueError(f"band chunks {chunks_b}: expected red, nir, scl in one chunk")
-    chunks_yx = stack.data.chunks[2:]
-    func = functools.partial(
-        _composite_block,
-        plans=tuple(plans),
-        method=method,
-        mask_classes=tuple(int(c) for c in mask_classes),
-    )
-    key = [(p.day_index, p.day_numbers, p.red_scale, p.red_offset, p.nir_scale, p.nir_offset) for p in plans]
-    name = f"ndvi-composite-{method}-" + tokenize(
-        readers.name, chunks_yx, key, method, tuple(mask_classes), n_out
-    )
-    layer = blockwise(
-        func,
-        name,
-        "tbyx",
-        readers.name,
-        "tb",
-        ArrayBlockIdDep((chunks_t,)),
-        "t",
-        ArraySliceDep(chunks_yx),
-        "yx",
-        numblocks={readers.name: readers.numblocks},
-    )
-    graph = HighLevelGraph.from_collections(name, layer, dependencies=[readers])  # type: ignore[list-item]
-    chunks = ((1,) * len(plans), (n_out,), *chunks_yx)
-    return da.Array(graph, name, chunks=chunks, meta=np.empty((0, 0, 0, 0), dtype=np.float32))
-
-
 def fused_cube(
     stack: Any, plans: Sequence[Any | None], *, method: str, mask_classes: Sequence[int], n_out: int
 ) -> da.Array:
-    """Like :func:`fused_composite`, with the empty periods (None in ``plans``) in place: (all periods, n_out,
-    y, x), NaN values and count 0 where a period has no scene.
+    """(all periods, n_out, y, x) float32 composites of ``stack`` (time chunked by non-empty period, band =
+    red, nir, scl): value, count[, date]. ``plans`` are the :class:`ndvi_scale.pipeline.Plan` ``plans``: one
+    :class:`~ndvi_scale.pipeline.PeriodPlan` per period of the calendar, None where the period has no scene
+    (its blocks are NaN, with count 0).
 
-    Exactly ONE task per (period, chunk) and nothing else: stackstac's reader table is made here, when the
-    graph is built (it only creates Reader objects; nothing is opened or read), and each period's part is
-    embedded in its tasks. With the threaded scheduler all chunks of a period share those readers (and their
-    open datasets); on a distributed cluster each task unpickles its own (URL + grid) and reopens the files,
-    whose headers GDAL's in-process cache has usually kept. build()'s slicing and concatenation of the empty
-    periods (2 more tasks per period and chunk) are not needed either.
+    ONE task per (period, chunk), plus ONE per non-empty period that makes the period's readers (fresh
+    copies of stackstac's reader table for its items, which is made here: Reader objects only, nothing is
+    opened or read). The chunks of a period take the readers as a dependency, as stackstac's fetch tasks
+    do: a process holds ONE copy of them, shared by the chunks it runs (threads share it, a distributed
+    worker receives it once per period, not once per task), opens each asset once, and drops the readers
+    and their open datasets when the period's last chunk is done.
+
+    Never embed the readers in the (period, chunk) tasks themselves: a distributed worker unpickles every
+    task's spec on its own, so each task got a private copy of the readers that opened its own datasets,
+    and the worker keeps a task's spec until the run's results are released. Its memory then grew with every
+    task until dask paused it (80 % of its limit), for good: the run hung as soon as one worker had to run
+    most of the tasks, e.g. after the other was killed (tests/test_pipeline_cluster.py). build()'s slicing
+    and concatenation of the empty periods (2 more tasks per period and chunk) are not needed either.
     """
     live = [p for p in plans if p is not None]
     readers = reader_table(stack)
     chunks_t, chunks_b = readers.chunks
-    tables = readers.compute(scheduler="sync") if len(live) else None  # Reader objects: no I/O
-    starts = np.cumsum((0, *chunks_t))
     if len(chunks_t) != len(live) or any(c != len(p.items) for c, p in zip(chunks_t, live, strict=True)):
         raise ValueError(f"time chunks {chunks_t} do not match the periods' item counts")
     if chunks_b != (3,):
         raise ValueError(f"band chunks {chunks_b}: expected red, nir, scl in one chunk")
+    tables = readers.compute(scheduler="sync") if live else None  # Reader objects: no I/O
+    starts = np.cumsum((0, *chunks_t))
     chunks_y, chunks_x = stack.data.chunks[2:]
     func = functools.partial(
         _composite_block, plans=tuple(live), method=method, mask_classes=tuple(int(c) for c in mask_classes)
@@ -131,6 +99,11 @@ def fused_cube(
     name = f"ndvi-composite-{method}-" + tokenize(
         readers.name, chunks_y, chunks_x, key, method, tuple(mask_classes), n_out
     )
+    table_name = "ndvi-readers-" + name.removeprefix("ndvi-composite-")
+    tables_dsk: dict[Any, Any] = {  # the readers in the spec are never opened: the task returns fresh copies
+        (table_name, k): (_fresh_readers, tables[starts[k] : starts[k + 1]])  # type: ignore[index]
+        for k in range(len(live))
+    }
     ys = np.cumsum((0, *chunks_y))
     xs = np.cumsum((0, *chunks_x))
     dsk: dict[Any, Any] = {}
@@ -141,11 +114,10 @@ def fused_cube(
                 sl = (slice(int(ys[i]), int(ys[i + 1])), slice(int(xs[j]), int(xs[j + 1])))
                 if p is None:
                     dsk[(name, t, 0, i, j)] = (_empty_block, n_out, chunks_y[i], chunks_x[j])
-                else:
-                    table = tables[starts[k_live] : starts[k_live + 1]]  # type: ignore[index]
-                    dsk[(name, t, 0, i, j)] = (func, table, (k_live, i, j), sl)
+                else:  # the period's readers by key (see above), never a copy in the task itself
+                    dsk[(name, t, 0, i, j)] = (func, (table_name, k_live), (k_live, i, j), sl)
         k_live += p is not None
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[])
+    graph = HighLevelGraph({table_name: tables_dsk, name: dsk}, {table_name: set(), name: {table_name}})
     chunks = ((1,) * len(plans), (n_out,), chunks_y, chunks_x)
     return da.Array(graph, name, chunks=chunks, meta=np.empty((0, 0, 0, 0), dtype=np.float32))
 
@@ -173,6 +145,18 @@ def cube_layer(
 def _layer(block: np.ndarray, index: int, dtype: np.dtype, convert: Any) -> np.ndarray:
     layer = block[:, index]
     return convert(layer) if convert is not None else layer.astype(dtype, copy=False)
+
+
+def _fresh_readers(table: np.ndarray) -> np.ndarray:
+    """Unopened copies of a reader table's Readers (as a pickle round trip makes them: the Reader protocol's
+    ``__getstate__``/``__setstate__``, no serialisation), with the same asset windows.
+
+    The table in the graph stays unopened, so nothing is kept open by the graph once a period is done.
+    """
+    out = np.empty(table.shape, dtype=object)
+    for idx, entry in np.ndenumerate(table):
+        out[idx] = (copy.copy(entry[0]), entry[1]) if entry else entry
+    return out
 
 
 def _empty_block(n_out: int, height: int, width: int) -> np.ndarray:

@@ -20,6 +20,7 @@ case without ``Retry-After`` is about 0 + 2 + 4 + 8 + 16 = 30 s of waiting per r
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 __all__ = [
@@ -116,11 +117,16 @@ def gdal_retry_options() -> dict[str, str]:
     (GDAL >= 3.10; ignored by older versions, which retry 429/500/502/503/504) names the statuses.
     ``GDAL_HTTP_TIMEOUT`` bounds a whole request (one range read of a tile), ``GDAL_HTTP_CONNECTTIMEOUT`` the
     connection.
+
+    A variable of the same name in the environment wins (e.g. ``GDAL_HTTP_TIMEOUT=10`` on a network where a
+    tile never takes that long): options set here would otherwise override the user's environment, as GDAL
+    gives explicitly set options precedence.
     """
-    return {
+    options = {
         "GDAL_HTTP_MAX_RETRY": str(MAX_ATTEMPTS - 1),
         "GDAL_HTTP_RETRY_DELAY": f"{BACKOFF_FACTOR:g}",
         "GDAL_HTTP_RETRY_CODES": ",".join(str(s) for s in RETRY_STATUS),
         "GDAL_HTTP_TIMEOUT": f"{READ_TIMEOUT:g}",
         "GDAL_HTTP_CONNECTTIMEOUT": f"{CONNECT_TIMEOUT:g}",
     }
+    return {k: os.environ.get(k, "").strip() or v for k, v in options.items()}

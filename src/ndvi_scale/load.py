@@ -8,7 +8,7 @@ the class of the 20 m pixel that contains it.
 Signed hrefs (Planetary Computer): items keep their unsigned hrefs from search to here; :func:`load_stack`
 signs them (:func:`sign_items`, with :func:`ndvi_scale.profiles.sign_href`) right before building the stack,
 so each run, and each retried run, gets fresh tokens (they expire after ~45 minutes). A read that outlives its
-token fails with HTTP 403: re-run, and the new run re-signs.
+token (HTTP 403) is re-signed and tried again by the reader (:mod:`ndvi_scale.faults`).
 
 The file is authoritative for the grid. stackstac reads every asset through a warped VRT built from the file's
 own georeferencing, so a ``proj:transform``/``proj:shape`` that does not match the file (decimated or
@@ -39,6 +39,7 @@ from stackstac.rio_env import LayeredEnv
 
 from .config import BBox
 from .errors import InputError, ItemError
+from .faults import ReadPolicy
 from .http import gdal_retry_options
 from .reader import FastReader
 
@@ -326,6 +327,7 @@ def load_stack(
     resolution: float,
     chunk: int,
     time_chunks: Sequence[int],
+    policy: ReadPolicy | None = None,
 ) -> xr.DataArray:
     """A lazy (time, band, y, x) uint16 stack of red, nir, scl for ``items`` (in the given order) on the
     output grid.
@@ -333,11 +335,19 @@ def load_stack(
     ``time_chunks`` groups consecutive items into one dask chunk each: all items of one period are read by one
     task per spatial chunk, so the graph has periods x chunks reads, not items x chunks (stackstac's default).
     Hrefs are signed here (:func:`sign_items`) and asset footprints checked (:func:`asset_footprints`).
+    Reads follow ``policy`` (retries, skip or fail, where faults are recorded; see :mod:`ndvi_scale.faults`);
+    for signed hrefs it gets a re-signing function, so a retried read gets a fresh token.
     """
     if sum(time_chunks) != len(items):
         raise ValueError(f"time_chunks {tuple(time_chunks)} do not add up to {len(items)} items")
     # Sign here, at the last moment (tokens expire): the items keep their unsigned hrefs, a re-run re-signs.
     dicts: list[dict[str, Any]] = [asset_footprints(it.to_stackstac()) for it in sign_items(items)]
+    policy = policy if policy is not None else ReadPolicy()
+    signed = sorted({it.provider for it in items if it.provider in _signers()})
+    if signed and policy.resign is None:
+        from .profiles import resign_href
+
+        policy = dataclasses.replace(policy, resign=functools.partial(resign_href, signed[0]))
     stack = stackstac.stack(
         dicts,
         assets=list(BANDS),
@@ -355,6 +365,9 @@ def load_stack(
         properties=False,
         band_coords=False,
         gdal_env=GDAL_ENV,
-        reader=FastReader,
+        # stackstac's default turns an HTTP 404 into silent no-data (a warning at most): a removed file must go
+        # through the read policy like any other fault (fail naming it, or skip and record it).
+        errors_as_nodata=(),
+        reader=functools.partial(FastReader, policy=policy),
     )
     return stack

@@ -1,35 +1,36 @@
 """The pipeline: search -> load -> mask -> index -> composite -> write. This module alone knows the order.
 
-The per-pixel work is fused into ONE task per (period, spatial chunk): stackstac reads all items of the period for
-that chunk (time-contiguous, no shuffle), then one numpy kernel masks, computes NDVI, mosaics same-day granules and
-reduces over time. The graph therefore has O(periods x chunks) tasks whatever the number of items, and no task ever
-holds more than one period of one chunk.
+The per-pixel work is fused into ONE task per (period, spatial chunk) (:func:`ndvi_scale.fused.fused_cube`): it
+reads the items of the period for that chunk one at a time through stackstac's readers (time-contiguous, no
+shuffle) and folds each into the period's day layers: mask, NDVI, same-day mosaic; then reduces over time. The
+graph therefore has O(periods x chunks) tasks whatever the number of items, and no task ever holds more than one
+period of one chunk (never its uint16 stack). Reads follow a :class:`~ndvi_scale.faults.ReadPolicy` (retries, then
+fail naming the assets, or skip and record them in the output).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import functools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import dask.array as da
 import numpy as np
 import pandas as pd
 import rioxarray  # noqa: F401  (registers the .rio accessor used to write the CRS)
 import xarray as xr
 
 from . import __version__
-from .composite import EXTRA_OUTPUTS, Period, assign_periods, mosaic_days, periods_between, reduce_days
+from .composite import EXTRA_OUTPUTS, Period, assign_periods, periods_between
 from .config import RunConfig
 from .errors import InputError
+from .faults import FaultLog, ReadPolicy, clean_href, describe_summary
+from .fused import cube_layer, fused_cube
 from .items import S2Item
 from .load import choose_epsg, load_stack, with_crs_from_cog
-from .mask import SCL_CLASSES, clear_mask
-from .ndvi import ndvi as ndvi_index
+from .mask import SCL_CLASSES
 from .search import SearchResult, search
 from .write import WriteReport
 
@@ -112,25 +113,6 @@ def make_plan(cfg: RunConfig, result: SearchResult | None = None) -> Plan:
     return Plan(cfg, dataclasses.replace(result, items=tuple(items)), epsg, chunk, tuple(periods), tuple(plans))
 
 
-def _fused_kernel(
-    block: np.ndarray, plans: Sequence[PeriodPlan], method: str, mask_classes: tuple[int, ...], n_out: int,
-    block_info: dict | None = None,
-) -> np.ndarray:
-    """(items, band, y, x) uint16 of one period and chunk -> (1, n_out, y, x) float32: value, count[, date]."""
-    assert block_info is not None
-    p = plans[block_info[0]["chunk-location"][0]]
-    red, nir, scl = block[:, 0], block[:, 1], block[:, 2]
-    per_item = np.empty(red.shape, dtype=np.float32)
-    for i in range(red.shape[0]):
-        clear = clear_mask(scl[i], red[i], nir[i], mask_classes)
-        per_item[i] = ndvi_index(
-            red[i], nir[i], p.red_scale[i], p.red_offset[i], clear, p.nir_scale[i], p.nir_offset[i]
-        )
-    days = mosaic_days(per_item, p.day_index)
-    layers = reduce_days(days, method, np.asarray(p.day_numbers, dtype=np.int64))
-    return np.stack(layers)[None].astype(np.float32, copy=False)
-
-
 def _days_to_datetime(days: np.ndarray) -> np.ndarray:
     """Float days since 1970-01-01 (NaN = none) -> datetime64[ns] (NaT = none)."""
     out = np.full(days.shape, np.datetime64("NaT"), dtype="datetime64[ns]")
@@ -139,9 +121,14 @@ def _days_to_datetime(days: np.ndarray) -> np.ndarray:
     return out
 
 
-def build(cfg: RunConfig, plan: Plan | None = None) -> xr.Dataset:
-    """The lazy composite Dataset for ``cfg``: nothing is read until it is computed or written."""
+def build(cfg: RunConfig, plan: Plan | None = None, policy: ReadPolicy | None = None) -> xr.Dataset:
+    """The lazy composite Dataset for ``cfg``: nothing is read until it is computed or written.
+
+    Reads follow ``policy`` (default: retries, then fail; or skip, with ``cfg.skip_bad_assets``, warning only:
+    :func:`run` records skipped assets in the output).
+    """
     plan = plan or make_plan(cfg)
+    policy = policy if policy is not None else ReadPolicy(skip=cfg.skip_bad_assets)
     live = [p for p in plan.plans if p is not None]
     ordered_items = [it for p in live for it in p.items]
     stack = load_stack(
@@ -151,34 +138,11 @@ def build(cfg: RunConfig, plan: Plan | None = None) -> xr.Dataset:
         resolution=cfg.resolution,
         chunk=plan.chunk,
         time_chunks=[len(p.items) for p in live],
+        policy=policy,
     )
     extras = EXTRA_OUTPUTS.get(cfg.method, ())
     n_out = 2 + len(extras)
-    data = stack.data
-    fused = da.map_blocks(
-        functools.partial(
-            _fused_kernel, plans=tuple(live), method=cfg.method, mask_classes=cfg.mask_classes, n_out=n_out
-        ),
-        data,
-        dtype=np.float32,
-        chunks=((1,) * len(live), (n_out,), data.chunks[2], data.chunks[3]),
-        name=f"ndvi-composite-{cfg.method}",
-        meta=np.array((), dtype=np.float32),
-    )
-    # Put empty periods back as all-NaN slices, so the time axis is the regular calendar.
-    pieces = []
-    k = 0
-    empty = np.full((1, n_out, 1, 1), np.nan, dtype=np.float32)
-    empty[:, 1] = 0  # valid_count of an empty period is 0, not NaN
-    for p in plan.plans:
-        if p is None:
-            pieces.append(
-                da.broadcast_to(empty, (1, n_out) + data.shape[2:], chunks=((1,), (n_out,)) + data.chunks[2:])
-            )
-        else:
-            pieces.append(fused[k : k + 1])
-            k += 1
-    cube = da.concatenate(pieces, axis=0) if len(pieces) > 1 else pieces[0]
+    cube = fused_cube(stack, plan.plans, method=cfg.method, mask_classes=cfg.mask_classes, n_out=n_out)
 
     times = pd.DatetimeIndex([np.datetime64(p.start, "ns") for p in plan.periods])
     coords = {
@@ -195,7 +159,7 @@ def build(cfg: RunConfig, plan: Plan | None = None) -> xr.Dataset:
     data_vars: dict[str, Any] = {
         "ndvi": (
             dims,
-            cube[:, 0],
+            cube_layer(cube, 0, np.float32),
             {
                 "long_name": f"normalized difference vegetation index, {cfg.method} composite per {cfg.period}",
                 "units": "1",
@@ -206,20 +170,31 @@ def build(cfg: RunConfig, plan: Plan | None = None) -> xr.Dataset:
         ),
         "valid_count": (
             dims,
-            cube[:, 1].astype(np.uint16),
+            cube_layer(cube, 1, np.uint16),
             {"long_name": "number of clear observation days in the period", "units": "1"},
         ),
     }
     for j, name in enumerate(extras):
         data_vars[name] = (
             dims,
-            da.map_blocks(_days_to_datetime, cube[:, 2 + j], dtype="datetime64[ns]"),
+            cube_layer(cube, 2 + j, "datetime64[ns]", _days_to_datetime),
             {"long_name": f"acquisition date of the {cfg.method}imum NDVI"},
         )
     ds = xr.Dataset(data_vars, coords=coords)
     ds = ds.rio.write_crs(plan.epsg).rio.write_coordinate_system()
     ds.attrs = provenance_attrs(plan)
     return ds
+
+
+def asset_labels(plan: Plan) -> dict[str, tuple[str, str]]:
+    """Clean href (no query string) -> (item id, band) of every asset the plan reads, to name faults."""
+    return {
+        clean_href(band.href): (it.id, name)
+        for p in plan.plans
+        if p is not None
+        for it in p.items
+        for name, band in it.bands.items()
+    }
 
 
 def provenance_attrs(plan: Plan) -> dict[str, Any]:
@@ -293,7 +268,12 @@ class RunReport:
             parts.append(f"resumed: {w.regions_written} region(s) computed, {w.regions_skipped} kept")
         if w.stac_item_url:
             parts.append(f"STAC item {w.stac_item_url}")
-        return "; ".join(parts)
+        text = "; ".join(parts)
+        if w.skipped_assets:
+            text += (f"\nskipped {len(w.skipped_assets)} unreadable asset(s), recorded in the cube's "
+                     "ndvi_scale:skipped_assets (their pixels count as not observed):")
+            text += "".join(f"\n  - {describe_summary(e)}" for e in w.skipped_assets)
+        return text
 
 
 def run(
@@ -315,7 +295,9 @@ def run(
     loc = check_output(cfg.out, cfg.overwrite, append=cfg.append) if cfg.out is not None else None
     plan = make_plan(cfg)
     say(plan.search.summary())
-    ds = build(cfg, plan)
+    faults = FaultLog(loc.spec()) if loc is not None else None
+    ds = build(cfg, plan, ReadPolicy(skip=cfg.skip_bad_assets, log=faults))
+    labels = asset_labels(plan)
     if loc is None:
         return RunReport(cfg, plan.search.summary(), len(plan.periods), ds)
     with connect(cluster) as (_client, dashboard):
@@ -326,9 +308,11 @@ def run(
 
             with region_progress("composite + write") as advance:
                 report = write_cube(ds, loc, overwrite=cfg.overwrite, append=cfg.append,
-                                    zarr_format=cfg.zarr_format, progress=advance)
+                                    zarr_format=cfg.zarr_format, progress=advance, faults=faults,
+                                    asset_labels=labels)
         else:
-            report = write_cube(ds, loc, overwrite=cfg.overwrite, append=cfg.append, zarr_format=cfg.zarr_format)
+            report = write_cube(ds, loc, overwrite=cfg.overwrite, append=cfg.append, zarr_format=cfg.zarr_format,
+                                faults=faults, asset_labels=labels)
     return RunReport(cfg, plan.search.summary(), len(plan.periods), ds, report)
 
 

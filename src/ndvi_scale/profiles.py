@@ -271,3 +271,9 @@ def sign_href(profile: Profile | str | None, href: str) -> str:
     raise CatalogError(
         f"catalog {p.name} has signing {p.signing!r}; expected null or one of {SIGNING_METHODS}"
     )
+
+
+def resign_href(profile: str, href: str) -> str:
+    """``href`` signed afresh for ``profile`` (any old signature dropped first): used before retrying a read
+    whose token may have expired mid-run. Picklable as ``functools.partial(resign_href, name)``."""
+    return sign_href(profile, href.split("?", 1)[0])

@@ -31,14 +31,23 @@ of decoded tiles keyed by URL and tile and shared by all threads (``NDVI_SCALE_T
 384; 0 turns it off). A tile that one thread is reading is waited for by the others, not read twice. Each
 read is ONE ``RasterIO`` call over the tiles not in the cache, so GDAL still fetches exactly their byte
 ranges (merged into few requests); tiles only this window needs go straight to the output, uncached.
+
+**Faults.** Every read, on either path, follows the reader's :class:`~ndvi_scale.faults.ReadPolicy`: a failed
+read is tried again from scratch (handles dropped, GDAL's cached state of the file cleared, href re-signed),
+then the asset is either skipped for that window (fill value, recorded) or fails with
+:class:`~ndvi_scale.faults.AssetReadError`. See :mod:`ndvi_scale.faults`.
 """
 
 from __future__ import annotations
 
 import collections
+import ctypes
+import functools
+import logging
 import os
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +59,10 @@ from rasterio.enums import MaskFlags, Resampling
 from rasterio.windows import Window
 from stackstac.nodata_reader import exception_matches, nodata_for_window
 from stackstac.rio_reader import MULTITHREADED_DRIVER_ALLOWLIST, AutoParallelRioReader
+
+from .faults import AssetFault, AssetReadError, ReadPolicy, SkippedAssetWarning, clean_href, error_text
+
+log = logging.getLogger(__name__)
 
 __all__ = ["TILE_CACHE", "FastReader", "GridMatch", "TileCache", "match_grid"]
 
@@ -292,8 +305,9 @@ class FastReader(AutoParallelRioReader):
     #: Cache of partly-needed tiles; None reads every window straight from GDAL.
     tile_cache: TileCache | None = TILE_CACHE
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, policy: ReadPolicy | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.policy = policy if policy is not None else ReadPolicy()
         self._plan: Any = None  # None: not decided yet; _FALLBACK: stackstac's path; else a _FastPlan
         self._plan_lock = threading.Lock()
 
@@ -368,6 +382,64 @@ class FastReader(AutoParallelRioReader):
     # -- reading ------------------------------------------------------------------------------------------
 
     def read(self, window: Window, **kwargs: Any) -> np.ndarray:
+        """The asset's pixels in ``window`` of the output grid, under the reader's :class:`ReadPolicy`."""
+        policy = self.policy
+        # An asset given up on for another window of this run gets one attempt, not the whole backoff again:
+        # a file that is gone is gone for every chunk (36 of them per 2048-px granule).
+        given_up = _GIVEN_UP.get(clean_href(self.url))
+        attempts = 1 if given_up is not None and time.monotonic() - given_up < GIVE_UP_MEMORY else policy.attempts
+        attempt = 1
+        while True:
+            try:
+                return self._read_once(window, **kwargs)
+            except MemoryError:
+                raise
+            except Exception as e:
+                if attempt >= attempts:
+                    return self._give_up(window, e, attempt)
+                log.info("read of %s failed (attempt %d of %d): %s", clean_href(self.url), attempt,
+                         policy.attempts, error_text(e))
+                self._reset(policy)
+                time.sleep(policy.delay(attempt))
+                attempt += 1
+
+    def _give_up(self, window: Window, exc: Exception, attempts: int) -> np.ndarray:
+        policy = self.policy
+        fault = AssetFault(
+            href=clean_href(self.url),
+            window=(int(window.row_off), int(window.col_off), int(window.height), int(window.width)),
+            error=error_text(exc),
+            attempts=attempts,
+            skipped=policy.skip,
+        )
+        _GIVEN_UP[fault.href] = time.monotonic()
+        _clear_gdal_cache(self.url)  # the next read of it (another chunk, a later run) asks the server again
+        if policy.log is not None:
+            try:
+                policy.log.record(fault)
+            except Exception as rec:  # the output store is failing too: the read error still wins
+                log.warning("could not record the read fault of %s: %s", fault.href, error_text(rec))
+        if not policy.skip:
+            raise AssetReadError(fault) from exc
+        warnings.warn(f"skipped unreadable asset {fault.describe()}", SkippedAssetWarning, stacklevel=3)
+        return np.full((int(window.height), int(window.width)), self.fill_value, dtype=self.dtype)
+
+    def _reset(self, policy: ReadPolicy) -> None:
+        """Start the next attempt from scratch: new handles, no cached GDAL state, a fresh signature."""
+        old = str(self.url)  # type: ignore[has-type]
+        with self._plan_lock:
+            if isinstance(self._plan, _FastPlan):
+                self._plan.datasets.close()
+            self._plan = None
+        super().close()
+        _clear_gdal_cache(old)
+        if policy.resign is not None:
+            try:
+                self.url = policy.resign(old)
+            except Exception as e:  # signing service down: retry with the old href, the read will tell
+                log.warning("could not re-sign %s: %s", clean_href(old), error_text(e))
+
+    def _read_once(self, window: Window, **kwargs: Any) -> np.ndarray:
         plan = self._plan if self._plan is not None else self._decide()
         if plan is _FALLBACK or kwargs:
             return super().read(window, **kwargs)
@@ -499,8 +571,52 @@ class FastReader(AutoParallelRioReader):
                 self._plan.datasets.close()
             self._plan = None
 
+    def __getstate__(self) -> Any:
+        return {**super().__getstate__(), "policy": self.policy}
+
     def __setstate__(self, state: Any) -> None:
         self.__init__(**state)  # type: ignore[misc]
+
+
+#: Clean hrefs this process gave up reading after every attempt, with when (see :meth:`FastReader.read`).
+_GIVEN_UP: dict[str, float] = {}
+
+#: Seconds an asset given up on gets a single attempt per read: the rest of a run, not a notebook session.
+GIVE_UP_MEMORY = 600.0
+
+
+@functools.lru_cache(maxsize=1)
+def _gdal_clear_function() -> Any:
+    """GDAL's ``VSICurlPartialClearCache`` (not exposed by rasterio), or None if it cannot be found."""
+    try:
+        import rasterio._base as base
+
+        # dlsym on rasterio's own extension module finds the libgdal it is linked against (wheel or system).
+        fn = ctypes.CDLL(base.__file__).VSICurlPartialClearCache
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_char_p]
+    fn.restype = None
+    return fn
+
+
+def _clear_gdal_cache(url: str) -> None:
+    """Forget what GDAL's /vsicurl/ (and /vsis3/, /vsigs/, ...) cache knows of ``url``.
+
+    GDAL caches a file's size and existence, including a failed answer: without this, the next attempt at a
+    file that answered 500, or that was truncated, fails again without a single request to the server.
+    """
+    fn = _gdal_clear_function()
+    if fn is None:
+        return
+    try:
+        from rasterio._path import _parse_path
+
+        vsi = _parse_path(url).as_vsi()
+    except Exception:
+        return
+    if vsi.startswith("/vsi"):
+        fn(vsi.encode())
 
 
 _scratch_local = threading.local()

@@ -45,7 +45,8 @@ import rioxarray  # noqa: F401  (registers the .rio accessor used for the CRS)
 import xarray as xr
 from dask.callbacks import Callback
 
-from .errors import GridMismatchError, InputError, NdviScaleError, OutputError, OutputExistsError
+from .errors import GridMismatchError, InputError, NdviScaleError, OutputError, OutputExistsError, ReadError
+from .faults import AssetReadError, FaultLog, describe_summary, merge_summaries, summarise
 from .storage import (
     Location,
     LocationSpec,
@@ -84,6 +85,8 @@ MARKER_DIR = f"{MARKER_PREFIX}/done"
 #: Chunk length of the 1-D coordinates along time: one object for up to 512 periods.
 TIME_COORD_CHUNK = 512
 STAC_SUFFIX = ".stac-item.json"
+#: Cube attribute listing every asset the cube was composed without (``--skip-bad-assets``), JSON.
+SKIPPED_ATTR = "ndvi_scale:skipped_assets"
 ZARR_MEDIA_TYPE = "application/vnd+zarr"
 XARRAY_ASSETS_EXT = "https://stac-extensions.github.io/xarray-assets/v1.0.0/schema.json"
 PROCESSING_EXT = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
@@ -132,6 +135,9 @@ class WriteReport:
     resumed: bool
     """True if this call finished an interrupted write."""
     fingerprint: str
+    skipped_assets: tuple[dict[str, Any], ...] = ()
+    """Assets this write went on without (``--skip-bad-assets``), per asset: item, band, href, windows, error
+    (see :func:`ndvi_scale.faults.summarise`). Also in the cube's ``ndvi_scale:skipped_assets``."""
 
 
 # ------------------------------------------------------------------------------------------------- public API
@@ -147,6 +153,8 @@ def write_cube(
     progress: ProgressCallback | None = None,
     storage_options: Mapping[str, Any] | None = None,
     fingerprint: str | None = None,
+    faults: FaultLog | None = None,
+    asset_labels: Mapping[str, tuple[str, str]] | None = None,
 ) -> WriteReport:
     """Write the lazy composite ``ds`` (dims time, y, x) as a Zarr cube at ``location_or_url``.
 
@@ -158,6 +166,9 @@ def write_cube(
     * Anything else at the path (a file, another Zarr, a non-empty folder): refused unless ``overwrite``.
 
     ``progress(done, total)`` is called as regions finish. ``fingerprint`` overrides :func:`run_fingerprint`.
+    ``faults`` is where the readers of ``ds`` record assets they could not read (see :mod:`ndvi_scale.faults`;
+    ``asset_labels`` names them: clean href -> (item id, band)): skipped ones end up in the cube's
+    ``ndvi_scale:skipped_assets`` and the report, failed ones in the :class:`~ndvi_scale.errors.ReadError`.
     Returns a :class:`WriteReport`. Storage failures raise one :class:`~ndvi_scale.errors.StorageError`.
     """
     if zarr_format not in (2, 3):
@@ -172,7 +183,7 @@ def write_cube(
     ds = prepare_dataset(ds)
     loc.check_access()
     existing = _inspect(loc)
-    writer = _Writer(loc, ds, progress, fingerprint)
+    writer = _Writer(loc, ds, progress, fingerprint, faults, asset_labels)
 
     if existing.kind == "absent":
         return writer.new(zarr_format)
@@ -332,11 +343,13 @@ def run_fingerprint(ds: xr.Dataset, zarr_format: int) -> str:
     """Stable hash of what determines the cube's bytes: config, items, grid, periods, variables, format.
 
     Flags that do not change the data (out, overwrite, append) are left out, so re-running an interrupted
-    command with other flags still resumes.
+    command with other flags still resumes; so is skip_bad_assets, so that a run stopped by an unreadable
+    asset can be finished with ``--skip-bad-assets`` (what it skips is recorded in the cube).
     """
     cfg = _json_attr(ds.attrs.get("ndvi_scale:config"))
     if isinstance(cfg, dict):
-        cfg = {k: v for k, v in cfg.items() if k not in ("out", "overwrite", "append", "zarr_format")}
+        flags = ("out", "overwrite", "append", "zarr_format", "skip_bad_assets")
+        cfg = {k: v for k, v in cfg.items() if k not in flags}
     crs = ds.rio.crs
     payload = {
         "software": _software_version(),
@@ -419,9 +432,18 @@ class _Writer:
     """One write_cube call: phases shared by new, resumed and appended writes."""
 
     def __init__(
-        self, loc: Location, ds: xr.Dataset, progress: ProgressCallback | None, fingerprint: str | None
+        self,
+        loc: Location,
+        ds: xr.Dataset,
+        progress: ProgressCallback | None,
+        fingerprint: str | None,
+        faults: FaultLog | None = None,
+        asset_labels: Mapping[str, tuple[str, str]] | None = None,
     ) -> None:
         self.loc = loc
+        self.faults = faults
+        self.asset_labels = dict(asset_labels or {})
+        self.skipped: list[dict[str, Any]] = []
         self.ds = ds
         self.progress = progress
         self._fingerprint = fingerprint
@@ -598,7 +620,19 @@ class _Writer:
             already,
             len(skipped_periods),
         )
-        self._compute(tasks, keys)
+        if self.faults is not None:
+            self.faults.clear_failed()
+        try:
+            self._compute(tasks, keys)
+        except Exception as exc:
+            if self.faults is None:
+                raise
+            err = self._read_failure(exc)
+            if err is exc:
+                raise
+            raise err from None
+        if self.faults is not None:
+            self.skipped = summarise(self.faults.read(skipped=True), self.asset_labels)
         fp = str(state["fingerprint"])
         self._finish(fmt, state)
         item_url = self._write_stac(fmt, fp)
@@ -614,6 +648,36 @@ class _Writer:
             periods_skipped=tuple(skipped_periods),
             resumed=resumed,
             fingerprint=fp,
+            skipped_assets=tuple(self.skipped),
+        )
+
+    def _read_failure(self, exc: Exception) -> Exception:
+        """``exc`` as a :class:`ReadError` listing every asset that failed, if reads failed; else ``exc``."""
+        assert self.faults is not None
+        try:
+            failed = summarise(self.faults.read(skipped=False), self.asset_labels)
+        except Exception:
+            failed = []
+        chain: list[BaseException] = []
+        cur: BaseException | None = exc
+        while cur is not None and cur not in chain:
+            chain.append(cur)
+            cur = cur.__cause__ or cur.__context__
+        hit = next((e for e in chain if isinstance(e, AssetReadError)), None)
+        if hit is None and not failed:
+            return exc
+        if not failed and hit is not None:
+            failed = summarise([hit.fault], self.asset_labels)
+        try:
+            kept = len(self._done_markers())
+        except Exception:
+            kept = 0
+        lines = "; ".join(describe_summary(e) for e in failed)
+        return ReadError(
+            f"{len(failed)} asset(s) could not be read after retries: {lines}. {kept} finished region(s) of "
+            f"{self.loc.url} are kept: re-run the same command to resume once the assets are readable, or add "
+            "--skip-bad-assets to compose without them (they are then recorded in the cube's "
+            "ndvi_scale:skipped_assets and its STAC item)"
         )
 
     def _region_tasks(
@@ -712,6 +776,10 @@ class _Writer:
                 runs.append(entry)
             update = {**_cf_attrs(self.ds.attrs), WRITE_ATTR: _dumps({**state, "state": "complete"})}
             update[RUNS_ATTR] = _dumps(runs)
+            before = _json_attr(attrs.get(SKIPPED_ATTR))
+            before = before if isinstance(before, list) else []
+            if self.skipped or before:
+                update[SKIPPED_ATTR] = _dumps(merge_summaries(before, self.skipped))
             update[CUBE_ATTR] = _CUBE_LAYOUT
             group.attrs.update(update)
         except NdviScaleError:
@@ -957,6 +1025,7 @@ def stac_item_dict(cube: xr.Dataset, loc: Location, zarr_format: int, fingerprin
         "processing:lineage": "Cloud-masked Sentinel-2 L2A NDVI composited per period by ndvi-scale",
         "ndvi_scale:fingerprint": fingerprint,
         "ndvi_scale:periods": len(starts),
+        **_skipped_property(cube.attrs),
         "cube:dimensions": {
             "time": {"type": "temporal", "extent": [start, end]},
             "x": {
@@ -1025,6 +1094,14 @@ def stac_item_dict(cube: xr.Dataset, loc: Location, zarr_format: int, fingerprin
         "links": [],
         "assets": {"zarr": asset},
     }
+
+
+def _skipped_property(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """``ndvi_scale:skipped_assets`` for the STAC item: the assets the cube lacks (item, band, href)."""
+    skipped = _json_attr(attrs.get(SKIPPED_ATTR))
+    if not isinstance(skipped, list) or not skipped:
+        return {}
+    return {SKIPPED_ATTR: [{k: e.get(k) for k in ("item", "band", "href", "error")} for e in skipped]}
 
 
 def _densified_ring(
