@@ -15,9 +15,9 @@ Contenders:
 * ``odc``: odc-stac tuned: ``groupby="solar_day"``, 2048-px chunks, native dtypes, ``configure_rio(
   cloud_defaults=True)``; scale/offset applied here per day (odc-stac does not), then the same xarray ops.
 * ``ndvi_scale_to_zarr``: ``build(cfg).to_zarr(...)``, the composite written as the peers write theirs.
-* ``ndvi_scale`` / ``ndvi_scale_before``: ``ndvi_scale.pipeline.run`` (search, build, write_cube), with and
-  without :class:`ndvi_scale.reader.FastReader` and the table kernel (:mod:`ndvi_scale.kernel`), which are
-  patched in here until ``load.py``/``pipeline.py`` use them.
+* ``ndvi_scale``: ``ndvi_scale.pipeline.run`` (search, build, write_cube) exactly as shipped, nothing patched:
+  :class:`ndvi_scale.reader.FastReader`, the fused per-chunk pass (:mod:`ndvi_scale.fused`) and the table
+  kernel (:mod:`ndvi_scale.kernel`, compiled by numba when it is installed).
 """
 
 from __future__ import annotations
@@ -129,7 +129,6 @@ def floor_median(params: dict[str, Any]) -> dict[str, Any]:
     from ndvi_scale.pipeline import make_plan
 
     res = floor(params)
-    _patch_fast()
     local = Path(params["out"]).with_suffix(".local-items.json")
     feats = _features(params)
     for f in feats:
@@ -269,79 +268,14 @@ def odc(params: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- ndvi-scale
 
 
-def _patch_fast() -> list[str]:
-    """Apply the proposed load.py/pipeline.py wiring (see benchmarks/README.md) where it is not there yet.
-
-    * load.py: ``reader=FastReader`` in the ``stackstac.stack`` call, ``GDAL_CACHEMAX=64`` in ``GDAL_ENV``;
-    * pipeline.py: build() from :func:`ndvi_scale.fused.fused_cube` + :func:`ndvi_scale.fused.cube_layer`.
-
-    Returns what had to be patched in (empty once the repository is wired).
-    """
-    import functools
-    import inspect
-    import types
-
-    import stackstac
-
-    import ndvi_scale.load as load
-    import ndvi_scale.pipeline as pipeline
-    from ndvi_scale.reader import FastReader
-
-    done = []
-    if "FastReader" not in inspect.getsource(load):
-        load.stackstac = types.SimpleNamespace(stack=functools.partial(stackstac.stack, reader=FastReader))
-        done.append("reader")
-    if "GDAL_CACHEMAX" not in inspect.getsource(load):
-        load.GDAL_ENV = load.GDAL_ENV.updated(always={"GDAL_CACHEMAX": 64})
-        done.append("GDAL_CACHEMAX")
-    if "fused_cube" not in inspect.getsource(pipeline):
-        real_build = pipeline.build
-
-        def build(cfg: Any, plan: Any = None) -> Any:
-            """build() with the proposed diff: the same Dataset, variables from fused_cube + cube_layer."""
-            from ndvi_scale.composite import EXTRA_OUTPUTS
-            from ndvi_scale.fused import cube_layer, fused_cube
-
-            plan = plan or pipeline.make_plan(cfg)
-            ds = real_build(cfg, plan)  # lazy: only its coordinates and attributes are kept
-            live = [p for p in plan.plans if p is not None]
-            stack = load.load_stack(
-                [it for p in live for it in p.items],
-                epsg=plan.epsg,
-                bbox=cfg.bbox,
-                resolution=cfg.resolution,
-                chunk=plan.chunk,
-                time_chunks=[len(p.items) for p in live],
-            )
-            extras = EXTRA_OUTPUTS.get(cfg.method, ())
-            cube = fused_cube(
-                stack, plan.plans, method=cfg.method, mask_classes=cfg.mask_classes, n_out=2 + len(extras)
-            )
-            ds["ndvi"] = ds["ndvi"].copy(data=cube_layer(cube, 0))
-            ds["valid_count"] = ds["valid_count"].copy(data=cube_layer(cube, 1, np.uint16))
-            for j, name in enumerate(extras):
-                ds[name] = ds[name].copy(
-                    data=cube_layer(cube, 2 + j, "datetime64[ns]", pipeline._days_to_datetime)
-                )
-            return ds
-
-        pipeline.build = build
-        done.append("fused")
-    return done
-
-
-def _ndvi_scale(params: dict[str, Any], fast: bool) -> dict[str, Any]:
+def _ndvi_scale(params: dict[str, Any]) -> dict[str, Any]:
     import dask
 
-    import ndvi_scale.pipeline as pipeline
+    from ndvi_scale import kernel
     from ndvi_scale.config import RunConfig
+    from ndvi_scale.pipeline import build, make_plan, run
 
-    patched = _patch_fast() if fast else []  # before looking up build/run: the patch replaces pipeline.build
-    build, make_plan, run = pipeline.build, pipeline.make_plan, pipeline.run
-    if fast:  # like the imports, loading numba's cached machine code is not timed (~0.2 s per process)
-        from ndvi_scale import kernel
-
-        kernel.warm_up()
+    kernel.warm_up()  # like the imports, loading numba's cached machine code is not timed (~0.2 s per process)
     t0, c0 = time.perf_counter(), time.process_time()
     cfg = RunConfig.create(
         bbox=tuple(params["bbox"]),
@@ -372,21 +306,16 @@ def _ndvi_scale(params: dict[str, Any], fast: bool) -> dict[str, Any]:
         "spatial_chunks": n_chunks,
         "periods": len(plan.periods),
         "chunk": plan.chunk,
-        "patched": patched,
         "tile_cache": {"hits": TILE_CACHE.hits, "misses": TILE_CACHE.misses},
     }
 
 
 def ndvi_scale(params: dict[str, Any]) -> dict[str, Any]:
-    return _ndvi_scale(params, fast=True)
+    return _ndvi_scale(params)
 
 
 def ndvi_scale_to_zarr(params: dict[str, Any]) -> dict[str, Any]:
-    return _ndvi_scale(dict(params, write="to_zarr"), fast=True)
-
-
-def ndvi_scale_before(params: dict[str, Any]) -> dict[str, Any]:
-    return _ndvi_scale(params, fast=False)
+    return _ndvi_scale(dict(params, write="to_zarr"))
 
 
 CONTENDERS = {
@@ -396,7 +325,6 @@ CONTENDERS = {
     "odc": odc,
     "ndvi_scale": ndvi_scale,
     "ndvi_scale_to_zarr": ndvi_scale_to_zarr,
-    "ndvi_scale_before": ndvi_scale_before,
 }
 
 

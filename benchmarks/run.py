@@ -287,7 +287,6 @@ LABELS = {
     "odc": "odc-stac tuned",
     "ndvi_scale": "ndvi-scale",
     "ndvi_scale_to_zarr": "ndvi-scale build+to_zarr",
-    "ndvi_scale_before": "ndvi-scale before (stackstac reader)",
 }
 
 
@@ -365,7 +364,7 @@ def main() -> int:
     ap.add_argument(
         "--contenders",
         default="floor,floor_median,naive,odc,ndvi_scale",
-        help="comma list; add ndvi_scale_before for ndvi-scale with stackstac's own reader",
+        help="comma list; add ndvi_scale_to_zarr for build(cfg).to_zarr() written as the peers write",
     )
     ap.add_argument("--methods", default="median,mean,max", help="ndvi-scale reducers to run (median first)")
     ap.add_argument("--no-double", action="store_true", help="skip the run with the dates doubled")
@@ -509,8 +508,7 @@ def main() -> int:
                         f"ndvi-scale: {r['spatial_chunks']} spatial chunks x {r['periods']} periods, "
                         f"tasks {r['tasks'][1]} = "
                         f"{r['tasks'][1] / (r['spatial_chunks'] * r['periods']):.1f} per chunk-period; "
-                        f"tile cache hits/misses {r['tile_cache']['hits']}/{r['tile_cache']['misses']}; "
-                        f"patched in: {r['patched'] or 'nothing (already wired)'}"
+                        f"tile cache hits/misses {r['tile_cache']['hits']}/{r['tile_cache']['misses']}"
                     )
                 checks = "; ".join(f"{o.label}: {', '.join(o.checks)}" for o in run_outcomes if o.checks)
                 block = (
