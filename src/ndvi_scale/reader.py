@@ -392,8 +392,8 @@ class FastReader(AutoParallelRioReader):
         while True:
             try:
                 return self._read_once(window, **kwargs)
-            except MemoryError:
-                raise
+            except (MemoryError, TypeError, AttributeError, NameError, AssertionError):
+                raise  # not a fault of the asset: a bug or the machine; retrying or skipping would hide it
             except Exception as e:
                 if attempt >= attempts:
                     return self._give_up(window, e, attempt)

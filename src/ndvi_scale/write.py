@@ -610,7 +610,9 @@ class _Writer:
         done = self._done_markers()
         sub = self.ds.isel(time=[self.labels.index(p) for p in periods])
         time_index = tuple(store_labels.index(p) for p in periods)
-        tasks, keys = self._region_tasks(sub, fmt, periods, time_index, encodings, done)
+        groups = self._region_tasks(sub, fmt, periods, time_index, encodings, done)
+        tasks = [t for g in groups for t in g]
+        keys = {t.key for t in tasks}
         per = self.regions_per_period
         already = len(periods) * per - len(tasks)
         log.info(
@@ -623,7 +625,7 @@ class _Writer:
         if self.faults is not None:
             self.faults.clear_failed()
         try:
-            self._compute(tasks, keys)
+            self._compute(groups, keys)
         except Exception as exc:
             if self.faults is None:
                 raise
@@ -688,7 +690,7 @@ class _Writer:
         time_index: Sequence[int],
         encodings: Mapping[str, Mapping[str, Any]],
         done: set[str],
-    ) -> tuple[list[Any], set[Any]]:
+    ) -> list[list[Any]]:
         arrays = [sub[n].data for n in self.cube_vars]
         nt = len(periods)
         nby, nbx = self.nblocks
@@ -708,17 +710,25 @@ class _Writer:
             name=f"ndvi-scale-write-{token}",
         )
         # One optimisation of the whole graph (all variables together, so shared inputs are computed once),
-        # then keep only the regions without a marker: dask culls everything else.
+        # then keep only the regions without a marker: dask culls everything else. One group per period.
         delayed = out.to_delayed(optimize_graph=True)
-        tasks = []
+        groups = []
         for t, period in enumerate(periods):
-            for j in range(nby):
-                for k in range(nbx):
-                    if f"{_marker_name(period)}/{j}-{k}" not in done:
-                        tasks.append(delayed[t, j, k])
-        return tasks, {t.key for t in tasks}
+            group = [delayed[t, j, k] for j in range(nby) for k in range(nbx)
+                     if f"{_marker_name(period)}/{j}-{k}" not in done]
+            if group:
+                groups.append(group)
+        return groups
 
-    def _compute(self, tasks: list[Any], keys: set[Any]) -> None:
+    def _compute(self, groups: list[list[Any]], keys: set[Any]) -> None:
+        """Compute the region tasks, one period after the other.
+
+        Period by period, because neighbouring chunks of one period share COG tiles (the reader's tile cache,
+        ndvi_scale.reader) and the items' open files: left to itself dask interleaves periods, and the cache
+        then re-reads ~1/3 of the partly-needed tiles (benchmarks: 1.15x the bytes instead of 1.01x). On a
+        cluster all periods are submitted at once, earlier periods with higher priority (no barrier).
+        """
+        tasks = [t for g in groups for t in g]
         total = len(tasks)
         if self.progress:
             self.progress(0, total)
@@ -732,7 +742,11 @@ class _Writer:
                 from .cluster import DEFAULT_RETRIES
 
                 # A worker lost mid-run (preemption, OOM kill) must not fail the job: its regions are retried.
-                futures = client.compute(tasks, retries=DEFAULT_RETRIES)
+                futures = [
+                    fut
+                    for n, group in enumerate(groups)
+                    for fut in client.compute(group, retries=DEFAULT_RETRIES, priority=len(groups) - n)
+                ]
                 try:
                     for n, fut in enumerate(as_completed(futures), start=1):
                         fut.result()
@@ -743,9 +757,11 @@ class _Writer:
                     raise
             elif self.progress:
                 with _ProgressCallback(keys, total, self.progress):
-                    dask.compute(*tasks)
+                    for group in groups:
+                        dask.compute(*group)
             else:
-                dask.compute(*tasks)
+                for group in groups:
+                    dask.compute(*group)
         except NdviScaleError:
             raise
         except Exception as exc:
