@@ -56,11 +56,14 @@ def _dataset(comp: Any) -> Any:
     return xr.Dataset({"ndvi": xr.DataArray(comp.data, coords=coords, dims=("time", "y", "x"))})
 
 
-def _write(ds: Any, out: str) -> None:
+def _write_timed(ds: Any, out: str, t0: float, c0: float) -> dict[str, Any]:
+    """Write a peer's composite as the peers do, and its result: wall and CPU since (t0, c0), graph size."""
     import dask
 
     with dask.config.set(scheduler="threads"):
         ds.to_zarr(out, mode="w", consolidated=True, zarr_format=2)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"wall": wall, "cpu_work": cpu, "tasks": _graph_size(ds)}
 
 
 # ----------------------------------------------------------------------------------------------------- floor
@@ -123,10 +126,9 @@ def floor_median(params: dict[str, Any]) -> dict[str, Any]:
     import bottleneck as bn
     import dask
 
-    import ndvi_scale.load as load
     from ndvi_scale.config import RunConfig
     from ndvi_scale.kernel import ndvi_days
-    from ndvi_scale.pipeline import make_plan
+    from ndvi_scale.pipeline import make_plan, plan_stack
 
     res = floor(params)
     local = Path(params["out"]).with_suffix(".local-items.json")
@@ -145,15 +147,7 @@ def floor_median(params: dict[str, Any]) -> dict[str, Any]:
     )
     plan = make_plan(cfg)
     live = [p for p in plan.plans if p]
-    items = [it for p in live for it in p.items]
-    stack = load.load_stack(
-        items,
-        epsg=plan.epsg,
-        bbox=cfg.bbox,
-        resolution=cfg.resolution,
-        chunk=plan.chunk,
-        time_chunks=[len(p.items) for p in live],
-    )
+    stack = plan_stack(plan)
     t_med = c_med = 0.0
     t0_item = 0
     ys = np.cumsum((0, *stack.data.chunks[2]))
@@ -217,9 +211,7 @@ def naive(params: dict[str, Any]) -> dict[str, Any]:
     ndvi = ndvi.assign_coords(time=ndvi.time.dt.floor("D")).groupby("time").first(skipna=True)
     comp = ndvi.resample(time="1MS").median("time")
     ds = _dataset(comp)
-    _write(ds, params["out"])
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"wall": wall, "cpu_work": cpu, "tasks": _graph_size(ds)}
+    return _write_timed(ds, params["out"], t0, c0)
 
 
 def odc(params: dict[str, Any]) -> dict[str, Any]:
@@ -260,9 +252,7 @@ def odc(params: dict[str, Any]) -> dict[str, Any]:
     ndvi = _common_ndvi(refl(ds.red), refl(ds.nir), ds.scl, params["mask_classes"])
     comp = ndvi.resample(time="1MS").median("time")
     out = _dataset(comp)
-    _write(out, params["out"])
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"wall": wall, "cpu_work": cpu, "tasks": _graph_size(out)}
+    return _write_timed(out, params["out"], t0, c0)
 
 
 # ----------------------------------------------------------------------------------------------- ndvi-scale

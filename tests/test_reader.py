@@ -22,7 +22,7 @@ import ndvi_scale.load as load
 from ndvi_scale import kernel as _kernel
 from ndvi_scale.config import RunConfig
 from ndvi_scale.load import BANDS, GDAL_ENV
-from ndvi_scale.pipeline import build, make_plan
+from ndvi_scale.pipeline import build, make_plan, plan_stack
 from ndvi_scale.reader import TILE_CACHE, FastReader, TileCache, match_grid
 from ndvi_scale.sample import SampleSpec, Truth, generate
 
@@ -245,30 +245,9 @@ def test_rescaled_float_stack(sample):
 
 
 def test_reader_pickles(sample):
-    spec, catalog = sample
-    bbox = _bboxes(spec)["across-overlap"]
-    items, epsg = _items(catalog, bbox)
-    stack = stackstac.stack(
-        [it.to_stackstac() for it in items[:1]],
-        assets=["red"],
-        epsg=epsg,
-        resolution=10.0,
-        bounds_latlon=bbox,
-        dtype=np.dtype("uint16"),
-        fill_value=np.uint16(0),
-        rescale=False,
-        reader=FastReader,
-    )
+    items, stack = _one_red(sample, "across-overlap", reader=FastReader)
     ref = stack.data.compute(scheduler="sync")[0, 0]
-    reader = FastReader(
-        url=items[0].bands["red"].href,
-        spec=_spec_of(stack),
-        resampling=rasterio.enums.Resampling.nearest,
-        dtype=np.dtype("uint16"),
-        fill_value=np.uint16(0),
-        scale_offset=(1, 0),
-        gdal_env=GDAL_ENV,
-    )
+    reader = FastReader(**_reader_args(items[0].bands["red"].href, stack, np.uint16(0)))
     window = rasterio.windows.Window(0, 0, stack.sizes["x"], stack.sizes["y"])
     first = reader.read(window)
     assert reader.fast is True
@@ -285,12 +264,10 @@ def _spec_of(stack: Any) -> Any:
     return stack.attrs["spec"]  # stackstac's RasterSpec of the output grid
 
 
-def test_missing_asset_fails_naming_it_or_is_nodata_as_stackstac_allows(sample, tmp_path, monkeypatch):
-    from ndvi_scale.faults import AssetReadError
-
-    monkeypatch.setenv("NDVI_SCALE_READ_BACKOFF", "0")  # the read policy's retries (ndvi_scale.faults): no wait
+def _one_red(sample: Any, where: str, **kw: Any) -> tuple[list[Any], Any]:
+    """The items over bbox ``where`` of the sample, and a uint16 stackstac stack of the first one's red band."""
     spec, catalog = sample
-    bbox = _bboxes(spec)["inside-A"]
+    bbox = _bboxes(spec)[where]
     items, epsg = _items(catalog, bbox)
     stack = stackstac.stack(
         [it.to_stackstac() for it in items[:1]],
@@ -301,16 +278,30 @@ def test_missing_asset_fails_naming_it_or_is_nodata_as_stackstac_allows(sample, 
         dtype=np.dtype("uint16"),
         fill_value=np.uint16(0),
         rescale=False,
+        **kw,
     )
-    args: dict[str, Any] = dict(
-        url=str(tmp_path / "missing.tif"),
+    return items, stack
+
+
+def _reader_args(url: str, stack: Any, fill: Any) -> dict[str, Any]:
+    """Reader keyword arguments (as stackstac passes them) for ``url`` onto ``stack``'s grid, raw DNs."""
+    return dict(
+        url=url,
         spec=_spec_of(stack),
         resampling=rasterio.enums.Resampling.nearest,
         dtype=np.dtype("uint16"),
-        fill_value=np.uint16(7),
+        fill_value=fill,
         scale_offset=(1, 0),
         gdal_env=GDAL_ENV,
     )
+
+
+def test_missing_asset_fails_naming_it_or_is_nodata_as_stackstac_allows(sample, tmp_path, monkeypatch):
+    from ndvi_scale.faults import AssetReadError
+
+    monkeypatch.setenv("NDVI_SCALE_READ_BACKOFF", "0")  # the read policy's retries (ndvi_scale.faults): no wait
+    _, stack = _one_red(sample, "inside-A")
+    args = _reader_args(str(tmp_path / "missing.tif"), stack, np.uint16(7))
     window = rasterio.windows.Window(0, 0, 5, 4)
     # an error naming the file once the read policy (retries, then fail or skip) has given up on the asset
     with pytest.raises(AssetReadError, match="missing.tif") as err:
@@ -538,11 +529,7 @@ def _stack_then_kernel(cfg: RunConfig) -> dict[str, np.ndarray]:
     from ndvi_scale.ndvi import ndvi as ndvi_index
 
     plan = make_plan(cfg)
-    live = [p for p in plan.plans if p]
-    stack = load.load_stack(
-        [it for p in live for it in p.items], epsg=plan.epsg, bbox=cfg.bbox, resolution=cfg.resolution,
-        chunk=plan.chunk, time_chunks=[len(p.items) for p in live],
-    ).values
+    stack = plan_stack(plan).values
     out: dict[str, list[np.ndarray]] = {"ndvi": [], "valid_count": [], "date": []}
     start = 0
     for p in plan.plans:
@@ -573,12 +560,8 @@ def test_fused_pass_equals_stack_then_kernel(sample, monkeypatch, method, chunk)
     monkeypatch.setattr(load.stackstac, "stack", _Forced(SpyReader))
     ref = _stack_then_kernel(cfg)
     plan = make_plan(cfg)
-    live = [p for p in plan.plans if p]
-    assert len(live) == len(plan.plans)  # every period of this sample has scenes
-    stack = load.load_stack(
-        [it for p in live for it in p.items], epsg=plan.epsg, bbox=cfg.bbox, resolution=cfg.resolution,
-        chunk=plan.chunk, time_chunks=[len(p.items) for p in live],
-    )
+    assert all(plan.plans)  # every period of this sample has scenes
+    stack = plan_stack(plan)
     n_out = 3 if method == "max" else 2
     got = fused_cube(stack, plan.plans, method=method, mask_classes=cfg.mask_classes, n_out=n_out).compute()
     np.testing.assert_array_equal(got[:, 0], ref["ndvi"])
@@ -597,16 +580,7 @@ def test_fused_graph_is_one_task_per_period_and_chunk(sample, monkeypatch):
     plan = make_plan(cfg)
     live = [p for p in plan.plans if p]
     items = [it for p in live for it in p.items]
-    from ndvi_scale.config import BBox
-
-    stack = load.load_stack(
-        items,
-        epsg=plan.epsg,
-        bbox=BBox(*cfg.bbox.as_tuple()),
-        resolution=10.0,
-        chunk=32,
-        time_chunks=[len(p.items) for p in live],
-    )
+    stack = plan_stack(plan, chunk=32)
     cube = fused_cube(stack, plan.plans, method="median", mask_classes=cfg.mask_classes, n_out=2)
     n_chunks = len(stack.chunks[2]) * len(stack.chunks[3])
     assert cube.chunks[:2] == ((1,) * len(plan.plans), (2,)) and cube.chunks[2:] == stack.chunks[2:]
@@ -631,10 +605,7 @@ def test_fused_tasks_share_their_periods_readers_and_carry_none(sample):
     cfg = _cfg(catalog, spec.bbox_lonlat(), chunk=64)
     plan = make_plan(cfg)
     live = [p for p in plan.plans if p]
-    stack = load.load_stack(
-        [it for p in live for it in p.items], epsg=plan.epsg, bbox=cfg.bbox, resolution=cfg.resolution,
-        chunk=32, time_chunks=[len(p.items) for p in live],
-    )
+    stack = plan_stack(plan, chunk=32)
     cube = fused_cube(stack, plan.plans, method="median", mask_classes=cfg.mask_classes, n_out=2)
     graph = dict(cube.dask)
     tasks = [v for k, v in graph.items() if k[0] == cube.name]
@@ -680,14 +651,7 @@ def _stack_build(cfg: RunConfig) -> Any:
 
     plan = make_plan(cfg)
     live = [p for p in plan.plans if p is not None]
-    stack = load.load_stack(
-        [it for p in live for it in p.items],
-        epsg=plan.epsg,
-        bbox=cfg.bbox,
-        resolution=cfg.resolution,
-        chunk=plan.chunk,
-        time_chunks=[len(p.items) for p in live],
-    )
+    stack = plan_stack(plan)
     extras = EXTRA_OUTPUTS.get(cfg.method, ())
     n_out = 2 + len(extras)
     data = stack.data

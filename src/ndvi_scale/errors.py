@@ -8,6 +8,16 @@ and exits with :attr:`NdviScaleError.exit_code`; it never prints a traceback for
 from __future__ import annotations
 
 
+def exception_chain(exc: BaseException, limit: int = 10) -> list[BaseException]:
+    """``exc`` and its causes/contexts, outermost first (cycles cut, at most ``limit``)."""
+    seen: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in seen and len(seen) < limit:
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return seen
+
+
 class NdviScaleError(Exception):
     """Base class of every error raised on purpose by ndvi-scale."""
 

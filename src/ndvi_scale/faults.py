@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ReadError
+from .errors import ReadError, exception_chain
 
 __all__ = [
     "READ_ATTEMPTS",
@@ -75,12 +75,7 @@ def clean_href(url: str) -> str:
 
 def error_text(exc: BaseException) -> str:
     """The innermost cause of ``exc`` on one line, with query strings (signatures) removed."""
-    seen: list[BaseException] = []
-    cur: BaseException | None = exc
-    while cur is not None and cur not in seen:
-        seen.append(cur)
-        cur = cur.__cause__ or cur.__context__
-    root = seen[-1]
+    root = exception_chain(exc)[-1]
     text = " ".join(str(root).split()) or type(root).__name__
     text = text.replace("See previous exception for details.", "").strip()
     return _QUERY.sub("?…", f"{type(root).__name__}: {text}")

@@ -121,6 +121,22 @@ def _days_to_datetime(days: np.ndarray) -> np.ndarray:
     return out
 
 
+def plan_stack(plan: Plan, policy: ReadPolicy | None = None, *, chunk: int | None = None) -> xr.DataArray:
+    """The lazy (items, band, y, x) uint16 stack of the plan's items, period after period, one time chunk per
+    non-empty period (what :func:`ndvi_scale.fused.fused_cube` reads); ``chunk`` overrides the plan's."""
+    cfg = plan.config
+    live = [p for p in plan.plans if p is not None]
+    return load_stack(
+        [it for p in live for it in p.items],
+        epsg=plan.epsg,
+        bbox=cfg.bbox,
+        resolution=cfg.resolution,
+        chunk=chunk or plan.chunk,
+        time_chunks=[len(p.items) for p in live],
+        policy=policy,
+    )
+
+
 def build(cfg: RunConfig, plan: Plan | None = None, policy: ReadPolicy | None = None) -> xr.Dataset:
     """The lazy composite Dataset for ``cfg``: nothing is read until it is computed or written.
 
@@ -128,18 +144,7 @@ def build(cfg: RunConfig, plan: Plan | None = None, policy: ReadPolicy | None = 
     :func:`run` records skipped assets in the output).
     """
     plan = plan or make_plan(cfg)
-    policy = policy if policy is not None else ReadPolicy(skip=cfg.skip_bad_assets)
-    live = [p for p in plan.plans if p is not None]
-    ordered_items = [it for p in live for it in p.items]
-    stack = load_stack(
-        ordered_items,
-        epsg=plan.epsg,
-        bbox=cfg.bbox,
-        resolution=cfg.resolution,
-        chunk=plan.chunk,
-        time_chunks=[len(p.items) for p in live],
-        policy=policy,
-    )
+    stack = plan_stack(plan, policy if policy is not None else ReadPolicy(skip=cfg.skip_bad_assets))
     extras = EXTRA_OUTPUTS.get(cfg.method, ())
     n_out = 2 + len(extras)
     cube = fused_cube(stack, plan.plans, method=cfg.method, mask_classes=cfg.mask_classes, n_out=n_out)
@@ -343,4 +348,4 @@ def compute(
     return xr.open_zarr(open_location(cfg.out or "").store, decode_coords="all", consolidated=None)
 
 
-__all__ = ["InputError", "build", "compute", "make_plan", "run"]
+__all__ = ["InputError", "build", "compute", "make_plan", "plan_stack", "run"]

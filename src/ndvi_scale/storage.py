@@ -43,7 +43,7 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 import fsspec  # noqa: E402  (must come after the environment default above)
 from fsspec.asyn import sync  # noqa: E402
 
-from .errors import InputError, NdviScaleError, StorageError  # noqa: E402
+from .errors import InputError, NdviScaleError, StorageError, exception_chain  # noqa: E402
 
 __all__ = [
     "Location",
@@ -537,7 +537,7 @@ def storage_error(
 
 
 def _classify(exc: BaseException) -> str:
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         name = type(e).__name__
         text = str(e)
         if name in ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"):
@@ -571,16 +571,7 @@ def _classify(exc: BaseException) -> str:
 
 
 def _mentions_bucket(exc: BaseException) -> bool:
-    return any("bucket" in str(e).lower() for e in _chain(exc))
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    cur: BaseException | None = exc
-    while cur is not None and cur not in seen and len(seen) < 10:
-        seen.append(cur)
-        cur = cur.__cause__ or cur.__context__
-    return seen
+    return any("bucket" in str(e).lower() for e in exception_chain(exc))
 
 
 def _short(exc: BaseException, loc: Location | None = None) -> str:

@@ -45,7 +45,15 @@ import rioxarray  # noqa: F401  (registers the .rio accessor used for the CRS)
 import xarray as xr
 from dask.callbacks import Callback
 
-from .errors import GridMismatchError, InputError, NdviScaleError, OutputError, OutputExistsError, ReadError
+from .errors import (
+    GridMismatchError,
+    InputError,
+    NdviScaleError,
+    OutputError,
+    OutputExistsError,
+    ReadError,
+    exception_chain,
+)
 from .faults import AssetReadError, FaultLog, describe_summary, merge_summaries, summarise
 from .storage import (
     Location,
@@ -611,13 +619,12 @@ class _Writer:
         sub = self.ds.isel(time=[self.labels.index(p) for p in periods])
         time_index = tuple(store_labels.index(p) for p in periods)
         groups = self._region_tasks(sub, fmt, periods, time_index, encodings, done)
-        tasks = [t for g in groups for t in g]
-        keys = {t.key for t in tasks}
+        n_tasks = sum(len(g) for g in groups)
         per = self.regions_per_period
-        already = len(periods) * per - len(tasks)
+        already = len(periods) * per - n_tasks
         log.info(
             "writing %d region(s) of %s (%d already written, %d period(s) skipped)",
-            len(tasks),
+            n_tasks,
             self.loc.url,
             already,
             len(skipped_periods),
@@ -625,7 +632,7 @@ class _Writer:
         if self.faults is not None:
             self.faults.clear_failed()
         try:
-            self._compute(groups, keys)
+            self._compute(groups)
         except Exception as exc:
             if self.faults is None:
                 raise
@@ -644,8 +651,8 @@ class _Writer:
             stac_item_url=item_url,
             zarr_format=_zf(fmt),
             regions_total=total,
-            regions_written=len(tasks),
-            regions_skipped=total - len(tasks),
+            regions_written=n_tasks,
+            regions_skipped=total - n_tasks,
             periods_written=tuple(periods),
             periods_skipped=tuple(skipped_periods),
             resumed=resumed,
@@ -660,15 +667,10 @@ class _Writer:
             failed = summarise(self.faults.read(skipped=False), self.asset_labels)
         except Exception:
             failed = []
-        chain: list[BaseException] = []
-        cur: BaseException | None = exc
-        while cur is not None and cur not in chain:
-            chain.append(cur)
-            cur = cur.__cause__ or cur.__context__
-        hit = next((e for e in chain if isinstance(e, AssetReadError)), None)
-        if hit is None and not failed:
-            return exc
-        if not failed and hit is not None:
+        hit = next((e for e in exception_chain(exc) if isinstance(e, AssetReadError)), None)
+        if not failed:
+            if hit is None:
+                return exc
             failed = summarise([hit.fault], self.asset_labels)
         try:
             kept = len(self._done_markers())
@@ -720,7 +722,7 @@ class _Writer:
                 groups.append(group)
         return groups
 
-    def _compute(self, groups: list[list[Any]], keys: set[Any]) -> None:
+    def _compute(self, groups: list[list[Any]]) -> None:
         """Compute the region tasks, one period after the other.
 
         Period by period, because neighbouring chunks of one period share COG tiles (the reader's tile cache,
@@ -756,7 +758,7 @@ class _Writer:
                     client.cancel(futures)
                     raise
             elif self.progress:
-                with _ProgressCallback(keys, total, self.progress):
+                with _ProgressCallback({t.key for t in tasks}, total, self.progress):
                     for group in groups:
                         dask.compute(*group)
             else:
