@@ -145,7 +145,9 @@ def _first_offset(path: str, level: int) -> int:
         return int(ov.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1) or 1 << 62)
 
 
-def _run_contender(name: str, params: dict[str, Any], work: Path, srv: Server) -> tuple[dict[str, Any], dict]:
+def _run_contender(
+    name: str, params: dict[str, Any], work: Path, srv: Server, profile: Path | None = None
+) -> tuple[dict[str, Any], dict]:
     p_path = work / f"{name}-params.json"
     r_path = work / f"{name}-result.json"
     p_path.write_text(json.dumps(params))
@@ -153,8 +155,14 @@ def _run_contender(name: str, params: dict[str, Any], work: Path, srv: Server) -
     env.setdefault("PYTHONWARNINGS", "ignore")
     mark = srv.mark()
     t0 = time.perf_counter()
+    cmd = [sys.executable, str(HERE / "contenders.py"), name, str(p_path), str(r_path)]
+    if profile is not None:  # py-spy's collapsed stacks of every thread, native frames too (timings inflate)
+        profile.mkdir(parents=True, exist_ok=True)
+        tag = f"{name}-{params.get('method', 'median')}-{len(params.get('dates', []))}"
+        cmd = ["py-spy", "record", "--threads", "--rate", "100", "--format", "raw",
+               "--output", str(profile / f"{tag}.txt"), "--", *cmd]
     proc = subprocess.Popen(
-        [sys.executable, str(HERE / "contenders.py"), name, str(p_path), str(r_path)],
+        cmd,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -379,6 +387,9 @@ def main() -> int:
     ap.add_argument("--server", default="auto", choices=["auto", "nginx", "python"])
     ap.add_argument("--markdown", default=None, help="also write the results as Markdown to this file")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (Zarr outputs, catalogs)")
+    ap.add_argument(
+        "--profile", default=None, help="record each contender with py-spy into this folder (collapsed stacks)"
+    )
     args = ap.parse_args()
 
     from ndvi_scale.config import DEFAULT_MASK_CLASSES, RunConfig
@@ -469,7 +480,7 @@ def main() -> int:
                 for name, method in jobs:
                     out = work / f"{name}-{method}-{n_dates}.zarr"
                     params = dict(base, method=method, out=str(out))
-                    result, meta = _run_contender(name, params, work, srv)
+                    result, meta = _run_contender(name, params, work, srv, Path(args.profile) if args.profile else None)
                     result["dates"] = dates
                     o = Outcome(
                         name,

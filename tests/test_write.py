@@ -588,3 +588,40 @@ def _writer_main(argv: list[str]) -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["writer"]:
         _writer_main(sys.argv[2:])
+
+
+@pytest.mark.parametrize(
+    "encoding",
+    [
+        {"units": "nanoseconds since 1970-01-01", "calendar": "proleptic_gregorian", "dtype": np.dtype("int64")},
+        {"units": "nanoseconds since 1970-01-01", "calendar": "proleptic_gregorian"},
+        {"units": "days since 1970-01-01", "calendar": "proleptic_gregorian", "dtype": np.dtype("int64")},
+        {"units": "seconds since 1970-01-01 00:00:00", "calendar": "proleptic_gregorian"},
+        # not taken by the shortcut (fill value, another epoch, not whole units): xarray's own encoding
+        {"units": "days since 1970-01-01", "calendar": "proleptic_gregorian", "dtype": "int32", "_FillValue": -1},
+        {"units": "days since 2024-01-01", "calendar": "proleptic_gregorian"},
+        {"units": "hours since 1970-01-01", "calendar": "proleptic_gregorian", "dtype": np.dtype("int64")},
+    ],
+)
+def test_region_encoding_of_dates_is_xarrays(encoding, monkeypatch):
+    """max_date blocks are encoded without xarray's per-block unit inference, to the very same integers."""
+    import warnings
+
+    from ndvi_scale.pipeline import _days_to_datetime
+    from ndvi_scale.write import _CUBE_DIMS, _encode_block
+
+    days = np.full((1, 40, 30), np.nan, dtype=np.float32)
+    days[0, ::3] = 19800 + np.arange(30) % 7
+    block = _days_to_datetime(days)
+    assert np.isnat(block[0, 1]).all() and block[0, 0, 2] == np.datetime64(19802, "D")
+    if encoding["units"].startswith("hours"):
+        block[0, 0, 0] += np.timedelta64(90, "m")  # 1.5 h: not a whole unit
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # xarray warns when it changes the units of the last case
+        ref = xr.conventions.encode_cf_variable(xr.Variable(_CUBE_DIMS, block, encoding=dict(encoding)))
+        shortcut = "1970" in encoding["units"] and "_FillValue" not in encoding and "hours" not in encoding["units"]
+        if shortcut:  # the shortcut must not call xarray's encoder at all
+            monkeypatch.setattr(xr.conventions, "encode_cf_variable", None)
+        got = _encode_block("max_date", block, encoding)
+    assert got.dtype == ref.dtype
+    np.testing.assert_array_equal(got, ref.values)

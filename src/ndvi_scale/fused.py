@@ -88,7 +88,11 @@ def fused_cube(
     starts = np.cumsum((0, *chunks_t))
     chunks_y, chunks_x = stack.data.chunks[2:]
     func = functools.partial(
-        _composite_block, plans=tuple(live), method=method, mask_classes=tuple(int(c) for c in mask_classes)
+        _composite_block,
+        plans=tuple(live),
+        method=method,
+        mask_classes=tuple(int(c) for c in mask_classes),
+        n_out=n_out,
     )
     key = [
         None
@@ -173,6 +177,7 @@ def _composite_block(
     plans: tuple[Any, ...],
     method: str,
     mask_classes: tuple[int, ...],
+    n_out: int,
 ) -> np.ndarray:
     """One (period, chunk): read each item's red/nir/scl window and fold its NDVI into the day layers.
 
@@ -216,8 +221,9 @@ def _composite_block(
             started[d] = True
     if not started.all():
         days[~started] = np.nan
-    layers = reduce_days(days, method, np.asarray(p.day_numbers, dtype=np.int64))
-    return np.stack(layers)[None].astype(np.float32, copy=False)
+    out = np.empty((1, n_out, height, width), dtype=np.float32)
+    reduce_days(days, method, np.asarray(p.day_numbers, dtype=np.int64), out=out[0])
+    return out
 
 
 def _read(entry: Any, window: windows.Window, height: int, width: int) -> np.ndarray | None:

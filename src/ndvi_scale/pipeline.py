@@ -115,10 +115,11 @@ def make_plan(cfg: RunConfig, result: SearchResult | None = None) -> Plan:
 
 def _days_to_datetime(days: np.ndarray) -> np.ndarray:
     """Float days since 1970-01-01 (NaN = none) -> datetime64[ns] (NaT = none)."""
-    out = np.full(days.shape, np.datetime64("NaT"), dtype="datetime64[ns]")
-    ok = ~np.isnan(days)
-    out[ok] = (days[ok].astype(np.int64) * 86400 * 10**9).astype("datetime64[ns]")
-    return out
+    missing = np.isnan(days)
+    ns = np.where(missing, 0, days).astype(np.int64)  # whole days (day numbers), so the cast is exact
+    ns *= 86400 * 10**9
+    ns[missing] = np.iinfo(np.int64).min  # NaT
+    return ns.view("datetime64[ns]")
 
 
 def plan_stack(plan: Plan, policy: ReadPolicy | None = None, *, chunk: int | None = None) -> xr.DataArray:

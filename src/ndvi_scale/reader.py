@@ -478,8 +478,7 @@ class FastReader(AutoParallelRioReader):
             src = np.empty((sr1 - sr0, sc1 - sc0), dtype=plan.src_dtype)
             self._read_into(plan, sr0, sr1, sc0, sc1, src)
             dr, dc = (rr0 - m.row_off) - sr0 * k, (cc0 - m.col_off) - sc0 * k
-            up = np.repeat(np.repeat(src, k, axis=0)[dr : dr + dst.shape[0]], k, axis=1)
-            np.copyto(dst, up[:, dc : dc + dst.shape[1]], casting="safe")
+            _upsample_into(dst, src, k, dr, dc)
         scale, offset = self.scale_offset
         rescale = scale != 1 or offset != 0
         nod = (
@@ -629,6 +628,21 @@ def _scratch(shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
     if buf is None or buf.nbytes < need:
         buf = _scratch_local.buf = np.empty(need, dtype=np.uint8)
     return buf[:need].view(dtype).reshape(shape)
+
+
+def _upsample_into(dst: np.ndarray, src: np.ndarray, k: int, dr: int, dc: int) -> None:
+    """``dst[i, j] = src[(i + dr) // k, (j + dc) // k]`` (nearest, e.g. 20 m SCL onto the 10 m grid).
+
+    Two gathers (columns into a (rows of src, width) buffer, then rows straight into ``dst``) instead of
+    ``np.repeat`` twice and a copy: one full-size temporary less, ~1.5x faster.
+    """
+    height, width = dst.shape
+    cols = np.take(src, (np.arange(width) + dc) // k, axis=1, mode="clip")
+    rows = (np.arange(height) + dr) // k
+    if dst.dtype == cols.dtype:
+        np.take(cols, rows, axis=0, out=dst, mode="clip")  # mode="clip": no buffering of ``out``
+    else:
+        np.copyto(dst, cols[rows], casting="safe")
 
 
 def _paste(target: np.ndarray, t_r0: int, t_c0: int, src: np.ndarray, s_r0: int, s_c0: int) -> None:
