@@ -56,12 +56,24 @@ def reader_table(stack: Any) -> da.Array:
 
 
 def fused_cube(
-    stack: Any, plans: Sequence[Any | None], *, method: str, mask_classes: Sequence[int], n_out: int
+    stack: Any,
+    plans: Sequence[Any | None],
+    *,
+    method: str,
+    mask_classes: Sequence[int],
+    n_out: int,
+    packed: bool = False,
 ) -> da.Array:
     """(all periods, n_out, y, x) float32 composites of ``stack`` (time chunked by non-empty period, band =
     red, nir, scl): value, count[, date]. ``plans`` are the :class:`ndvi_scale.pipeline.Plan` ``plans``: one
     :class:`~ndvi_scale.pipeline.PeriodPlan` per period of the calendar, None where the period has no scene
     (its blocks are NaN, with count 0).
+
+    ``packed``: the same blocks as (1, n_out * height, width), the layers one under the other, in a
+    (periods, n_out * y, x) array: what :func:`cube_layer` takes. Taking a layer out of a 4-d block drops an
+    axis, and dask does not fuse such a blockwise step into the next one (the region write): the layers would
+    cost one task per variable and block more. From packed blocks a layer is a blockwise row slice, which
+    fuses: ``run()`` writes a region in one task besides the composite's.
 
     ONE task per (period, chunk), plus ONE per non-empty period that makes the period's readers (fresh
     copies of stackstac's reader table for its items, which is made here: Reader objects only, nothing is
@@ -84,7 +96,7 @@ def fused_cube(
         raise ValueError(f"time chunks {chunks_t} do not match the periods' item counts")
     if chunks_b != (3,):
         raise ValueError(f"band chunks {chunks_b}: expected red, nir, scl in one chunk")
-    tables = readers.compute(scheduler="sync") if live else None  # Reader objects: no I/O
+    tables = _materialise(readers) if live else None  # Reader objects: no I/O
     starts = np.cumsum((0, *chunks_t))
     chunks_y, chunks_x = stack.data.chunks[2:]
     func = functools.partial(
@@ -101,7 +113,7 @@ def fused_cube(
         for p in plans
     ]
     name = f"ndvi-composite-{method}-" + tokenize(
-        readers.name, chunks_y, chunks_x, key, method, tuple(mask_classes), n_out
+        readers.name, chunks_y, chunks_x, key, method, tuple(mask_classes), n_out, packed
     )
     table_name = "ndvi-readers-" + name.removeprefix("ndvi-composite-")
     tables_dsk: dict[Any, Any] = {  # the readers in the spec are never opened: the task returns fresh copies
@@ -116,12 +128,16 @@ def fused_cube(
         for i in range(len(chunks_y)):
             for j in range(len(chunks_x)):
                 sl = (slice(int(ys[i]), int(ys[i + 1])), slice(int(xs[j]), int(xs[j + 1])))
+                out_key = (name, t, i, j) if packed else (name, t, 0, i, j)
                 if p is None:
-                    dsk[(name, t, 0, i, j)] = (_empty_block, n_out, chunks_y[i], chunks_x[j])
+                    dsk[out_key] = (_empty_block, n_out, chunks_y[i], chunks_x[j], packed)
                 else:  # the period's readers by key (see above), never a copy in the task itself
-                    dsk[(name, t, 0, i, j)] = (func, (table_name, k_live), (k_live, i, j), sl)
+                    dsk[out_key] = (func, (table_name, k_live), (k_live, i, j), sl, packed)
         k_live += p is not None
     graph = HighLevelGraph({table_name: tables_dsk, name: dsk}, {table_name: set(), name: {table_name}})
+    if packed:
+        chunks_p = ((1,) * len(plans), tuple(n_out * c for c in chunks_y), chunks_x)
+        return da.Array(graph, name, chunks=chunks_p, meta=np.empty((0, 0, 0), dtype=np.float32))
     chunks = ((1,) * len(plans), (n_out,), chunks_y, chunks_x)
     return da.Array(graph, name, chunks=chunks, meta=np.empty((0, 0, 0, 0), dtype=np.float32))
 
@@ -129,26 +145,40 @@ def fused_cube(
 def cube_layer(
     cube: da.Array,
     index: int,
+    n_out: int,
     dtype: Any = np.float32,
     convert: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> da.Array:
-    """(periods, y, x) layer ``index`` of a :func:`fused_cube`, cast to ``dtype`` or through ``convert``.
+    """(periods, y, x) layer ``index`` of a packed :func:`fused_cube` (``packed=True``, ``n_out`` layers),
+    cast to ``dtype`` or through ``convert``.
 
-    A blockwise ``map_blocks`` (not ``cube[:, index]``, a getitem layer dask does not fuse): with the cast it
-    is ONE task per block, so a Dataset of ndvi + valid_count costs 3 tasks per (period, chunk) in all.
+    A blockwise row slice with the cast: ONE task per block, and one that dask fuses into the task that
+    consumes it (``run()``'s region write), so a written region costs 2 tasks: the composite and the write.
     """
+    chunks = (cube.chunks[0], tuple(c // n_out for c in cube.chunks[1]), cube.chunks[2])
     return da.map_blocks(
-        functools.partial(_layer, index=index, dtype=np.dtype(dtype), convert=convert),
+        functools.partial(_layer, index=index, n_out=n_out, dtype=np.dtype(dtype), convert=convert),
         cube,
-        drop_axis=1,
+        chunks=chunks,
         dtype=np.dtype(dtype),
         meta=np.empty((0, 0, 0), dtype=np.dtype(dtype)),
     )
 
 
-def _layer(block: np.ndarray, index: int, dtype: np.dtype, convert: Any) -> np.ndarray:
-    layer = block[:, index]
+def _layer(block: np.ndarray, index: int, n_out: int, dtype: np.dtype, convert: Any) -> np.ndarray:
+    height = block.shape[1] // n_out
+    layer = block[:, index * height : (index + 1) * height]
     return convert(layer) if convert is not None else layer.astype(dtype, copy=False)
+
+
+def _materialise(readers: da.Array) -> np.ndarray:
+    """The reader table's values, made here (stackstac's own functions on its asset table: Python objects,
+    no I/O, milliseconds), without a trip through a scheduler: no tasks of a run go to planning."""
+    from dask.core import get
+
+    graph = dict(readers.__dask_graph__())
+    blocks = get(graph, readers.__dask_keys__())
+    return np.concatenate([np.concatenate(row, axis=1) for row in blocks], axis=0)
 
 
 def _fresh_readers(table: np.ndarray) -> np.ndarray:
@@ -163,16 +193,17 @@ def _fresh_readers(table: np.ndarray) -> np.ndarray:
     return out
 
 
-def _empty_block(n_out: int, height: int, width: int) -> np.ndarray:
+def _empty_block(n_out: int, height: int, width: int, packed: bool) -> np.ndarray:
     out = np.full((1, n_out, height, width), np.nan, dtype=np.float32)
     out[:, 1] = 0  # valid_count of an empty period is 0, not NaN
-    return out
+    return out.reshape(1, n_out * height, width) if packed else out
 
 
 def _composite_block(
     table: np.ndarray,
     block_id: tuple[int, ...],
     slices: tuple[slice, slice],
+    packed: bool,
     *,
     plans: tuple[Any, ...],
     method: str,
@@ -223,7 +254,7 @@ def _composite_block(
         days[~started] = np.nan
     out = np.empty((1, n_out, height, width), dtype=np.float32)
     reduce_days(days, method, np.asarray(p.day_numbers, dtype=np.int64), out=out[0])
-    return out
+    return out.reshape(1, n_out * height, width) if packed else out
 
 
 def _read(entry: Any, window: windows.Window, height: int, width: int) -> np.ndarray | None:

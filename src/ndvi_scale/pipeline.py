@@ -148,7 +148,9 @@ def build(cfg: RunConfig, plan: Plan | None = None, policy: ReadPolicy | None = 
     stack = plan_stack(plan, policy if policy is not None else ReadPolicy(skip=cfg.skip_bad_assets))
     extras = EXTRA_OUTPUTS.get(cfg.method, ())
     n_out = 2 + len(extras)
-    cube = fused_cube(stack, plan.plans, method=cfg.method, mask_classes=cfg.mask_classes, n_out=n_out)
+    cube = fused_cube(
+        stack, plan.plans, method=cfg.method, mask_classes=cfg.mask_classes, n_out=n_out, packed=True
+    )
 
     times = pd.DatetimeIndex([np.datetime64(p.start, "ns") for p in plan.periods])
     coords = {
@@ -165,7 +167,7 @@ def build(cfg: RunConfig, plan: Plan | None = None, policy: ReadPolicy | None = 
     data_vars: dict[str, Any] = {
         "ndvi": (
             dims,
-            cube_layer(cube, 0, np.float32),
+            cube_layer(cube, 0, n_out, np.float32),
             {
                 "long_name": f"normalized difference vegetation index, {cfg.method} composite per {cfg.period}",
                 "units": "1",
@@ -176,14 +178,14 @@ def build(cfg: RunConfig, plan: Plan | None = None, policy: ReadPolicy | None = 
         ),
         "valid_count": (
             dims,
-            cube_layer(cube, 1, np.uint16),
+            cube_layer(cube, 1, n_out, np.uint16),
             {"long_name": "number of clear observation days in the period", "units": "1"},
         ),
     }
     for j, name in enumerate(extras):
         data_vars[name] = (
             dims,
-            cube_layer(cube, 2 + j, "datetime64[ns]", _days_to_datetime),
+            cube_layer(cube, 2 + j, n_out, "datetime64[ns]", _days_to_datetime),
             {"long_name": f"acquisition date of the {cfg.method}imum NDVI"},
         )
     ds = xr.Dataset(data_vars, coords=coords)

@@ -616,7 +616,7 @@ class _Writer:
         periods = list(state["periods"])
         store_labels, encodings = self._store_layout(fmt)
         done = self._done_markers()
-        sub = self.ds.isel(time=[self.labels.index(p) for p in periods])
+        sub = self.ds.isel(time=_as_slice([self.labels.index(p) for p in periods]))
         time_index = tuple(store_labels.index(p) for p in periods)
         groups = self._region_tasks(sub, fmt, periods, time_index, encodings, done)
         n_tasks = sum(len(g) for g in groups)
@@ -919,7 +919,8 @@ class _Writer:
 
     def _write_stac(self, fmt: int, fingerprint: str) -> str:
         try:
-            cube = xr.open_zarr(self._store(), decode_coords="all", zarr_format=_zf(fmt))
+            # chunks=None: the item needs coordinates and attributes only, read as they are needed (no dask)
+            cube = xr.open_zarr(self._store(), decode_coords="all", zarr_format=_zf(fmt), chunks=None)
         except Exception as exc:
             raise _as_error(exc, self.loc, "reading") from None
         item = stac_item_dict(cube, self.loc, fmt, fingerprint)
@@ -1209,6 +1210,15 @@ def _refuse_bucket_root(loc: Location) -> None:
         raise InputError(
             f"out {loc.url} is a bucket root; give a path inside the bucket, e.g. {loc.url}/ndvi.zarr"
         )
+
+
+def _as_slice(index: list[int]) -> slice | list[int]:
+    """A run of consecutive indices as a slice: selecting every period then adds no getitem tasks (dask
+    returns the array itself), so the casts of ``build()``'s Dataset fuse into the region writes (one task per
+    region besides the composite), and a run of new periods is one slice, not a fancy index per block."""
+    if index and index == list(range(index[0], index[-1] + 1)):
+        return slice(index[0], index[-1] + 1)
+    return index
 
 
 def _cube_vars(ds: xr.Dataset) -> list[str]:
