@@ -106,6 +106,31 @@ def test_graph_size_does_not_grow_with_items(tiny):
     assert tasks < n_items * chunks
 
 
+@pytest.mark.parametrize("method", ["median", "max"])
+def test_a_run_runs_two_tasks_per_region_and_one_per_period(tiny, tmp_path, method):
+    """What the scheduler runs for run(): per (period, chunk) the composite and the region write (the layer
+    casts fused into it, whatever the number of variables), plus one reader table per period; nothing at
+    planning or publishing time. Counted with a dask callback, as benchmarks/ does."""
+    from dask.callbacks import Callback
+
+    ran: list[str] = []
+
+    class Count(Callback):
+        def _posttask(self, key, result, dsk, state, worker_id):
+            ran.append(key[0] if isinstance(key, tuple) else key)
+
+    cfg = _cfg(tiny, out=str(tmp_path / "cube.zarr"), chunk=64, method=method)
+    plan = make_plan(cfg)
+    with dask.config.set(scheduler="threads"), Count():
+        run(cfg)
+    ds = xr.open_zarr(tmp_path / "cube.zarr")
+    n_chunks = len(ds.ndvi.chunks[1]) * len(ds.ndvi.chunks[2])
+    live = sum(p is not None for p in plan.plans)
+    assert n_chunks > 1 and live > 1
+    assert len(ran) <= 2 * n_chunks * len(plan.periods) + live, sorted(set(ran))
+    np.testing.assert_array_equal(ds.ndvi.values, build(cfg).ndvi.values)  # and it wrote the composite
+
+
 def test_zarr_output_has_crs_count_and_provenance(tiny, tmp_path):
     out = tmp_path / "cube.zarr"
     cfg = _cfg(tiny, out=str(out))
