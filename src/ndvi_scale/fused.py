@@ -230,15 +230,26 @@ def _composite_block(
     shift = (sum(block_id[1:]) * ((n_days + 1) // 2)) % n_days if n_days else 0
     for d in [*range(shift, n_days), *range(shift)]:
         for i in by_day[d]:
-            bands = [_read(table[i, b], window, height, width) for b in range(3)]
-            if bands[0] is None or bands[1] is None:  # no red or nir here: nothing observed by this item
+            # Only the part of the window the item's red and nir reach is read and computed: outside it the
+            # item observes nothing (its first item leaves the day NaN there; a later one has nothing to add).
+            part = _covered(table[i, 0], table[i, 1], window)
+            if part is None:  # no red or nir here: nothing observed by this item
                 if not started[d]:
                     days[d] = np.nan
                     started[d] = True
                 continue
-            scl = bands[2] if bands[2] is not None else np.zeros((height, width), dtype=np.uint16)
+            ph, pw = int(part.height), int(part.width)
+            bands = [_read(table[i, b], part, ph, pw) for b in range(3)]
+            if bands[0] is None or bands[1] is None:
+                raise RuntimeError(f"asset of item {i} does not reach {part} inside its own window")
+            rows = slice(int(part.row_off - window.row_off), int(part.row_off - window.row_off) + ph)
+            cols = slice(int(part.col_off - window.col_off), int(part.col_off - window.col_off) + pw)
+            layer = days[d]
+            if not started[d] and (ph, pw) != (height, width):
+                _fill_outside(layer, rows, cols)
+            scl = bands[2] if bands[2] is not None else np.zeros((ph, pw), dtype=np.uint16)
             ndvi_into(
-                days[d],
+                layer[rows, cols],
                 bands[0],
                 bands[1],
                 scl,
@@ -255,6 +266,31 @@ def _composite_block(
     out = np.empty((1, n_out, height, width), dtype=np.float32)
     reduce_days(days, method, np.asarray(p.day_numbers, dtype=np.int64), out=out[0])
     return out.reshape(1, n_out * height, width) if packed else out
+
+
+def _covered(red: Any, nir: Any, window: windows.Window) -> windows.Window | None:
+    """The part of ``window`` (output grid pixels) inside both assets' windows, rounded outwards (a pixel
+    partly covered stays in: the reader fills what the asset does not reach), or None if there is none."""
+    if not red or not nir:
+        return None
+    r0, c0 = int(window.row_off), int(window.col_off)
+    r1, c1 = r0 + int(window.height), c0 + int(window.width)
+    for _, aw in (red, nir):
+        r0 = max(r0, int(np.floor(aw.row_off)))
+        c0 = max(c0, int(np.floor(aw.col_off)))
+        r1 = min(r1, int(np.ceil(aw.row_off + aw.height)))
+        c1 = min(c1, int(np.ceil(aw.col_off + aw.width)))
+    if r0 >= r1 or c0 >= c1:
+        return None
+    return windows.Window(c0, r0, c1 - c0, r1 - r0)
+
+
+def _fill_outside(layer: np.ndarray, rows: slice, cols: slice) -> None:
+    """NaN in ``layer`` outside [rows, cols] (the margins only: the inside is about to be written)."""
+    layer[: rows.start] = np.nan
+    layer[rows.stop :] = np.nan
+    layer[rows, : cols.start] = np.nan
+    layer[rows, cols.stop :] = np.nan
 
 
 def _read(entry: Any, window: windows.Window, height: int, width: int) -> np.ndarray | None:

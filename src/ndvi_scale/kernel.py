@@ -391,8 +391,10 @@ def warm_up() -> bool:
         return False
     dn = np.ones((2, 3), dtype=np.uint16)
     layer = np.empty((2, 3), dtype=np.float32)
-    ndvi_into(layer, dn, dn, dn * 4, 1e-4, 0.0, 1e-4, 0.0, (0,), first=True)
-    ndvi_into(layer, dn, dn, dn * 4, 1e-4, 0.0, 1e-4, 0.0, (0,), first=False)
+    part = np.empty((3, 4), dtype=np.float32)[1:, 1:]  # the part of a day layer an item covers: a view
+    for out in (layer, part):
+        ndvi_into(out, dn, dn, dn * 4, 1e-4, 0.0, 1e-4, 0.0, (0,), first=True)
+        ndvi_into(out, dn, dn, dn * 4, 1e-4, 0.0, 1e-4, 0.0, (0,), first=False)
     for method in ("median", "mean", "max"):
         reduce_days(np.stack([layer, layer]), method, np.arange(2))
     return True
