@@ -201,7 +201,11 @@ def _njit(func: Any) -> Any:
         import numba
     except ImportError:
         return None
-    return numba.njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)(func)
+    options = {"nogil": True, "error_model": "numpy", "boundscheck": False}
+    try:
+        return numba.njit(cache=True, **options)(func)
+    except RuntimeError:  # no writable cache location (read-only image, no NUMBA_CACHE_DIR): compile per process
+        return numba.njit(cache=False, **options)(func)
 
 
 #: The compiled per-item loop, or None (numba missing): then the numpy path runs.
