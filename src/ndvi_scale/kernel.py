@@ -201,11 +201,13 @@ def _njit(func: Any) -> Any:
         import numba
     except ImportError:
         return None
-    options = {"nogil": True, "error_model": "numpy", "boundscheck": False}
+    def compiled(cache: bool) -> Any:
+        return numba.njit(cache=cache, nogil=True, error_model="numpy", boundscheck=False)(func)
+
     try:
-        return numba.njit(cache=True, **options)(func)
+        return compiled(True)
     except RuntimeError:  # no writable cache location (read-only image, no NUMBA_CACHE_DIR): compile per process
-        return numba.njit(cache=False, **options)(func)
+        return compiled(False)
 
 
 #: The compiled per-item loop, or None (numba missing): then the numpy path runs.
