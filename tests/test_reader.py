@@ -754,3 +754,41 @@ def test_sorting_network_sorts_anything():
             lo, hi = np.minimum(vals[:, i], vals[:, j]), np.maximum(vals[:, i], vals[:, j])
             vals[:, i], vals[:, j] = lo, hi
         assert (np.diff(vals, axis=1) >= 0).all(), n
+
+
+def test_dataset_pool_gives_each_concurrent_read_its_own_handle_and_reuses_them(sample):
+    """GDAL handles are not thread-safe: a handle is never used by two reads at once; an idle one is reused
+    (an asset is opened once per process, not per thread), and closing the pool closes every handle."""
+    import contextlib
+    import json
+
+    import rasterio
+
+    from ndvi_scale.reader import _DatasetPool
+
+    _, catalog = sample
+    href = json.loads(catalog.read_text())["features"][0]["assets"]["red"]["href"]
+    opened: list[Any] = []
+
+    class Env:  # counts opens (the pool opens under the reader's ``open`` layer)
+        @property
+        def open(self) -> Any:
+            opened.append(1)
+            return contextlib.nullcontext()
+
+    pool = _DatasetPool(href, Env(), rasterio.open(href))
+    with pool.use() as a, pool.use() as b:  # two reads at the same time
+        assert a is not b and not a.closed and not b.closed
+        assert a.read(1, window=((0, 4), (0, 4))).shape == (4, 4)
+    assert len(opened) == 1  # the plan's handle, plus one for the second concurrent read
+    for _ in range(5):  # one read after the other: the free handles, no more opens
+        with pool.use() as c:
+            assert c in (a, b)
+    assert len(opened) == 1
+    with pool.use() as busy:
+        pool.close()
+        idle = a if busy is b else b
+        assert idle.closed and not busy.closed  # a handle in use is not pulled from under its read
+    assert busy.closed  # ... it is closed when the read gives it back
+    with pool.use() as fresh:  # a closed pool still reads (a retry after _reset): it opens anew
+        assert fresh not in (a, b) and not fresh.closed

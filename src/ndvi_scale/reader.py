@@ -18,9 +18,10 @@ it opens the asset and decides once:
   non-GTiff drivers): stackstac's own behaviour, unchanged (``super().read``).
 
 Pixels equal to the asset's nodata become ``fill_value`` and scale/offset apply to the other pixels only, as
-in stackstac. Each thread reads through its own dataset handle (GDAL datasets are not thread-safe), opened
-lazily under the ``open`` layer of the ``gdal_env`` stackstac passes and read under its ``read`` layer;
-rasterio releases the GIL for the whole ``RasterIO`` call, so reads run on every core the scheduler gives.
+in stackstac. A read uses a dataset handle no other thread is using (GDAL datasets are not thread-safe): a
+small pool per asset, opened lazily under the ``open`` layer of the ``gdal_env`` stackstac passes, read
+under its ``read`` layer; rasterio releases the GIL for the whole ``RasterIO`` call, so reads run on every
+core the scheduler gives.
 
 **Tiles shared between chunks.** An output chunk whose edge cuts an internal COG tile makes GDAL fetch and
 inflate that whole tile, and the neighbouring chunk does it again: with 2048-px chunks over 1024-px tiles
@@ -41,6 +42,7 @@ then the asset is either skipped for that window (fill value, recorded) or fails
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import functools
 import logging
@@ -49,7 +51,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -257,26 +259,48 @@ def _default_cache_bytes() -> int:
 TILE_CACHE = TileCache(_default_cache_bytes())
 
 
-class _PerThreadDataset:
-    """One rasterio dataset per thread (GDAL datasets are not thread-safe), opened lazily by that thread."""
+class _DatasetPool:
+    """Open rasterio datasets of one asset, each used by one thread at a time (GDAL datasets are not
+    thread-safe): a read takes a free one, or opens another when all are busy, and gives it back.
+
+    Threads seldom read the same asset at the same moment (neighbouring chunks visit the days from different
+    starts, :mod:`ndvi_scale.fused`), so an asset is mostly opened once per process rather than once per
+    thread (each open is a GDAL open and a header parse: ~6 % of a composite's time with one handle per
+    thread), and reads of one asset go through the handle whose tiles GDAL's block cache holds.
+    """
 
     def __init__(self, url: str, env: Any, first: Any) -> None:
         self._url = url
         self._env = env
-        self._local = threading.local()
-        self._local.ds = first  # the thread that made the read plan already has one open
+        self._lock = threading.Lock()
+        self._free: list[Any] = [first]  # the handle the read plan was made with
+        self._generation = 0
 
-    def get(self) -> Any:
-        ds = getattr(self._local, "ds", None)
+    @contextlib.contextmanager
+    def use(self) -> Iterator[Any]:
+        with self._lock:
+            ds = self._free.pop() if self._free else None
+            generation = self._generation
         if ds is None or ds.closed:
             with self._env.open:
                 ds = rasterio.open(self._url, sharing=False)
-            self._local.ds = ds
-        return ds
+        try:
+            yield ds
+        finally:
+            with self._lock:
+                keep = generation == self._generation and not ds.closed
+                if keep:
+                    self._free.append(ds)
+            if not keep:  # the pool was closed while this handle was in use: nobody else has it
+                ds.close()
 
     def close(self) -> None:
-        # Like stackstac's ThreadLocalRioDataset: drop every thread's handle, garbage collection closes them.
-        self._local = threading.local()
+        """Close the free handles; a handle in use is closed when its read gives it back."""
+        with self._lock:
+            free, self._free = self._free, []
+            self._generation += 1
+        for ds in free:
+            ds.close()
 
 
 @dataclass(frozen=True)
@@ -288,7 +312,7 @@ class _FastPlan:
     src_dtype: np.dtype
     grid: tuple[int, int, int, int]
     """The output grid in asset pixels (row0, row1, col0, col1), clipped to the asset."""
-    datasets: _PerThreadDataset
+    datasets: _DatasetPool
 
 
 _FALLBACK = "fallback"
@@ -376,7 +400,7 @@ class FastReader(AutoParallelRioReader):
             max(0, -match.col_off // k),
             min(match.width, -(-(out_w - match.col_off) // k)),
         )
-        datasets = _PerThreadDataset(self.url, self.gdal_env, ds)
+        datasets = _DatasetPool(self.url, self.gdal_env, ds)
         return _FastPlan(match, nodata, (block[0], block[1]), src_dtype, grid, datasets)
 
     # -- reading ------------------------------------------------------------------------------------------
@@ -498,7 +522,12 @@ class FastReader(AutoParallelRioReader):
     def _read_into(self, plan: _FastPlan, r0: int, r1: int, c0: int, c1: int, target: np.ndarray) -> None:
         """Asset pixels [r0, r1) x [c0, c1) into ``target``; tiles the window only partly covers go through
         the tile cache (see the module docstring)."""
-        ds = plan.datasets.get()
+        with plan.datasets.use() as ds:
+            self._read_tiles(plan, ds, r0, r1, c0, c1, target)
+
+    def _read_tiles(
+        self, plan: _FastPlan, ds: Any, r0: int, r1: int, c0: int, c1: int, target: np.ndarray
+    ) -> None:
         cache = self.tile_cache
         if cache is None or cache.max_bytes <= 0:
             self._gdal_read(ds, r0, r1, c0, c1, target)
