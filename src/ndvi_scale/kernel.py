@@ -19,6 +19,10 @@ with the same numbers, bit for bit, as :func:`ndvi_scale.mask.clear_mask` + :fun
   temporaries, GIL released): ~4x faster than the numpy row blocks and bit-identical to them (no fast-math:
   LLVM may vectorise but not reorder float operations). Without numba, or with ``NDVI_SCALE_NUMBA=0``, the
   numpy path runs. The loop is cached on disk (numba ``cache=True``): ~1 s to compile once, ~0.1 s to load.
+
+:func:`reduce_days` is the temporal reducer of the fused pass, compiled the same way when numba is there
+(median: a sorting network across a row of pixels; mean/max/min: one streamed pass), bit for bit
+:func:`ndvi_scale.composite.reduce_days` (numpy and bottleneck), which runs otherwise.
 """
 
 from __future__ import annotations
