@@ -330,7 +330,8 @@ def _constraints() -> dict[str, str]:
 
 def test_constraints_pin_every_dependency_within_pyproject() -> None:
     pins = _constraints()
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = [*project["dependencies"], *project["optional-dependencies"]["fast"]]  # the image installs [fast]
     for raw in [*deps, "dask-gateway", "bokeh", "distributed"]:
         req = Requirement(raw)
         name = canonicalize_name(req.name)
@@ -358,7 +359,7 @@ def test_make_constraints_renders_the_same_format() -> None:
     spec.loader.exec_module(module)
     rendered = module.render()  # from this environment: versions may differ, the package set should not
     rendered_names = {canonicalize_name(line.split("==")[0]) for line in rendered.splitlines() if "==" in line}
-    core = {"dask", "distributed", "xarray", "zarr", "rasterio", "dask-gateway", "bokeh", "stackstac"}
+    core = {"dask", "distributed", "xarray", "zarr", "rasterio", "dask-gateway", "bokeh", "stackstac", "numba"}
     assert core <= rendered_names and core <= set(_constraints())
 
 
