@@ -792,3 +792,34 @@ def test_dataset_pool_gives_each_concurrent_read_its_own_handle_and_reuses_them(
     assert busy.closed  # ... it is closed when the read gives it back
     with pool.use() as fresh:  # a closed pool still reads (a retry after _reset): it opens anew
         assert fresh not in (a, b) and not fresh.closed
+
+
+def test_fused_pass_cuts_chunks_to_the_rasters_exact_extent_only(sample):
+    """A chunk is cut to the part the red and nir rasters cover when the reader knows their exact extent
+    (fast path); stackstac's asset window (from metadata, maybe only the footprint) never cuts pixels."""
+    from rasterio import windows
+
+    from ndvi_scale.fused import _covered, _materialise, reader_table
+
+    spec, catalog = sample
+    cfg = _cfg(catalog, _bboxes(spec)["partly-outside"], chunk=4096)
+    stack = plan_stack(make_plan(cfg))
+    table = _materialise(reader_table(stack))
+    height, width = stack.shape[2:]
+    whole = windows.Window(0, 0, width, height)
+    red, nir = table[0, 0], table[0, 1]
+    extent = red[0].coverage()
+    assert extent is not None and red[0].fast  # an aligned asset: its exact extent is known
+    r0, r1 = max(0, extent[0]), min(height, extent[1])
+    c0, c1 = max(0, extent[2]), min(width, extent[3])
+    assert (r1 - r0, c1 - c0) != (height, width)  # it covers part of the grid only
+    assert _covered(red, nir, whole) == windows.Window(c0, r0, c1 - c0, r1 - r0)
+    # a footprint-sized asset window smaller than the raster: still cut to the raster's extent, not to it
+    small = windows.Window(c0 + 2, r0 + 2, 3, 3)
+    assert _covered((red[0], small), (nir[0], small), whole) == windows.Window(c0, r0, c1 - c0, r1 - r0)
+
+    class Warped:  # a reader without a known extent (stackstac's warped path): the whole window is read
+        pass
+
+    assert _covered((Warped(), small), (Warped(), small), whole) == whole
+    assert _covered((Warped(), small), (Warped(), small), windows.Window(0, 0, 1, 1)) is None  # no overlap

@@ -269,17 +269,25 @@ def _composite_block(
 
 
 def _covered(red: Any, nir: Any, window: windows.Window) -> windows.Window | None:
-    """The part of ``window`` (output grid pixels) inside both assets' windows, rounded outwards (a pixel
-    partly covered stays in: the reader fills what the asset does not reach), or None if there is none."""
+    """The part of ``window`` (output grid pixels) the red and nir rasters cover, or None if they do not
+    both reach it.
+
+    Cut to the rasters' exact extents only where the readers know them (the aligned fast path of
+    :class:`~ndvi_scale.reader.FastReader`); otherwise the whole window, as stackstac reads it: stackstac's
+    asset windows come from metadata (``proj:bbox``, or only the item's footprint bbox) and may be smaller
+    than the raster, which is fine for its skip-or-read test but would drop valid pixels at the edge here.
+    """
     if not red or not nir:
         return None
+    if not all(windows.intersect(window, aw) for _, aw in (red, nir)):
+        return None  # as stackstac: do not even open them
     r0, c0 = int(window.row_off), int(window.col_off)
     r1, c1 = r0 + int(window.height), c0 + int(window.width)
-    for _, aw in (red, nir):
-        r0 = max(r0, int(np.floor(aw.row_off)))
-        c0 = max(c0, int(np.floor(aw.col_off)))
-        r1 = min(r1, int(np.ceil(aw.row_off + aw.height)))
-        c1 = min(c1, int(np.ceil(aw.col_off + aw.width)))
+    for reader, _ in (red, nir):
+        extent = reader.coverage() if hasattr(reader, "coverage") else None
+        if extent is None:
+            continue
+        r0, r1, c0, c1 = max(r0, extent[0]), min(r1, extent[1]), max(c0, extent[2]), min(c1, extent[3])
     if r0 >= r1 or c0 >= c1:
         return None
     return windows.Window(c0, r0, c1 - c0, r1 - r0)

@@ -341,6 +341,20 @@ class FastReader(AutoParallelRioReader):
         plan = self._plan
         return None if plan is None else plan is not _FALLBACK
 
+    def coverage(self) -> tuple[int, int, int, int] | None:
+        """Output-grid pixels (row0, row1, col0, col1) the asset's raster covers, exactly, when reads take
+        the aligned fast path (the asset is opened to decide, as the first read would); None otherwise (the
+        warped path: only stackstac's approximate asset window is known)."""
+        try:
+            plan = self._plan if self._plan is not None else self._decide()
+        except Exception:
+            return None  # the read will meet the same error and apply the read policy
+        if not isinstance(plan, _FastPlan):
+            return None
+        m = plan.match
+        k = m.factor
+        return m.row_off, m.row_off + m.height * k, m.col_off, m.col_off + m.width * k
+
     # -- deciding -----------------------------------------------------------------------------------------
 
     def _decide(self) -> Any:
