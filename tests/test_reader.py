@@ -553,7 +553,7 @@ def _stack_then_kernel(cfg: RunConfig) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize(("method", "chunk"), [("median", 64), ("max", 80), ("mean", 4096)])
 def test_fused_pass_equals_stack_then_kernel(sample, monkeypatch, method, chunk):
-    from ndvi_scale.fused import fused_cube
+    from ndvi_scale.fused import cube_layer, fused_cube
 
     spec, catalog = sample
     cfg = _cfg(catalog, _bboxes(spec)["partly-outside"], chunk=chunk, method=method)
@@ -563,11 +563,12 @@ def test_fused_pass_equals_stack_then_kernel(sample, monkeypatch, method, chunk)
     assert all(plan.plans)  # every period of this sample has scenes
     stack = plan_stack(plan)
     n_out = 3 if method == "max" else 2
-    got = fused_cube(stack, plan.plans, method=method, mask_classes=cfg.mask_classes, n_out=n_out).compute()
-    np.testing.assert_array_equal(got[:, 0], ref["ndvi"])
-    np.testing.assert_array_equal(got[:, 1].astype(np.uint16), ref["valid_count"])
+    cube = fused_cube(stack, plan.plans, method=method, mask_classes=cfg.mask_classes, n_out=n_out)
+    got = [cube_layer(cube, k, n_out).compute() for k in range(n_out)]  # the packed layers, as build() takes them
+    np.testing.assert_array_equal(got[0], ref["ndvi"])
+    np.testing.assert_array_equal(got[1].astype(np.uint16), ref["valid_count"])
     if method == "max":
-        np.testing.assert_array_equal(got[:, 2], ref["date"])
+        np.testing.assert_array_equal(got[2], ref["date"])
     assert (ref["valid_count"] > 0).any() and (ref["valid_count"] == 0).any()
     assert SpyReader.log and all(fast for _, fast in SpyReader.log)
 
@@ -583,7 +584,8 @@ def test_fused_graph_is_one_task_per_period_and_chunk(sample, monkeypatch):
     stack = plan_stack(plan, chunk=32)
     cube = fused_cube(stack, plan.plans, method="median", mask_classes=cfg.mask_classes, n_out=2)
     n_chunks = len(stack.chunks[2]) * len(stack.chunks[3])
-    assert cube.chunks[:2] == ((1,) * len(plan.plans), (2,)) and cube.chunks[2:] == stack.chunks[2:]
+    # packed: a block holds the 2 layers of its chunk one under the other
+    assert cube.chunks == ((1,) * len(plan.plans), tuple(2 * c for c in stack.chunks[2]), stack.chunks[3])
     layers = cube.dask.layers
     assert len(layers[cube.name]) == len(plan.plans) * n_chunks
     assert len(dict(cube.dask)) == len(plan.plans) * n_chunks + len(live)  # + one reader table per period

@@ -62,18 +62,17 @@ def fused_cube(
     method: str,
     mask_classes: Sequence[int],
     n_out: int,
-    packed: bool = False,
 ) -> da.Array:
-    """(all periods, n_out, y, x) float32 composites of ``stack`` (time chunked by non-empty period, band =
-    red, nir, scl): value, count[, date]. ``plans`` are the :class:`ndvi_scale.pipeline.Plan` ``plans``: one
-    :class:`~ndvi_scale.pipeline.PeriodPlan` per period of the calendar, None where the period has no scene
-    (its blocks are NaN, with count 0).
+    """(all periods, n_out * y, x) float32 composites of ``stack`` (time chunked by non-empty period, band =
+    red, nir, scl): the ``n_out`` layers value, count[, date] of a (period, chunk) one under the other in its
+    (1, n_out * height, width) block; :func:`cube_layer` takes a layer out. ``plans`` are the
+    :class:`ndvi_scale.pipeline.Plan` ``plans``: one :class:`~ndvi_scale.pipeline.PeriodPlan` per period of
+    the calendar, None where the period has no scene (its blocks are NaN, with count 0).
 
-    ``packed``: the same blocks as (1, n_out * height, width), the layers one under the other, in a
-    (periods, n_out * y, x) array: what :func:`cube_layer` takes. Taking a layer out of a 4-d block drops an
-    axis, and dask does not fuse such a blockwise step into the next one (the region write): the layers would
-    cost one task per variable and block more. From packed blocks a layer is a blockwise row slice, which
-    fuses: ``run()`` writes a region in one task besides the composite's.
+    Packed, not (periods, n_out, y, x): taking a layer out of a 4-d block drops an axis, and dask does not
+    fuse such a blockwise step into the next one (the region write): the layers would cost one task per
+    variable and block more. From packed blocks a layer is a blockwise row slice, which fuses: ``run()``
+    writes a region in one task besides the composite's.
 
     ONE task per (period, chunk), plus ONE per non-empty period that makes the period's readers (fresh
     copies of stackstac's reader table for its items, which is made here: Reader objects only, nothing is
@@ -113,7 +112,7 @@ def fused_cube(
         for p in plans
     ]
     name = f"ndvi-composite-{method}-" + tokenize(
-        readers.name, chunks_y, chunks_x, key, method, tuple(mask_classes), n_out, packed
+        readers.name, chunks_y, chunks_x, key, method, tuple(mask_classes), n_out
     )
     table_name = "ndvi-readers-" + name.removeprefix("ndvi-composite-")
     tables_dsk: dict[Any, Any] = {  # the readers in the spec are never opened: the task returns fresh copies
@@ -128,18 +127,14 @@ def fused_cube(
         for i in range(len(chunks_y)):
             for j in range(len(chunks_x)):
                 sl = (slice(int(ys[i]), int(ys[i + 1])), slice(int(xs[j]), int(xs[j + 1])))
-                out_key = (name, t, i, j) if packed else (name, t, 0, i, j)
                 if p is None:
-                    dsk[out_key] = (_empty_block, n_out, chunks_y[i], chunks_x[j], packed)
+                    dsk[(name, t, i, j)] = (_empty_block, n_out, chunks_y[i], chunks_x[j])
                 else:  # the period's readers by key (see above), never a copy in the task itself
-                    dsk[out_key] = (func, (table_name, k_live), (k_live, i, j), sl, packed)
+                    dsk[(name, t, i, j)] = (func, (table_name, k_live), (k_live, i, j), sl)
         k_live += p is not None
     graph = HighLevelGraph({table_name: tables_dsk, name: dsk}, {table_name: set(), name: {table_name}})
-    if packed:
-        chunks_p = ((1,) * len(plans), tuple(n_out * c for c in chunks_y), chunks_x)
-        return da.Array(graph, name, chunks=chunks_p, meta=np.empty((0, 0, 0), dtype=np.float32))
-    chunks = ((1,) * len(plans), (n_out,), chunks_y, chunks_x)
-    return da.Array(graph, name, chunks=chunks, meta=np.empty((0, 0, 0, 0), dtype=np.float32))
+    chunks = ((1,) * len(plans), tuple(n_out * c for c in chunks_y), chunks_x)
+    return da.Array(graph, name, chunks=chunks, meta=np.empty((0, 0, 0), dtype=np.float32))
 
 
 def cube_layer(
@@ -149,8 +144,8 @@ def cube_layer(
     dtype: Any = np.float32,
     convert: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> da.Array:
-    """(periods, y, x) layer ``index`` of a packed :func:`fused_cube` (``packed=True``, ``n_out`` layers),
-    cast to ``dtype`` or through ``convert``.
+    """(periods, y, x) layer ``index`` of a :func:`fused_cube` of ``n_out`` layers, cast to ``dtype`` or
+    through ``convert``.
 
     A blockwise row slice with the cast: ONE task per block, and one that dask fuses into the task that
     consumes it (``run()``'s region write), so a written region costs 2 tasks: the composite and the write.
@@ -193,17 +188,16 @@ def _fresh_readers(table: np.ndarray) -> np.ndarray:
     return out
 
 
-def _empty_block(n_out: int, height: int, width: int, packed: bool) -> np.ndarray:
+def _empty_block(n_out: int, height: int, width: int) -> np.ndarray:
     out = np.full((1, n_out, height, width), np.nan, dtype=np.float32)
     out[:, 1] = 0  # valid_count of an empty period is 0, not NaN
-    return out.reshape(1, n_out * height, width) if packed else out
+    return out.reshape(1, n_out * height, width)
 
 
 def _composite_block(
     table: np.ndarray,
     block_id: tuple[int, ...],
     slices: tuple[slice, slice],
-    packed: bool,
     *,
     plans: tuple[Any, ...],
     method: str,
@@ -239,20 +233,18 @@ def _composite_block(
                     started[d] = True
                 continue
             ph, pw = int(part.height), int(part.width)
-            bands = [_read(table[i, b], part, ph, pw) for b in range(3)]
-            if bands[0] is None or bands[1] is None:
-                raise RuntimeError(f"asset of item {i} does not reach {part} inside its own window")
+            red, nir = (_read_window(table[i, b][0], part, ph, pw) for b in range(2))  # _covered tested them
+            scl = _read(table[i, 2], part, ph, pw)
             rows = slice(int(part.row_off - window.row_off), int(part.row_off - window.row_off) + ph)
             cols = slice(int(part.col_off - window.col_off), int(part.col_off - window.col_off) + pw)
             layer = days[d]
             if not started[d] and (ph, pw) != (height, width):
                 _fill_outside(layer, rows, cols)
-            scl = bands[2] if bands[2] is not None else np.zeros((ph, pw), dtype=np.uint16)
             ndvi_into(
                 layer[rows, cols],
-                bands[0],
-                bands[1],
-                scl,
+                red,
+                nir,
+                scl if scl is not None else np.zeros((ph, pw), dtype=np.uint16),
                 p.red_scale[i],
                 p.red_offset[i],
                 p.nir_scale[i],
@@ -265,7 +257,7 @@ def _composite_block(
         days[~started] = np.nan
     out = np.empty((1, n_out, height, width), dtype=np.float32)
     reduce_days(days, method, np.asarray(p.day_numbers, dtype=np.int64), out=out[0])
-    return out.reshape(1, n_out * height, width) if packed else out
+    return out.reshape(1, n_out * height, width)
 
 
 def _covered(red: Any, nir: Any, window: windows.Window) -> windows.Window | None:
@@ -308,6 +300,11 @@ def _read(entry: Any, window: windows.Window, height: int, width: int) -> np.nda
     reader, asset_window = entry
     if not windows.intersect(window, asset_window):  # as stackstac: do not even open it
         return None
+    return _read_window(reader, window, height, width)
+
+
+def _read_window(reader: Any, window: windows.Window, height: int, width: int) -> np.ndarray:
+    """The reader's DN window (fill outside the asset)."""
     data = reader.read(window)
     if data.shape != (height, width):
         raise RuntimeError(f"reader returned {data.shape} for a {height} x {width} window")

@@ -148,9 +148,7 @@ def build(cfg: RunConfig, plan: Plan | None = None, policy: ReadPolicy | None = 
     stack = plan_stack(plan, policy if policy is not None else ReadPolicy(skip=cfg.skip_bad_assets))
     extras = EXTRA_OUTPUTS.get(cfg.method, ())
     n_out = 2 + len(extras)
-    cube = fused_cube(
-        stack, plan.plans, method=cfg.method, mask_classes=cfg.mask_classes, n_out=n_out, packed=True
-    )
+    cube = fused_cube(stack, plan.plans, method=cfg.method, mask_classes=cfg.mask_classes, n_out=n_out)
 
     times = pd.DatetimeIndex([np.datetime64(p.start, "ns") for p in plan.periods])
     coords = {
