@@ -92,6 +92,12 @@ class GridMatch:
     height: int
     """Asset height in asset pixels."""
 
+    @property
+    def extent(self) -> tuple[int, int, int, int]:
+        """Output-grid pixels (row0, row1, col0, col1) the asset covers (may reach outside the grid)."""
+        k = self.factor
+        return self.row_off, self.row_off + self.height * k, self.col_off, self.col_off + self.width * k
+
 
 def _as_int(value: float) -> int | None:
     n = round(value)
@@ -349,11 +355,7 @@ class FastReader(AutoParallelRioReader):
             plan = self._plan if self._plan is not None else self._decide()
         except Exception:
             return None  # the read will meet the same error and apply the read policy
-        if not isinstance(plan, _FastPlan):
-            return None
-        m = plan.match
-        k = m.factor
-        return m.row_off, m.row_off + m.height * k, m.col_off, m.col_off + m.width * k
+        return plan.match.extent if isinstance(plan, _FastPlan) else None
 
     # -- deciding -----------------------------------------------------------------------------------------
 
@@ -496,8 +498,9 @@ class FastReader(AutoParallelRioReader):
         r0, c0 = int(window.row_off), int(window.col_off)
         h, w = int(window.height), int(window.width)
         # The asset's extent in output pixels, clipped to the window.
-        rr0, rr1 = max(r0, m.row_off), min(r0 + h, m.row_off + m.height * k)
-        cc0, cc1 = max(c0, m.col_off), min(c0 + w, m.col_off + m.width * k)
+        e_r0, e_r1, e_c0, e_c1 = m.extent
+        rr0, rr1 = max(r0, e_r0), min(r0 + h, e_r1)
+        cc0, cc1 = max(c0, e_c0), min(c0 + w, e_c1)
         if rr0 >= rr1 or cc0 >= cc1:
             return np.full((h, w), self.fill_value, dtype=self.dtype)
         out = np.empty((h, w), dtype=self.dtype)
