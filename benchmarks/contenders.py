@@ -146,11 +146,10 @@ def floor_median(params: dict[str, Any]) -> dict[str, Any]:
     releases the GIL).
     """
     import bottleneck as bn
-    import dask
 
     from ndvi_scale.config import RunConfig
-    from ndvi_scale.kernel import ndvi_days
-    from ndvi_scale.pipeline import make_plan, plan_stack
+    from ndvi_scale.pipeline import make_plan, plan_grid
+    from ndvi_scale.testing.reference import ndvi_days, reference_stack
 
     res = floor(params)
     local = Path(params["out"]).with_suffix(".local-items.json")
@@ -169,17 +168,15 @@ def floor_median(params: dict[str, Any]) -> dict[str, Any]:
     )
     plan = make_plan(cfg)
     live = [p for p in plan.plans if p]
-    stack = plan_stack(plan)
+    grid = plan_grid(plan)
     t_med = c_med = 0.0
-    t0_item = 0
-    ys = np.cumsum((0, *stack.data.chunks[2]))
-    xs = np.cumsum((0, *stack.data.chunks[3]))
+    cy, cx = grid.chunks(plan.chunk)
+    ys, xs = np.cumsum((0, *cy)), np.cumsum((0, *cx))
     for p in live:
+        period = reference_stack(p.items, grid)  # untimed: the days' NDVI is input data here
         for i in range(len(ys) - 1):
             for j in range(len(xs) - 1):
-                block = stack.data[t0_item : t0_item + len(p.items), :, ys[i] : ys[i + 1], xs[j] : xs[j + 1]]
-                with dask.config.set(scheduler="threads"):
-                    block = block.compute()
+                block = period[:, :, ys[i] : ys[i + 1], xs[j] : xs[j + 1]]
                 days = ndvi_days(
                     block,
                     p.day_index,
@@ -197,7 +194,7 @@ def floor_median(params: dict[str, Any]) -> dict[str, Any]:
                     list(pool.map(lambda r, d=days: bn.nanmedian(d[:, r[0] : r[-1] + 1], axis=0), parts))
                 t_med += time.perf_counter() - t0
                 c_med += time.process_time() - c0
-        t0_item += len(p.items)
+        del period
     res["decode_wall"] = res["wall"]
     res["median_wall"] = t_med
     res["wall"] = res["wall"] + t_med
@@ -309,7 +306,7 @@ def _ndvi_scale(params: dict[str, Any]) -> dict[str, Any]:
     plan = make_plan(cfg)
     ds = build(cfg, plan)
     n_chunks = len(ds.ndvi.chunks[1]) * len(ds.ndvi.chunks[2])
-    from ndvi_scale.reader import TILE_CACHE
+    from ndvi_scale.engine.tiles import TILE_CACHE
 
     return {
         "wall": wall,

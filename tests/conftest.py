@@ -26,6 +26,36 @@ import pytest  # noqa: E402
 
 from servers import Server, ServerError, start_gcs_emulator, start_seaweedfs  # noqa: E402
 
+#: Test modules that start real servers, clusters or notebook kernels: marked ``integration`` (a unit run is
+#: ``pytest -m "not integration"``).
+INTEGRATION_MODULES = {
+    "test_cluster", "test_pipeline_cluster", "test_notebooks", "test_storage", "test_cube_cli", "test_faults",
+    "test_write", "test_search", "test_deploy",
+}
+
+
+def _stackstac_installed() -> bool:
+    try:
+        import stackstac  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the integration modules; leave the ``stackstac`` tests to their own environment where stackstac is not
+    installed (tests/test_stackstac_compat.py runs them there and fails if any fails)."""
+    for item in items:
+        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in INTEGRATION_MODULES:
+            item.add_marker(pytest.mark.integration)
+    if _stackstac_installed():
+        return
+    keep = [i for i in items if i.get_closest_marker("stackstac") is None]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i.get_closest_marker("stackstac") is not None])
+        items[:] = keep
+
+
 #: Test-only S3 identity configured into the SeaweedFS instance.
 S3_ACCESS_KEY = "ndvi-scale-tests"
 S3_SECRET_KEY = "test-secret-0123456789"

@@ -8,8 +8,9 @@ import warnings
 import numpy as np
 import pytest
 
-from ndvi_scale.composite import assign_periods, mosaic_days, periods_between, reduce_days
+from ndvi_scale.composite import assign_periods, periods_between, reduce_days
 from ndvi_scale.errors import InputError
+from ndvi_scale.testing.reference import mosaic_days
 
 
 def _days(seed: int = 0, n: int = 7) -> np.ndarray:

@@ -145,15 +145,13 @@ def assert_same_data(got: Path, ref: Path) -> None:
 
 
 def fast_gdal(monkeypatch: pytest.MonkeyPatch) -> None:
-    """In this process: GDAL's request retries as :data:`FAST` says (GDAL_ENV is made at import)."""
-    from stackstac.rio_env import LayeredEnv
+    """In this process: GDAL's request retries as :data:`FAST` says (the engine's GDAL options are made at import)."""
+    from ndvi_scale.engine import handles
 
-    from ndvi_scale import load
-
-    env = load.GDAL_ENV
-    gdal = {k: v for k, v in FAST.items() if k.startswith("GDAL_")}
-    monkeypatch.setattr(load, "GDAL_ENV", LayeredEnv(always={**env._always, **gdal}, open=env._open,
-                                                     open_vrt=env._open_vrt, read=env._read))
+    for k, v in FAST.items():
+        if k.startswith("GDAL_"):
+            for options in (handles.GDAL_OPEN_OPTIONS, handles.GDAL_READ_OPTIONS):
+                monkeypatch.setitem(options, k, v)
 
 
 def without(catalog: Path, drop: set[str], dest: Path) -> Path:
@@ -319,7 +317,7 @@ def test_an_asset_given_up_on_gets_one_attempt_in_the_other_chunks(
     server: Server, catalog: Path, items: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """A file that is gone is gone for every chunk: only the first chunks to meet it pay the full retries."""
-    from ndvi_scale import reader
+    from ndvi_scale.engine import reader
 
     monkeypatch.setattr(reader, "_GIVEN_UP", {})
     target = href(items, A_MAY, "nir") + "?fresh=1"  # a URL this process has not cached
@@ -329,13 +327,13 @@ def test_an_asset_given_up_on_gets_one_attempt_in_the_other_chunks(
             f["assets"]["nir"]["href"] = target
     set_rules(server, [{"match": path_of(target), "fault": "status", "code": 500, "times": -1}])
     given_up: list[int] = []
-    original = reader.FastReader._give_up
+    original = reader.AssetReader._give_up
 
-    def spy(self: Any, window: Any, exc: Exception, attempts: int) -> Any:
+    def spy(self: Any, window: Any, exc: Exception, attempts: int, policy: Any) -> Any:
         given_up.append(attempts)
-        return original(self, window, exc, attempts)
+        return original(self, window, exc, attempts, policy)
 
-    monkeypatch.setattr(reader.FastReader, "_give_up", spy)
+    monkeypatch.setattr(reader.AssetReader, "_give_up", spy)
     fast_gdal(monkeypatch)
     path = tmp_path / "given-up.json"
     path.write_text(json.dumps(doc))

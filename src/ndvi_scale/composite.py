@@ -82,25 +82,6 @@ def assign_periods(days: Sequence[dt.date], periods: Sequence[Period]) -> list[i
     return out
 
 
-def mosaic_days(ndvi: np.ndarray, day_index: Sequence[int]) -> np.ndarray:
-    """Merge observations of the same day (overlapping granules of one pass): first valid value wins.
-
-    ``ndvi`` is (n_items, y, x) with NaN for invalid; ``day_index`` gives each item's day number (0..n_days-1, items
-    of a day contiguous or not). Returns (n_days, y, x). Counting a pixel seen by two granules of the same pass twice
-    would bias medians and valid counts.
-    """
-    idx = np.asarray(day_index)
-    n_days = int(idx.max()) + 1 if idx.size else 0
-    if n_days == len(idx):
-        order = np.argsort(idx, kind="stable")
-        return ndvi[order]
-    out = np.full((n_days,) + ndvi.shape[1:], np.nan, dtype=ndvi.dtype)
-    for i, d in enumerate(idx):
-        hole = np.isnan(out[d])
-        np.copyto(out[d], ndvi[i], where=hole)
-    return out
-
-
 #: Extra layers each reducer writes besides ``ndvi`` and ``valid_count``.
 EXTRA_OUTPUTS = {"max": ("max_date",), "min": ("min_date",)}
 

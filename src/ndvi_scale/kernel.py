@@ -1,9 +1,8 @@
 """The per-chunk NDVI kernel, fast: lookup tables, no full-size temporaries, one compiled pass with numba.
 
-:func:`ndvi_days` turns one period's (items, red/nir/scl, y, x) digital numbers into one NDVI layer per day,
-with the same numbers, bit for bit, as :func:`ndvi_scale.mask.clear_mask` + :func:`ndvi_scale.ndvi.ndvi` +
-:func:`ndvi_scale.composite.mosaic_days`; :func:`ndvi_into` does it one item at a time (the streamed pass of
-:mod:`ndvi_scale.fused`).
+:func:`ndvi_into` folds one item's red/nir/scl digital numbers into its day's NDVI layer (the streamed pass of
+:mod:`ndvi_scale.engine.task`), with the same numbers, bit for bit, as the stage-by-stage reference of
+:mod:`ndvi_scale.testing.reference` (mask, NDVI, same-day mosaic).
 
 * **Tables instead of arithmetic.** Reflectance ``max(DN * scale + offset, 0)`` is tabulated once per (scale,
   offset) for all 65536 DNs with the very expressions of :func:`~ndvi_scale.ndvi.reflectance` (so the float32
@@ -14,7 +13,7 @@ with the same numbers, bit for bit, as :func:`ndvi_scale.mask.clear_mask` + :fun
   float32): page faults and memory traffic cost more than the arithmetic. The numpy path works on blocks of
   :data:`ROWS` rows whose temporaries stay in the CPU cache.
 * **Mosaic in place.** The first item of a day writes its day's layer directly; a later item of the same day
-  (the overlapping granule) only fills the pixels still NaN, as :func:`~ndvi_scale.composite.mosaic_days`.
+  (the overlapping granule) only fills the pixels still NaN, as :func:`~ndvi_scale.testing.reference.mosaic_days`.
 * **One pass with numba, if installed.** The same float32 operations in one compiled loop per item (no
   temporaries, GIL released): ~4x faster than the numpy row blocks and bit-identical to them (no fast-math:
   LLVM may vectorise but not reorder float operations). Without numba, or with ``NDVI_SCALE_NUMBA=0``, the
@@ -41,7 +40,6 @@ __all__ = [
     "MAX_NETWORK_DAYS",
     "NUMBA",
     "ROWS",
-    "ndvi_days",
     "ndvi_into",
     "reduce_days",
     "reflectance_table",
@@ -64,51 +62,12 @@ def reflectance_table(scale: float, offset: float) -> np.ndarray:
 
 @functools.lru_cache(maxsize=16)
 def scl_table(mask_classes: tuple[int, ...]) -> np.ndarray:
-    """float32[65536]: 0 where the SCL value is clear (:func:`~ndvi_scale.mask.clear_mask`), else NaN."""
+    """float32[65536]: 0 where the SCL value is clear (:func:`~ndvi_scale.testing.reference.clear_mask`), else NaN."""
     clear = _lookup(mask_classes)  # 256 entries; values >= 256 are outside the legend, as 255 is
     table = np.full(65536, np.nan, dtype=np.float32)
     table[:256][clear] = 0.0
     table.setflags(write=False)
     return table
-
-
-def ndvi_days(
-    block: np.ndarray,
-    day_index: Sequence[int],
-    red_scale: Sequence[float],
-    red_offset: Sequence[float],
-    nir_scale: Sequence[float],
-    nir_offset: Sequence[float],
-    mask_classes: Sequence[int],
-    n_days: int | None = None,
-) -> np.ndarray:
-    """(items, 3 = red/nir/scl, y, x) unsigned DNs -> (days, y, x) float32 NDVI, NaN where not observed clear.
-
-    Item ``i`` belongs to day ``day_index[i]``; within a day the first item with a valid value wins.
-    Days without any item (if ``n_days`` says there are more) are all NaN.
-    """
-    if block.dtype not in (np.uint8, np.uint16):
-        raise TypeError(f"block dtype {block.dtype} is not uint8/uint16 digital numbers")
-    n_items, n_bands, height, width = block.shape
-    if n_bands < 3:
-        raise ValueError(f"block has {n_bands} bands; expected red, nir, scl")
-    idx = [int(d) for d in day_index]
-    if len(idx) != n_items:
-        raise ValueError(f"{len(idx)} day indices for {n_items} items")
-    n_days = (max(idx) + 1 if idx else 0) if n_days is None else n_days
-    days = np.empty((n_days, height, width), dtype=np.float32)
-    started = np.zeros(n_days, dtype=bool)
-    scl_t = scl_table(tuple(int(c) for c in mask_classes))
-    one_item = _ndvi_item_numba if _use_numba() else _ndvi_item_numpy
-    with np.errstate(invalid="ignore", divide="ignore"):
-        for i, d in enumerate(idx):
-            red_t = reflectance_table(float(red_scale[i]), float(red_offset[i]))
-            nir_t = reflectance_table(float(nir_scale[i]), float(nir_offset[i]))
-            one_item(block[i, 0], block[i, 1], block[i, 2], red_t, nir_t, scl_t, days[d], not started[d])
-            started[d] = True
-    if not started.all():
-        days[~started] = np.nan
-    return days
 
 
 def ndvi_into(

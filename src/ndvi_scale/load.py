@@ -1,90 +1,41 @@
-"""Load stage: normalised Sentinel-2 items -> one lazy, chunked (time, band, y, x) uint16 stack (stackstac).
+"""Load stage: where the pixels come from. CRS policy, href signing, CRS from COG headers, and the public raw stack.
 
-Only red, nir and scl are read. Digital numbers are kept raw (``rescale=False``, uint16): scale/offset
-differ per item (processing baseline) and are applied by the index stage, in float32, inside the fused
-per-chunk task. SCL (20 m) is read onto the 10 m output grid with nearest resampling, so each 10 m pixel takes
-the class of the 20 m pixel that contains it.
-
-Signed hrefs (Planetary Computer): items keep their unsigned hrefs from search to here; :func:`load_stack`
-signs them (:func:`sign_items`, with :func:`ndvi_scale.profiles.sign_href`) right before building the stack,
-so each run, and each retried run, gets fresh tokens (they expire after ~45 minutes). A read that outlives its
-token (HTTP 403) is re-signed and tried again by the reader (:mod:`ndvi_scale.faults`).
-
-The file is authoritative for the grid. stackstac reads every asset through a warped VRT built from the file's
-own georeferencing, so a ``proj:transform``/``proj:shape`` that does not match the file (decimated or
-re-gridded copies) does not change a pixel. The metadata only tells stackstac where an asset lies, to skip the
-chunks it does not touch: when that footprint contradicts the item's bbox it is replaced by the bbox
-(:func:`asset_footprints`), so a wrong ``proj:shape`` cannot silently drop pixels. :func:`with_crs_from_cog`
-reads CRS and grid from the file header when the metadata gives no CRS.
+* :func:`choose_epsg` decides the output CRS (the UTM zone covering most of the bbox, or the user's); the grid
+  itself is :func:`ndvi_scale.engine.grid.output_grid`.
+* :func:`sign_items`: items keep their unsigned hrefs from search to the build, which signs them (Planetary
+  Computer tokens expire after ~45 minutes: each run, and each retried read, gets fresh ones).
+* :func:`with_crs_from_cog` reads CRS and grid from the file header when the metadata gives no CRS.
+* :func:`stack`: the lazy (time, band, y, x) raw DN stack of normalised items through stackstac's public API,
+  for users who want the bands themselves (and the tests' oracle). Optional: ``pip install ndvi-scale[stackstac]``;
+  the composites never go through it (:mod:`ndvi_scale.engine` reads the pixels).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import logging
 import math
-import os
 from collections.abc import Sequence
 from fractions import Fraction
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import rasterio.enums
-import stackstac
 import xarray as xr
 from pyproj import CRS, Transformer
-from stackstac.rio_env import LayeredEnv
 
 from .config import BBox
+from .engine.handles import GDAL_OPEN_OPTIONS
+from .engine.sources import BANDS, _contains_bbox, _transformer_bounds
 from .errors import InputError, ItemError
-from .faults import ReadPolicy
 from .http import gdal_retry_options
-from .reader import FastReader
 
 if TYPE_CHECKING:
     from .items import S2Item
     from .profiles import Profile
 
 log = logging.getLogger(__name__)
-
-#: The three assets read for NDVI, in stack order.
-BANDS = ("red", "nir", "scl")
-
-#: GDAL's block cache, MB per process, unless the environment says otherwise. GDAL's default is 5 % of the host's
-#: RAM: 1.2 GB on 24 GiB, 13 GB on a 256 GB node, where it pushes a dask worker past its memory limit. The fast
-#: reader reads whole tiles straight into its buffers and keeps shared tiles itself (ndvi_scale.reader), so GDAL's
-#: cache only serves headers, the warped path and partly-read tiles. 128 MB: peak RSS 1.4-1.5 GB instead of 2.4 GB in
-#: benchmarks/. Set in the process environment, read once by GDAL: as a GDAL_ENV option rasterio would set and
-#: reset it around every open and read, which flushes the cache (GDAL then re-fetched ranges it had just read,
-#: tests/test_real_raster.py).
-GDAL_CACHEMAX_MB = 128
-os.environ.setdefault("GDAL_CACHEMAX", str(GDAL_CACHEMAX_MB))
-
-#: GDAL settings for reading COGs over HTTP/object storage.
-GDAL_ENV = LayeredEnv(
-    always=dict(
-        # A 2048-px chunk covers 2x2 internal 1024-px tiles: merging consecutive ranges means fewer GETs.
-        GDAL_HTTP_MERGE_CONSECUTIVE_RANGES="YES",
-        GDAL_HTTP_MULTIRANGE="YES",
-        # Transient 429/5xx and timeouts from object stores: GDAL retries with the one policy of
-        # ndvi_scale.http (statuses, attempts, backoff, timeouts) before we see an error.
-        **gdal_retry_options(),
-        # Only the .tif is there; without this GDAL lists the "directory" looking for .aux/.msk/.ovr sidecars
-        # (~22 requests per open instead of 3).
-        GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR",
-        CPL_VSIL_CURL_ALLOWED_EXTENSIONS=".tif,.tiff,.TIF,.jp2,.JP2",
-        # One 64 kB header read covers the COG IFDs and tile offsets of an S2 band (default 16 kB needs 2-3).
-        GDAL_INGESTED_BYTES_AT_OPEN="65536",
-        # Dask already runs one read task per core; GDAL's own decode threads would oversubscribe them.
-        GDAL_NUM_THREADS="1",
-    ),
-    open=dict(VSI_CACHE=True),  # re-opens of the same URL in other threads hit the header cache
-    read=dict(VSI_CACHE=False),  # pixel tiles are read once: caching them would only evict headers
-)
-
 
 def utm_epsg(lon: float, lat: float) -> int:
     """EPSG code of the WGS84 UTM zone containing (lon, lat): 326zz north of the equator (and on it), 327zz south.
@@ -203,7 +154,7 @@ def projected_bounds(bbox: BBox, epsg: int) -> tuple[float, float, float, float]
     return tr.transform_bounds(*bbox.as_tuple(), densify_pts=21)
 
 
-def _signers() -> dict[str, Profile]:
+def signers() -> dict[str, Profile]:
     """Profiles whose hrefs need signing, by name (an item's ``provider`` is the profile name)."""
     from .profiles import list_profiles
 
@@ -219,10 +170,10 @@ def sign_items(items: Sequence[S2Item]) -> list[S2Item]:
     """
     from .profiles import sign_href
 
-    signers = _signers()
+    signers_ = signers()
     out: list[S2Item] = []
     for it in items:
-        prof = signers.get(it.provider)
+        prof = signers_.get(it.provider)
         if prof is None:
             out.append(it)
             continue
@@ -276,18 +227,6 @@ def with_crs_from_cog(item: S2Item) -> S2Item:
     return dataclasses.replace(item, bands=MappingProxyType(bands), epsg=epsg)
 
 
-#: How far (fraction of the asset's width/height, per side) the item's bbox may stick out of the footprint
-#: that ``proj:transform``/``proj:shape`` give before that footprint is distrusted. A lon/lat bbox
-#: re-projected to UTM overshoots a correct footprint by up to ~5 % at high latitudes (grid convergence); a
-#: wrong ``proj:shape`` (e.g. the 20 m band's shape with the 10 m band's transform) is off by 50 %.
-FOOTPRINT_TOLERANCE = 0.1
-
-
-@functools.lru_cache(maxsize=64)
-def _from_lonlat(epsg: int) -> Transformer:
-    return Transformer.from_crs(4326, epsg, always_xy=True)
-
-
 def asset_footprints(item: dict[str, Any]) -> dict[str, Any]:
     """Check each asset's footprint (``proj:transform`` x ``proj:shape``) against the item's lon/lat bbox.
 
@@ -305,24 +244,16 @@ def asset_footprints(item: dict[str, Any]) -> dict[str, Any]:
         epsg, tf, shape = asset.get("proj:epsg"), asset.get("proj:transform"), asset.get("proj:shape")
         if not epsg or not tf or not shape or tf[1] != 0 or tf[3] != 0:
             continue
-        xs = (tf[2], tf[2] + tf[0] * shape[1])
-        ys = (tf[5], tf[5] + tf[4] * shape[0])
-        left, right, bottom, top = min(xs), max(xs), min(ys), max(ys)
+        if _contains_bbox(tf, (int(shape[0]), int(shape[1])), int(epsg), bbox):
+            continue
         try:
-            w, s, e, n = _from_lonlat(int(epsg)).transform_bounds(
-                bbox[0], bbox[1], bbox[2], bbox[3], densify_pts=21
-            )
-        except Exception:  # pyproj errors for a bbox outside the CRS's area: nothing to compare with
-            continue
-        if not all(math.isfinite(v) for v in (w, s, e, n)):
-            continue
-        mx, my = FOOTPRINT_TOLERANCE * (right - left), FOOTPRINT_TOLERANCE * (top - bottom)
-        if w >= left - mx and e <= right + mx and s >= bottom - my and n <= top + my:
+            w, s, e, n = _transformer_bounds(bbox, int(epsg))
+        except Exception:
             continue
         log.warning(
-            "item %s: asset %s: proj:transform/proj:shape give the footprint %s, which does not contain the "
+            "item %s: asset %s: proj:transform/proj:shape %s give a footprint that does not contain the "
             "item bbox (%s in EPSG:%s); using the bbox (the pixels and their grid come from the file)",
-            item.get("id"), name, (left, bottom, right, top), (round(w), round(s), round(e), round(n)), epsg,
+            item.get("id"), name, (tf, shape), (round(w), round(s), round(e), round(n)), epsg,
         )
         asset.pop("proj:transform", None)
         asset.pop("proj:shape", None)
@@ -330,36 +261,38 @@ def asset_footprints(item: dict[str, Any]) -> dict[str, Any]:
     return item
 
 
-def load_stack(
+def stack(
     items: Sequence[S2Item],
     *,
     epsg: int,
     bbox: BBox,
     resolution: float,
-    chunk: int,
-    time_chunks: Sequence[int],
-    policy: ReadPolicy | None = None,
+    chunk: int = 2048,
+    time_chunks: Sequence[int] | None = None,
 ) -> xr.DataArray:
-    """A lazy (time, band, y, x) uint16 stack of red, nir, scl for ``items`` (in the given order) on the
-    output grid.
+    """A lazy (time, band, y, x) uint16 stack of raw red, nir, scl digital numbers of ``items`` (in the given
+    order) on the run's output grid, through ``stackstac.stack`` (its public API only).
 
-    ``time_chunks`` groups consecutive items into one dask chunk each: all items of one period are read by one
-    task per spatial chunk, so the graph has periods x chunks reads, not items x chunks (stackstac's default).
-    Hrefs are signed here (:func:`sign_items`) and asset footprints checked (:func:`asset_footprints`).
-    Reads follow ``policy`` (retries, skip or fail, where faults are recorded; see :mod:`ndvi_scale.faults`);
-    for signed hrefs it gets a re-signing function, so a retried read gets a fresh token.
+    For users who want the bands themselves, and the tests' oracle; the composites never go through it. Digital
+    numbers are raw (no scale/offset: they differ per item, see each item's bands). ``time_chunks`` groups
+    consecutive items into one dask chunk each. Hrefs are signed here and asset footprints checked
+    (:func:`asset_footprints`). Needs stackstac (``pip install ndvi-scale[stackstac]``); raises
+    :class:`~ndvi_scale.errors.InputError` saying so when it is missing.
     """
-    if sum(time_chunks) != len(items):
-        raise ValueError(f"time_chunks {tuple(time_chunks)} do not add up to {len(items)} items")
-    # Sign here, at the last moment (tokens expire): the items keep their unsigned hrefs, a re-run re-signs.
-    dicts: list[dict[str, Any]] = [asset_footprints(it.to_stackstac()) for it in sign_items(items)]
-    policy = policy if policy is not None else ReadPolicy()
-    signed = sorted({it.provider for it in items if it.provider in _signers()})
-    if signed and policy.resign is None:
-        from .profiles import resign_href
+    try:
+        import stackstac
+    except ImportError:
+        raise InputError(
+            "ndvi_scale.stack needs stackstac, which is not installed; pip install 'ndvi-scale[stackstac]' (it "
+            "pins pandas<3), or use ndvi_scale.compute for composites, which does not need it"
+        ) from None
+    import rasterio.enums
 
-        policy = dataclasses.replace(policy, resign=functools.partial(resign_href, signed[0]))
-    stack = stackstac.stack(
+    time_chunks = tuple(time_chunks) if time_chunks is not None else (len(items),)
+    if sum(time_chunks) != len(items):
+        raise ValueError(f"time_chunks {time_chunks} do not add up to {len(items)} items")
+    dicts: list[dict[str, Any]] = [asset_footprints(it.to_stackstac()) for it in sign_items(items)]
+    return stackstac.stack(
         dicts,
         assets=list(BANDS),
         epsg=epsg,
@@ -367,7 +300,7 @@ def load_stack(
         bounds_latlon=bbox.as_tuple(),
         snap_bounds=True,
         resampling=rasterio.enums.Resampling.nearest,
-        chunksize=(tuple(time_chunks), len(BANDS), chunk, chunk),
+        chunksize=(time_chunks, len(BANDS), chunk, chunk),
         dtype=np.dtype("uint16"),
         fill_value=np.uint16(0),  # numpy 2: a Python int does not "safely cast" to uint16 for stackstac
         rescale=False,
@@ -375,10 +308,6 @@ def load_stack(
         xy_coords="center",
         properties=False,
         band_coords=False,
-        gdal_env=GDAL_ENV,
-        # stackstac's default turns an HTTP 404 into silent no-data (a warning at most): a removed file must go
-        # through the read policy like any other fault (fail naming it, or skip and record it).
+        gdal_env=stackstac.DEFAULT_GDAL_ENV.updated(always=GDAL_OPEN_OPTIONS),
         errors_as_nodata=(),
-        reader=functools.partial(FastReader, policy=policy),
     )
-    return stack

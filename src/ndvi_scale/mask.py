@@ -1,6 +1,7 @@
 """Mask stage: which observations are clear, from the Scene Classification Layer (SCL) and band nodata.
 
-Pure numpy kernels, applied per chunk inside the fused per-chunk task (see :mod:`ndvi_scale.pipeline`).
+The SCL legend and its lookup table; the engine applies it inside the fused per-chunk task
+(:func:`ndvi_scale.kernel.ndvi_into`), the stage-by-stage reference is :func:`ndvi_scale.testing.reference.clear_mask`.
 """
 
 from __future__ import annotations
@@ -33,13 +34,3 @@ def _lookup(mask_classes: Sequence[int]) -> np.ndarray:
     table[0] = False  # SCL 0 is "no data" whatever the user masks: there is nothing to keep there
     table[12:] = False  # values outside the SCL legend are not trustworthy observations
     return table
-
-
-def clear_mask(scl: np.ndarray, red: np.ndarray, nir: np.ndarray, mask_classes: Sequence[int]) -> np.ndarray:
-    """True where an observation is usable: SCL not in ``mask_classes`` and both bands hold data (DN != 0).
-
-    ``scl`` may be any unsigned integer dtype (stackstac reads it into the common uint16 stack).
-    """
-    table = _lookup(mask_classes)
-    scl_idx = np.minimum(scl, 255).astype(np.uint8, copy=False)
-    return table[scl_idx] & (red != 0) & (nir != 0)

@@ -1,4 +1,6 @@
-"""Index stage: NDVI from red/nir digital numbers with per-item scale and offset."""
+"""Index stage: surface reflectance from digital numbers with per-item scale and offset (tabulated by
+:mod:`ndvi_scale.kernel`; NDVI itself is computed there).
+"""
 
 from __future__ import annotations
 
@@ -14,25 +16,3 @@ def reflectance(dn: np.ndarray, scale: float, offset: float) -> np.ndarray:
     r = dn.astype(np.float32) * np.float32(scale) + np.float32(offset)
     np.maximum(r, np.float32(0), out=r)
     return r
-
-
-def ndvi(
-    red_dn: np.ndarray,
-    nir_dn: np.ndarray,
-    scale: float,
-    offset: float,
-    clear: np.ndarray | None = None,
-    nir_scale: float | None = None,
-    nir_offset: float | None = None,
-) -> np.ndarray:
-    """NDVI = (nir - red) / (nir + red) as float32, NaN where not ``clear`` or where both reflectances are 0."""
-    red = reflectance(red_dn, scale, offset)
-    nir = reflectance(nir_dn, scale if nir_scale is None else nir_scale, offset if nir_offset is None else nir_offset)
-    den = nir + red
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = (nir - red) / den
-    bad = den <= 0
-    if clear is not None:
-        bad |= ~clear
-    out[bad] = np.nan
-    return out

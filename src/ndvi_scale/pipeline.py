@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,11 +26,13 @@ import xarray as xr
 from . import __version__
 from .composite import EXTRA_OUTPUTS, Period, assign_periods, periods_between
 from .config import RunConfig
+from .engine.graph import PeriodSources, composite_cube, cube_layer
+from .engine.grid import OutputGrid, output_grid
+from .engine.sources import item_source
 from .errors import InputError
 from .faults import FaultLog, ReadPolicy, clean_href, describe_summary
-from .fused import cube_layer, fused_cube
 from .items import S2Item
-from .load import choose_epsg, load_stack, with_crs_from_cog
+from .load import choose_epsg, sign_items, signers, with_crs_from_cog
 from .mask import SCL_CLASSES
 from .search import SearchResult, search
 from .write import WriteReport
@@ -122,20 +125,37 @@ def _days_to_datetime(days: np.ndarray) -> np.ndarray:
     return ns.view("datetime64[ns]")
 
 
-def plan_stack(plan: Plan, policy: ReadPolicy | None = None, *, chunk: int | None = None) -> xr.DataArray:
-    """The lazy (items, band, y, x) uint16 stack of the plan's items, period after period, one time chunk per
-    non-empty period (what :func:`ndvi_scale.fused.fused_cube` reads); ``chunk`` overrides the plan's."""
+def plan_grid(plan: Plan) -> OutputGrid:
+    """The output grid of ``plan`` (a pure function of bbox, CRS and resolution; see :func:`choose_epsg`)."""
     cfg = plan.config
-    live = [p for p in plan.plans if p is not None]
-    return load_stack(
-        [it for p in live for it in p.items],
-        epsg=plan.epsg,
-        bbox=cfg.bbox,
-        resolution=cfg.resolution,
-        chunk=chunk or plan.chunk,
-        time_chunks=[len(p.items) for p in live],
-        policy=policy,
-    )
+    return output_grid(cfg.bbox.as_tuple(), plan.epsg, cfg.resolution)
+
+
+def plan_sources(plan: Plan, grid: OutputGrid | None = None) -> list[PeriodSources | None]:
+    """The asset specs each period reads (hrefs signed now, where the provider needs it: tokens expire, so
+    every build signs afresh), one entry per period of the calendar (None: no scene)."""
+    grid = grid or plan_grid(plan)
+    out: list[PeriodSources | None] = []
+    for p in plan.plans:
+        if p is None:
+            out.append(None)
+            continue
+        signed = sign_items(p.items)
+        items = tuple(item_source(it, d, grid, s) for it, d, s in zip(p.items, p.day_index, signed, strict=True))
+        out.append(PeriodSources(items, p.day_numbers))
+    return out
+
+
+def read_policy(plan: Plan, policy: ReadPolicy | None = None) -> ReadPolicy:
+    """``policy`` (default: the run's skip setting) with a re-signing function where the plan's hrefs are signed,
+    so a retried read gets a fresh token."""
+    policy = policy if policy is not None else ReadPolicy(skip=plan.config.skip_bad_assets)
+    providers = sorted({it.provider for p in plan.plans if p is not None for it in p.items} & set(signers()))
+    if providers and policy.resign is None:
+        from .profiles import resign_href
+
+        policy = dataclasses.replace(policy, resign=functools.partial(resign_href, providers[0]))
+    return policy
 
 
 def build(cfg: RunConfig, plan: Plan | None = None, policy: ReadPolicy | None = None) -> xr.Dataset:
@@ -145,10 +165,13 @@ def build(cfg: RunConfig, plan: Plan | None = None, policy: ReadPolicy | None = 
     :func:`run` records skipped assets in the output).
     """
     plan = plan or make_plan(cfg)
-    stack = plan_stack(plan, policy if policy is not None else ReadPolicy(skip=cfg.skip_bad_assets))
+    grid = plan_grid(plan)
     extras = EXTRA_OUTPUTS.get(cfg.method, ())
     n_out = 2 + len(extras)
-    cube = fused_cube(stack, plan.plans, method=cfg.method, mask_classes=cfg.mask_classes, n_out=n_out)
+    cube = composite_cube(
+        plan_sources(plan, grid), grid, plan.chunk, method=cfg.method, mask_classes=cfg.mask_classes,
+        n_out=n_out, policy=read_policy(plan, policy),
+    )
 
     times = pd.DatetimeIndex([np.datetime64(p.start, "ns") for p in plan.periods])
     coords = {
@@ -158,8 +181,8 @@ def build(cfg: RunConfig, plan: Plan | None = None, policy: ReadPolicy | None = 
             pd.DatetimeIndex([np.datetime64(p.end, "ns") for p in plan.periods]),
             {"long_name": "last day of the compositing period (inclusive)"},
         ),
-        "y": ("y", stack["y"].values, {"standard_name": "projection_y_coordinate", "units": "m", "axis": "Y"}),
-        "x": ("x", stack["x"].values, {"standard_name": "projection_x_coordinate", "units": "m", "axis": "X"}),
+        "y": ("y", grid.ys(), {"standard_name": "projection_y_coordinate", "units": "m", "axis": "Y"}),
+        "x": ("x", grid.xs(), {"standard_name": "projection_x_coordinate", "units": "m", "axis": "X"}),
     }
     dims = ("time", "y", "x")
     data_vars: dict[str, Any] = {
@@ -349,4 +372,4 @@ def compute(
     return xr.open_zarr(open_location(cfg.out or "").store, decode_coords="all", consolidated=None)
 
 
-__all__ = ["InputError", "build", "compute", "make_plan", "plan_stack", "run"]
+__all__ = ["InputError", "build", "compute", "make_plan", "plan_grid", "plan_sources", "run"]

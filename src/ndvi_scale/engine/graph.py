@@ -1,0 +1,117 @@
+"""The graph: ONE task per (period, chunk), plus one small task per non-empty period holding its asset specs.
+
+O(periods x chunks) tasks whatever the number of items, on any Dask scheduler. Tasks carry asset specs
+(:class:`~ndvi_scale.engine.sources.ItemSource`: hrefs, footprints, scale/offset), never reader objects: readers
+and open files live in the worker process (:func:`ndvi_scale.engine.reader.reader_for`), made on first use and
+shared by every task that reads the asset there.
+
+The specs of a period are one task the chunk tasks depend on, not a copy in every chunk task: a distributed worker
+unpickles each task's spec on its own and keeps it until the run's results are released, so per-task copies grew
+a worker's memory with every task until dask paused it for good (tests/test_pipeline_cluster.py kills a worker
+and checks the run finishes). That task also starts the period's header reads in the I/O pool.
+
+The output is packed: the ``n_out`` layers (value, count[, date]) of a (period, chunk) one under the other in a
+(1, n_out * height, width) float32 block; :func:`cube_layer` takes a layer out as a blockwise row slice, which dask
+fuses into the task that consumes it (the region write): a written region costs 2 tasks, the composite and the
+write. Taking a layer out of a 4-d block would drop an axis, which dask does not fuse.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
+
+from ..faults import ReadPolicy
+from .grid import OutputGrid
+from .sources import ItemSource
+from .task import composite_block, empty_block, prefetch
+
+__all__ = ["PeriodSources", "composite_cube", "cube_layer"]
+
+
+@dataclass(frozen=True)
+class PeriodSources:
+    """What one non-empty period reads."""
+
+    items: tuple[ItemSource, ...]
+    """Its items, in fold order within each day (the first valid observation of a day wins)."""
+    day_numbers: tuple[int, ...]
+    """Per day of the period with a scene: days since 1970-01-01 (for the date of the max/min)."""
+
+
+def composite_cube(
+    periods: Sequence[PeriodSources | None],
+    grid: OutputGrid,
+    chunk: int,
+    *,
+    method: str,
+    mask_classes: Sequence[int],
+    n_out: int,
+    policy: ReadPolicy,
+) -> da.Array:
+    """(periods, n_out * y, x) float32 packed composites of every period (None: no scene, NaN and count 0)."""
+    chunks_y, chunks_x = grid.chunks(chunk)
+    windows = list(grid.windows(chunk))
+    mask_classes = tuple(int(c) for c in mask_classes)
+    token = tokenize(grid, chunk, list(periods), method, mask_classes, n_out, policy)
+    name = f"ndvi-composite-{method}-{token}"
+    table_name = f"ndvi-sources-{token}"
+    table: dict[Any, Any] = {}
+    dsk: dict[Any, Any] = {}
+    k = 0
+    for t, p in enumerate(periods):
+        if p is None:
+            for i, j, _ in windows:
+                dsk[(name, t, i, j)] = (empty_block, n_out, chunks_y[i], chunks_x[j])
+            continue
+        table[(table_name, k)] = (_period_sources, p.items, grid, tuple(s for _, _, s in windows))
+        func = functools.partial(
+            composite_block, grid=grid, day_numbers=p.day_numbers, method=method,
+            mask_classes=mask_classes, n_out=n_out, policy=policy,
+        )
+        for i, j, sl in windows:
+            dsk[(name, t, i, j)] = (func, (table_name, k), (t, i, j), sl)
+        k += 1
+    graph = HighLevelGraph({table_name: table, name: dsk}, {table_name: set(), name: {table_name}})
+    chunks = ((1,) * len(periods), tuple(n_out * c for c in chunks_y), chunks_x)
+    return da.Array(graph, name, chunks=chunks, meta=np.empty((0, 0, 0), dtype=np.float32))
+
+
+def _period_sources(
+    items: tuple[ItemSource, ...], grid: OutputGrid, slices: tuple[tuple[slice, slice], ...]
+) -> tuple[ItemSource, ...]:
+    """The period's specs for its chunk tasks; starts their header reads on the way (not waiting for them)."""
+    prefetch(items, grid, slices)
+    return items
+
+
+def cube_layer(
+    cube: da.Array,
+    index: int,
+    n_out: int,
+    dtype: Any = np.float32,
+    convert: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> da.Array:
+    """(periods, y, x) layer ``index`` of a :func:`composite_cube` of ``n_out`` layers, cast to ``dtype`` or
+    through ``convert``: a blockwise row slice with the cast, ONE task per block, fused into its consumer."""
+    chunks = (cube.chunks[0], tuple(c // n_out for c in cube.chunks[1]), cube.chunks[2])
+    return da.map_blocks(
+        functools.partial(_layer, index=index, n_out=n_out, dtype=np.dtype(dtype), convert=convert),
+        cube,
+        chunks=chunks,
+        dtype=np.dtype(dtype),
+        meta=np.empty((0, 0, 0), dtype=np.dtype(dtype)),
+    )
+
+
+def _layer(block: np.ndarray, index: int, n_out: int, dtype: np.dtype, convert: Any) -> np.ndarray:
+    height = block.shape[1] // n_out
+    layer = block[:, index * height : (index + 1) * height]
+    return convert(layer) if convert is not None else layer.astype(dtype, copy=False)

@@ -1,0 +1,164 @@
+"""One (period, chunk): read every item's red, nir and scl window, fold its NDVI into the day layers, reduce.
+
+This is the only per-pixel path of ndvi-scale. No uint16 stack of the period is made: reads run in the process's
+I/O pool (:mod:`ndvi_scale.engine.fetch`, many requests in flight, bounded read-ahead) and each item is folded
+into its day's float32 layer as soon as it is its turn (:func:`ndvi_scale.kernel.ndvi_into`: mask, NDVI,
+same-day mosaic, first valid wins); then the days are reduced (:func:`ndvi_scale.kernel.reduce_days`). A task
+holds the (days, y, x) float32 NDVI and the read-ahead windows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from rasterio import windows
+
+from ..faults import ReadPolicy
+from ..kernel import ndvi_into, reduce_days
+from .fetch import POOL, READ_AHEAD_BYTES, ordered_reads
+from .grid import OutputGrid
+from .reader import reader_for
+from .sources import AssetSource, ItemSource
+
+__all__ = ["composite_block", "empty_block", "prefetch"]
+
+
+def empty_block(n_out: int, height: int, width: int) -> np.ndarray:
+    """The packed block of a period without scenes: NaN composites, valid_count 0."""
+    out = np.full((1, n_out, height, width), np.nan, dtype=np.float32)
+    out[:, 1] = 0
+    return out.reshape(1, n_out * height, width)
+
+
+def prefetch(sources: Sequence[ItemSource], grid: OutputGrid, slices: Sequence[tuple[slice, slice]]) -> None:
+    """Open (in the I/O pool, without waiting) the red/nir assets of ``sources`` that reach any of ``slices``:
+    the header round trips of a whole period are then issued together, before its chunks need them."""
+    for src in sources:
+        if any(src.red.reaches(*s) and src.nir.reaches(*s) for s in slices):
+            for a in src.assets:
+                POOL.submit(reader_for(a.href, grid).coverage)
+
+
+def composite_block(
+    sources: Sequence[ItemSource],
+    block_id: tuple[int, int, int],
+    slices: tuple[slice, slice],
+    *,
+    grid: OutputGrid,
+    day_numbers: Sequence[int],
+    method: str,
+    mask_classes: tuple[int, ...],
+    n_out: int,
+    policy: ReadPolicy,
+    read_ahead: int = READ_AHEAD_BYTES,
+) -> np.ndarray:
+    """The packed (1, n_out * height, width) float32 block of one period and chunk: value, count[, date].
+
+    Days are visited from a start that differs between neighbouring chunks (``block_id`` = (period, i, j)):
+    two tasks on adjacent chunks then read different items at a time, so a COG tile they share is inflated by
+    one and found in the tile cache by the other, instead of both waiting for it at once. Each day's items are
+    still folded in their own order (the mosaic rule: first valid wins), and each day has its own layer, so the
+    result does not depend on the visiting order.
+
+    Raises :class:`~ndvi_scale.faults.AssetReadError` (a read failed and ``policy`` does not skip) or
+    :class:`~ndvi_scale.errors.ReadError`.
+    """
+    rows, cols = slices
+    height, width = rows.stop - rows.start, cols.stop - cols.start
+    window = windows.Window.from_slices(rows, cols)
+    n_days = len(day_numbers)
+    days = np.empty((n_days, height, width), dtype=np.float32)
+    started = np.zeros(n_days, dtype=bool)
+    by_day: list[list[int]] = [[] for _ in range(n_days)]
+    for i, s in enumerate(sources):
+        by_day[s.day].append(i)
+    shift = (sum(block_id[1:]) * ((n_days + 1) // 2)) % n_days if n_days else 0
+    order = [i for d in [*range(shift, n_days), *range(shift)] for i in by_day[d]]
+    # The items whose red and nir metadata footprints reach the chunk; the others observe nothing here.
+    reading = [i for i in order if sources[i].red.reaches(rows, cols) and sources[i].nir.reaches(rows, cols)]
+    jobs = [(i, a) for i in reading for a in sources[i].assets]
+
+    def read(job: tuple[int, AssetSource]) -> np.ndarray:
+        return reader_for(job[1].href, grid).read(window, policy)
+
+    got: dict[str, np.ndarray] = {}
+    for (i, asset), data in ordered_reads(jobs, read, lambda job: 2 * height * width, read_ahead):
+        if data.shape != (height, width):
+            raise RuntimeError(f"reader returned {data.shape} for a {height} x {width} window")
+        got[asset.band] = data
+        if asset.band != "scl":
+            continue
+        src = sources[i]
+        _fold(days[src.day], not started[src.day], src, got, grid, rows, cols, mask_classes)
+        started[src.day] = True
+        got = {}
+    if not started.all():
+        days[~started] = np.nan
+    out = np.empty((1, n_out, height, width), dtype=np.float32)
+    reduce_days(days, method, np.asarray(day_numbers, dtype=np.int64), out=out[0])
+    return out.reshape(1, n_out * height, width)
+
+
+def _fold(
+    layer: np.ndarray,
+    first: bool,
+    src: ItemSource,
+    got: dict[str, np.ndarray],
+    grid: OutputGrid,
+    rows: slice,
+    cols: slice,
+    mask_classes: tuple[int, ...],
+) -> None:
+    """Fold one item into its day's layer, computing only on the part of the chunk its red and nir cover."""
+    part = _covered(src, grid, rows, cols)
+    if part is None:  # red or nir does not reach the chunk: the item observes nothing here
+        if first:
+            layer[:] = np.nan
+        return
+    pr, pc = part
+    if first and (pr.start, pr.stop, pc.start, pc.stop) != (0, layer.shape[0], 0, layer.shape[1]):
+        _fill_outside(layer, pr, pc)
+    ndvi_into(
+        layer[pr, pc],
+        got["red"][pr, pc],
+        got["nir"][pr, pc],
+        got["scl"][pr, pc],
+        src.red_scale,
+        src.red_offset,
+        src.nir_scale,
+        src.nir_offset,
+        mask_classes,
+        first=first,
+    )
+
+
+def _covered(src: ItemSource, grid: OutputGrid, rows: slice, cols: slice) -> tuple[slice, slice] | None:
+    """The part of the chunk (as slices relative to it) the red and nir rasters cover, or None.
+
+    Exact where the readers know the raster's extent (the aligned path: the file was opened by the read);
+    otherwise the whole chunk (the warped path: the read itself put the fill value outside the file).
+    """
+    r0, r1, c0, c1 = rows.start, rows.stop, cols.start, cols.stop
+    for asset in (src.red, src.nir):
+        extent = reader_for(asset.href, grid).coverage()
+        if extent is None:
+            continue
+        r0, r1, c0, c1 = max(r0, extent[0]), min(r1, extent[1]), max(c0, extent[2]), min(c1, extent[3])
+    if r0 >= r1 or c0 >= c1:
+        return None
+    return slice(r0 - rows.start, r1 - rows.start), slice(c0 - cols.start, c1 - cols.start)
+
+
+def _fill_outside(layer: np.ndarray, rows: slice, cols: slice) -> None:
+    """NaN in ``layer`` outside [rows, cols] (the margins only: the inside is about to be written)."""
+    layer[: rows.start] = np.nan
+    layer[rows.stop :] = np.nan
+    layer[rows, : cols.start] = np.nan
+    layer[rows, cols.stop :] = np.nan
+
+
+def task_key(sources: Sequence[ItemSource], day_numbers: Sequence[int]) -> Any:
+    """What identifies a period's work (for graph names)."""
+    return (tuple(sources), tuple(day_numbers))

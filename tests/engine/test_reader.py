@@ -1,0 +1,246 @@
+"""AssetReader: the reference stack's pixels (GDAL warping every asset whole), window by window, warp-free where
+grids are aligned; the read policy; open files bounded."""
+
+from __future__ import annotations
+
+import errno
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+import rasterio
+from helpers import bboxes, items_and_grid
+from rasterio.windows import Window
+
+from ndvi_scale.engine import reader as reader_mod
+from ndvi_scale.engine.grid import OutputGrid
+from ndvi_scale.engine.handles import HandlePool
+from ndvi_scale.engine.reader import AssetReader, match_grid, reader_for
+from ndvi_scale.engine.tiles import TILE_CACHE
+from ndvi_scale.errors import ReadError
+from ndvi_scale.faults import AssetReadError, ReadPolicy
+from ndvi_scale.testing.reference import reference_stack
+
+BANDS = ("red", "nir", "scl")
+FAST_POLICY = ReadPolicy(backoff=0.0)
+
+
+def read_all(items: list, grid: OutputGrid, chunk: int) -> tuple[np.ndarray, dict[str, set[bool | None]]]:
+    """The (items, 3, y, x) stack read chunk by chunk through the engine's readers (2 threads at once, as a
+    task pool would), and which path each file took."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    height, width = grid.shape
+    out = np.full((len(items), 3, height, width), 99, dtype=np.uint16)
+    jobs = [
+        (i, b, sl)
+        for i in range(len(items))
+        for b in range(3)
+        for _, _, sl in grid.windows(chunk)
+    ]
+
+    def read(job: tuple[int, int, tuple[slice, slice]]) -> None:
+        i, b, (rows, cols) = job
+        r = reader_for(items[i].bands[BANDS[b]].href, grid)
+        out[i, b, rows, cols] = r.read(Window.from_slices(rows, cols), FAST_POLICY)
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(read, jobs))
+    paths: dict[str, set[bool | None]] = {}
+    for it in items:
+        for b in BANDS:
+            href = it.bands[b].href
+            paths.setdefault(href.rsplit("/", 1)[-1], set()).add(reader_for(href, grid).fast)
+    return out, paths
+
+
+@pytest.mark.parametrize("where", ["inside-A", "across-overlap", "partly-outside"])
+@pytest.mark.parametrize("chunk", [16, 50, 2048])
+def test_aligned_reads_equal_the_reference_stack(sample, where, chunk, monkeypatch):
+    spec, catalog = sample
+    items, grid = items_and_grid(catalog, bboxes(spec)[where])
+    ref = reference_stack(items, grid)
+    got, paths = read_all(items, grid, chunk)
+    assert got.dtype == np.uint16 and np.array_equal(got, ref), f"{where}, chunk {chunk}"
+    assert paths == {"B04.tif": {True}, "B08.tif": {True}, "SCL.tif": {True}}  # never the warper
+    if spec.blocksize < spec.size and chunk < spec.size:
+        assert TILE_CACHE.hits > 0  # tiles cut by chunk edges were decoded once, then shared
+    assert (ref != 0).any() and (where == "inside-A" or (ref == 0).any())
+    monkeypatch.setattr(TILE_CACHE, "max_bytes", 0)  # without the tile cache: the same pixels
+    reader_mod.forget_readers()
+    uncached, _ = read_all(items, grid, chunk)
+    assert np.array_equal(uncached, ref)
+
+
+def _grid_like(grid: OutputGrid, **kw: Any) -> OutputGrid:
+    return OutputGrid(kw.get("epsg", grid.epsg), kw.get("bounds", grid.bounds), kw.get("resolution", grid.resolution))
+
+
+def test_other_crs_is_warped_like_the_reference(sample):
+    spec, catalog = sample
+    bbox = bboxes(spec)["across-overlap"]
+    items, _ = items_and_grid(catalog, bbox)
+    from ndvi_scale.engine.grid import output_grid
+
+    grid = output_grid(bbox, 32632, 10.0)  # the next UTM zone: a real reprojection
+    got, paths = read_all(items, grid, 40)
+    assert np.array_equal(got, reference_stack(items, grid)) and (got != 0).any()
+    assert paths == {"B04.tif": {False}, "B08.tif": {False}, "SCL.tif": {False}}
+
+
+def test_fractional_shift_is_warped(sample):
+    spec, catalog = sample
+    items, grid = items_and_grid(catalog, bboxes(spec)["across-overlap"])
+    shifted = _grid_like(grid, bounds=tuple(v + 5.0 for v in grid.bounds))  # half a pixel off
+    got, paths = read_all(items, shifted, 40)
+    assert np.array_equal(got, reference_stack(items, shifted))
+    assert paths == {"B04.tif": {False}, "B08.tif": {False}, "SCL.tif": {False}}
+
+
+def test_coarser_output_mixes_paths(sample):
+    spec, catalog = sample
+    items, grid = items_and_grid(catalog, bboxes(spec)["partly-outside"], resolution=20)
+    # 20 m output: red/nir need downsampling (warped), SCL is at home (aligned)
+    got, paths = read_all(items, grid, 40)
+    assert np.array_equal(got, reference_stack(items, grid))
+    assert paths == {"B04.tif": {False}, "B08.tif": {False}, "SCL.tif": {True}}
+
+
+def test_finer_output_repeats_pixels(sample):
+    spec, catalog = sample
+    items, grid = items_and_grid(catalog, bboxes(spec)["across-overlap"], resolution=5)
+    # 5 m output: red/nir are repeated 2 x 2, SCL 4 x 4, exactly as GDAL's nearest
+    got, paths = read_all(items, grid, 56)
+    assert np.array_equal(got, reference_stack(items, grid))
+    assert paths == {"B04.tif": {True}, "B08.tif": {True}, "SCL.tif": {True}}
+
+
+def test_reader_is_made_once_per_process_and_knows_its_extent(sample):
+    spec, catalog = sample
+    items, grid = items_and_grid(catalog, bboxes(spec)["partly-outside"])
+    href = items[0].bands["red"].href
+    r = reader_for(href, grid)
+    assert reader_for(href, grid) is r and reader_for(href, _grid_like(grid, resolution=20.0)) is not r
+    assert r.fast is None  # nothing opened yet
+    extent = r.coverage()
+    assert r.fast is True and extent is not None
+    height, width = grid.shape
+    r0, r1, c0, c1 = max(0, extent[0]), min(height, extent[1]), max(0, extent[2]), min(width, extent[3])
+    assert (r1 - r0, c1 - c0) != (height, width)  # it covers part of the grid only
+    whole = r.read(Window(0, 0, width, height), FAST_POLICY)
+    assert (whole[r0:r1, c0:c1] != 0).any() and not whole[:r0].any() and not whole[r1:].any()
+    assert not whole[:, :c0].any() and not whole[:, c1:].any()
+
+
+def test_missing_asset_fails_naming_it_or_is_skipped(sample, tmp_path):
+    spec, catalog = sample
+    _, grid = items_and_grid(catalog, bboxes(spec)["inside-A"])
+    missing = str(tmp_path / "missing.tif")
+    window = Window(0, 0, 5, 4)
+    # an error naming the file once the read policy (retries, then fail or skip) has given up on the asset
+    with pytest.raises(AssetReadError, match="missing.tif") as err:
+        AssetReader(missing, grid).read(window, FAST_POLICY)
+    assert err.value.fault.attempts == 3 and err.value.fault.window == (0, 0, 4, 5)
+    reader_mod._GIVEN_UP.clear()
+    with pytest.warns(UserWarning, match="missing.tif"):
+        out = AssetReader(missing, grid).read(window, ReadPolicy(backoff=0.0, skip=True))
+    np.testing.assert_array_equal(out, np.zeros((4, 5), dtype=np.uint16))
+    reader_mod._GIVEN_UP.clear()
+
+
+def test_out_of_file_descriptors_is_not_blamed_on_the_asset(sample, monkeypatch):
+    """EMFILE is the process's limit, not the asset's fault: no retries, no skip record, a ReadError that says
+    how to fix it."""
+    spec, catalog = sample
+    items, grid = items_and_grid(catalog, bboxes(spec)["inside-A"])
+    calls: list[str] = []
+
+    def no_fds(url: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(url)
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(rasterio, "open", no_fds)
+    policy = ReadPolicy(backoff=0.0, skip=True)
+    with pytest.raises(ReadError, match="file descriptors.*NDVI_SCALE_MAX_OPEN_FILES") as err:
+        reader_for(items[0].bands["red"].href, grid).read(Window(0, 0, 4, 4), policy)
+    assert not isinstance(err.value, AssetReadError) and len(calls) == 1
+
+
+def test_match_grid():
+    out = (10.0, 0.0, 1000.0, 0.0, -10.0, 5000.0)
+    m = match_grid((10.0, 0.0, 960.0, 0.0, -10.0, 5020.0), (96, 96), 32631, out, 32631)
+    assert m is not None and (m.col_off, m.row_off, m.factor) == (-4, -2, 1)
+    m20 = match_grid((20.0, 0.0, 960.0, 0.0, -20.0, 5020.0), (48, 48), 32631, out, 32631)
+    assert m20 is not None and m20.factor == 2 and m20.extent == (-2, 94, -4, 92)
+    assert match_grid((10.0, 0.0, 965.0, 0.0, -10.0, 5020.0), (96, 96), 32631, out, 32631) is None  # half px
+    assert match_grid((10.0, 0.0, 960.0, 0.0, -10.0, 5020.0), (96, 96), 32632, out, 32631) is None  # CRS
+    assert match_grid((15.0, 0.0, 960.0, 0.0, -15.0, 5020.0), (96, 96), 32631, out, 32631) is None  # 1.5x
+    assert match_grid((10.0, 1.0, 960.0, 0.0, -10.0, 5020.0), (96, 96), 32631, out, 32631) is None  # rotated
+
+
+# ------------------------------------------------------------------------------------------------ handles
+
+
+class Handle:
+    opened = 0
+
+    def __init__(self) -> None:
+        Handle.opened += 1
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_handle_pool_gives_each_concurrent_user_its_own_handle_and_reuses_them():
+    pool = HandlePool(max_open=16)
+    Handle.opened = 0
+    with pool.use("a", Handle) as x, pool.use("a", Handle) as y:  # two reads of one file at the same time
+        assert x is not y
+    assert Handle.opened == 2
+    for _ in range(5):  # one read after the other: the free handles, no more opens
+        with pool.use("a", Handle) as z:
+            assert z in (x, y)
+    assert Handle.opened == 2 and pool.open_count == 2
+    with pool.use("a", Handle) as busy:
+        pool.reset("a")
+        idle = x if busy is y else y
+        assert idle.closed and not busy.closed  # a handle in use is not pulled from under its read
+    assert busy.closed and pool.open_count == 0  # ... it is closed when the read gives it back
+    with pool.use("a", Handle) as fresh:  # after a reset (a retry): opens anew
+        assert fresh not in (x, y) and not fresh.closed
+
+
+def test_handle_pool_caps_open_files_whatever_the_number_of_files():
+    pool = HandlePool(max_open=8)
+    handles = []
+    for k in range(100):
+        with pool.use(f"file-{k}", Handle) as h:
+            handles.append(h)
+        assert pool.open_count <= 8
+    assert sum(not h.closed for h in handles) == 8 and all(h.closed for h in handles[:-8])  # LRU closed first
+
+
+def test_handle_pool_is_thread_safe():
+    pool = HandlePool(max_open=4)
+    in_use: set[int] = set()
+    clash = threading.Event()
+    lock = threading.Lock()
+
+    def work(k: int) -> None:
+        for n in range(200):
+            with pool.use(f"f{(k + n) % 6}", Handle) as h:
+                with lock:
+                    if id(h) in in_use:
+                        clash.set()
+                    in_use.add(id(h))
+                with lock:
+                    in_use.discard(id(h))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not clash.is_set() and pool.open_count <= 4 + 8  # in-use handles may exceed the cap briefly
