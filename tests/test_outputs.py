@@ -311,6 +311,19 @@ def test_append_to_a_cube_with_legacy_attribute_names(tmp_path: Path) -> None:
     assert_valid(str(out) + ".stac-item.json")
 
 
+def test_append_extends_time_bounds_and_history(tmp_path: Path) -> None:
+    out = tmp_path / "season.zarr"
+    kw = dict(bbox=BBOX, catalog="sample", chunk=128, method="q25", period="season", zarr_format=2)
+    ndvi_scale.compute(start="2024-01-01", end="2024-02-29", out=str(out), **kw)
+    ds = ndvi_scale.compute(start="2024-03-01", end="2024-05-31", out=str(out), append=True, **kw)
+    np.testing.assert_array_equal(
+        ds["time_bnds"].values,
+        np.array([["2023-12-01", "2024-03-01"], ["2024-03-01", "2024-06-01"]], "datetime64[ns]"),
+    )
+    assert len(ds.attrs["history"].splitlines()) == 2
+    assert_valid(str(out) + ".stac-item.json")
+
+
 def test_cli_codec_and_history(tmp_path: Path) -> None:
     out = tmp_path / "zlib.zarr"
     args = ["compute", "--bbox", *map(str, BBOX), "--start", "2024-04-01", "--end", "2024-04-30",

@@ -103,7 +103,7 @@ def count_attrs() -> dict[str, Any]:
 
 def date_attrs(method: str) -> dict[str, Any]:
     """Attributes of ``max_date``/``min_date`` (the units are its encoding, see :func:`date_encoding`)."""
-    return {"long_name": f"acquisition date of the {method_text(method)} NDVI", "standard_name": "time"}
+    return {"long_name": f"acquisition date of the {method_text(method)} NDVI"}
 
 
 def date_encoding() -> dict[str, Any]:

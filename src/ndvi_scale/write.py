@@ -1102,7 +1102,7 @@ def stac_item_dict(
     """A STAC 1.1 Item (dict) describing the cube at ``loc``, written beside it (``<cube>.stac-item.json``): WGS84
     footprint, time range, projection v2 (``proj:code``), datacube v2.3 (with ``nodata``), processing, and the
     cube as asset (href relative to the item, media type ``application/vnd.zarr; version=N``), plus a self link
-    to where the item is written. Valid against the schemas it declares (tests/test_stac.py, stac-validator)."""
+    to where the item is written. Valid against the schemas it declares (stac-validator: tests/test_outputs.py)."""
     from pyproj import CRS, Transformer
 
     crs = cube.rio.crs
