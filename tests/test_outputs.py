@@ -275,14 +275,20 @@ def test_odc_geo_geobox(cubes: dict[str, Path], kind: str) -> None:
 # ------------------------------------------------------------------------------------------------ old cubes, codec
 
 
-def test_append_to_a_cube_with_legacy_attribute_names(tmp_path: Path) -> None:
-    """A cube written before the CF-legal names (``ndvi_scale:*``, no time_bnds) still takes monthly appends."""
+@pytest.mark.parametrize("zarr_format", [3, 2])
+def test_append_to_a_cube_with_legacy_attribute_names(tmp_path: Path, zarr_format: int) -> None:
+    """A cube written before the CF-legal names (``ndvi_scale:*``, no time_bnds, no _CRS) still takes monthly
+    appends, and comes out of the next one with today's names (and GDAL's _CRS in v2)."""
     import zarr
 
     out = tmp_path / "old.zarr"
-    kw = dict(bbox=BBOX, catalog="sample", chunk=128, method="max")
+    kw = dict(bbox=BBOX, catalog="sample", chunk=128, method="max", zarr_format=zarr_format)
     ndvi_scale.compute(start="2024-04-01", end="2024-04-30", out=str(out), **kw)
     group = zarr.open_group(out, mode="r+")
+    for name in ("ndvi", "valid_count", "max_date"):
+        attrs = dict(group[name].attrs)
+        attrs.pop("_CRS", None)
+        group[name].attrs.put(attrs)
     legacy = {(k.replace("ndvi_scale_", "ndvi_scale:", 1) if k.startswith("ndvi_scale_") else k): v
               for k, v in group.attrs.items()}
     legacy["history"] = "ndvi-scale 0.1.0"
@@ -309,6 +315,9 @@ def test_append_to_a_cube_with_legacy_attribute_names(tmp_path: Path) -> None:
     for name in ("ndvi", "valid_count", "max_date"):
         np.testing.assert_array_equal(ds[name].values, ref[name].values)
     assert_valid(str(out) + ".stac-item.json")
+    if zarr_format == 2:
+        for name in ("ndvi", "valid_count", "max_date"):
+            assert "EPSG/0/32631" in zarr.open_array(out / name, mode="r").attrs["_CRS"]["url"]
 
 
 def test_append_extends_time_bounds_and_history(tmp_path: Path) -> None:

@@ -831,6 +831,12 @@ class _Writer:
                 group.attrs.put({**attrs, **update})
             else:
                 group.attrs.update(update)
+            if fmt == 2 and self.ds.rio.crs is not None:  # a v2 cube written before GDAL's _CRS gets it too
+                crs_attr = gdal_crs_attr(self.ds.rio.crs)
+                for name in self.cube_vars:
+                    array = group[name]
+                    if "_CRS" not in array.attrs:
+                        array.attrs["_CRS"] = crs_attr
         except NdviScaleError:
             raise
         except Exception as exc:
