@@ -39,7 +39,7 @@ from ndvi_scale.faults import (
 from ndvi_scale.pipeline import build, make_plan
 from ndvi_scale.profiles import resign_href
 from ndvi_scale.sample import SampleSpec, generate
-from ndvi_scale.write import MARKER_DIR, SKIPPED_ATTR, STAC_SUFFIX
+from ndvi_scale.write import MARKER_DIR, SKIPPED_ATTR, STAC_SKIPPED_PROP, STAC_SUFFIX
 from servers import Server, start_fault_server
 
 SPEC = SampleSpec(size=96, blocksize=128, start=dt.date(2024, 4, 2), end=dt.date(2024, 5, 30), field_size=160)
@@ -230,7 +230,7 @@ def test_unreadable_asset_fails_the_run_naming_it_then_resumes_once_repaired(
     assert "HTTP response code: 500" in msg and "after 3 attempt(s)" in msg
     assert "--skip-bad-assets" in msg and "re-run the same command to resume" in msg
     with xr.open_zarr(out, consolidated=False) as cube:  # an unfinished cube, not a complete one with a hole
-        assert json.loads(cube.attrs["ndvi_scale:write"])["state"] != "complete"
+        assert json.loads(cube.attrs["ndvi_scale_write"])["state"] != "complete"
     attempts = [e for e in requests_log(server) if e["path"] == path_of(target)]
     assert len(attempts) >= 3 * 3  # 3 reader attempts x 3 GDAL requests, all refused
 
@@ -267,7 +267,7 @@ def test_skip_bad_assets_goes_on_and_records_every_skipped_asset(
         assert e["windows"] and all(len(w) == 4 for w in e["windows"])
     assert "HTTP response code: 500" in next(e["error"] for e in recorded if e["band"] == "red")
     stac = json.loads(out.with_name(out.name + STAC_SUFFIX).read_text())
-    assert {(e["item"], e["band"]) for e in stac["properties"][SKIPPED_ATTR]} == set(bad)
+    assert {(e["item"], e["band"]) for e in stac["properties"][STAC_SKIPPED_PROP]} == set(bad)
     assert not (out / ".ndvi-scale").exists()  # fault records folded into the attributes, then removed
 
     # The holes are exactly "those items were not observed": the same as a run without them, bit for bit.

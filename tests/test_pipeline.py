@@ -139,10 +139,10 @@ def test_zarr_output_has_crs_count_and_provenance(tiny, tmp_path):
     assert ds.rio.crs.to_epsg() == SPEC.epsg
     assert set(ds.data_vars) >= {"ndvi", "valid_count"}
     assert ds.valid_count.dtype == np.uint16
-    items = json.loads(ds.attrs["ndvi_scale:items"])
+    items = json.loads(ds.attrs["ndvi_scale_items"])
     assert {it["processing_baseline"] for it in items} == {"03.01", "05.10"}
     assert {it["red"]["offset"] for it in items} == {0.0, -0.1}
-    assert json.loads(ds.attrs["ndvi_scale:config"])["method"] == "median"
+    assert json.loads(ds.attrs["ndvi_scale_config"])["method"] == "median"
     ref = build(cfg).compute()
     np.testing.assert_array_equal(ds.ndvi.values, ref.ndvi.values)
 

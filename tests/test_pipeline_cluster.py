@@ -330,8 +330,8 @@ def test_run_file_with_cli_overrides(max_cube: tuple[Path, Path], reference: Pat
     file_out, cli_out = max_cube
     assert not file_out.exists()  # --out won over the file's out
     ds, ref = open_cube(cli_out), open_cube(reference)
-    assert "max_date" in ds and ds.attrs["ndvi_scale:method"] == "max"  # --method max won over method: mean
-    config = json.loads(ds.attrs["ndvi_scale:config"])
+    assert "max_date" in ds and ds.attrs["ndvi_scale_method"] == "max"  # --method max won over method: mean
+    config = json.loads(ds.attrs["ndvi_scale_config"])
     assert config["method"] == "max" and config["max_cloud"] == 100 and config["period"] == "month"
     # Everything else came from the file: same grid, periods and clear days as the flags-only median run.
     for name in ("time", "time_end", "x", "y"):
@@ -409,7 +409,7 @@ def test_configmap_run_file_runs_with_local_catalog_and_out(tmp_path: Path) -> N
     ds = open_cube(out)
     assert [str(t)[:10] for t in ds.time.values] in [[m.isoformat()] for m in months]
     assert ds.rio.crs.to_epsg() == 32631 and int(ds.valid_count.max()) > 0
-    config = json.loads(ds.attrs["ndvi_scale:config"])
+    config = json.loads(ds.attrs["ndvi_scale_config"])
     assert config["max_cloud"] == 80 and config["skip_bad_assets"] is True and config["append"] is True
     assert config["bbox"] == values["bbox"]
 

@@ -126,7 +126,7 @@ def test_cli_end_to_end_equals_numpy_reference(tmp_path, reference):
     assert "1 scenes on 1 dates (2020-02-19), tiles 29RKH, CRS EPSG:32629; 0 skipped" in r.stderr
     ds = xr.open_zarr(out, decode_coords="all", consolidated=False)
     _assert_matches(ds, reference)
-    (rec,) = json.loads(ds.attrs["ndvi_scale:items"])
+    (rec,) = json.loads(ds.attrs["ndvi_scale_items"])
     assert rec["processing_baseline"] == "02.14" and rec["red"] == {"scale": 0.0001, "offset": 0.0}
 
 

@@ -440,4 +440,4 @@ def test_cli_compute_from_a_stac_api_equals_the_items_file(sample_api, tmp_path)
         assert x.dtype == y.dtype
         assert x.tobytes() == y.tobytes(), name  # bit for bit (NaN payloads included)
     assert np.isfinite(a.ndvi.values).any() and (a.valid_count.values > 0).any()
-    assert json.loads(a.attrs["ndvi_scale:items"]) == json.loads(b.attrs["ndvi_scale:items"])
+    assert json.loads(a.attrs["ndvi_scale_items"]) == json.loads(b.attrs["ndvi_scale_items"])

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterable
@@ -161,8 +162,8 @@ def make_cube(
         attrs={
             "Conventions": "CF-1.10",
             "title": "NDVI median composite (test)",
-            "ndvi_scale:config": json.dumps(cfg),
-            "ndvi_scale:items": json.dumps(["S2A_TEST_1", "S2B_TEST_2"]),
+            "ndvi_scale_config": json.dumps(cfg),
+            "ndvi_scale_items": json.dumps(["S2A_TEST_1", "S2B_TEST_2"]),
         },
     )
     return ds.rio.write_crs(crs)
@@ -198,6 +199,7 @@ def open_cube(url: str) -> xr.Dataset:
 
 from ndvi_scale.errors import GridMismatchError, OutputError, OutputExistsError  # noqa: E402
 from ndvi_scale.write import WRITE_ATTR, check_output, write_cube, write_zarr  # noqa: E402
+from stac_schemas import assert_valid  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("clean_cloud_env")
 
@@ -236,7 +238,7 @@ def test_round_trip(out_url: str) -> None:
     assert back.rio.crs == expected.rio.crs and back.rio.crs.to_epsg() == 32631
     assert back["ndvi"].attrs["long_name"] == expected["ndvi"].attrs["long_name"]
     assert back["ndvi"].encoding.get("grid_mapping", back["ndvi"].attrs.get("grid_mapping")) == "spatial_ref"
-    for key in ("Conventions", "title", "ndvi_scale:config", "ndvi_scale:items"):
+    for key in ("Conventions", "title", "ndvi_scale_config", "ndvi_scale_items"):
         assert back.attrs[key] == ds.attrs[key]
     assert json.loads(back.attrs[WRITE_ATTR])["state"] == "complete"
 
@@ -250,12 +252,16 @@ def _check_stac(out_url: str, item_url: str | None) -> None:
 
     assert item_url == out_url + ".stac-item.json"
     loc = open_location(item_url)
-    item = pystac.Item.from_dict(json.loads(loc.fs.cat_file(loc.path)))
+    raw = loc.fs.cat_file(loc.path)
+    with tempfile.TemporaryDirectory() as tmp:  # stac-validator reads a file: the raw bytes as written
+        Path(tmp, "item.json").write_bytes(raw)
+        assert_valid(Path(tmp, "item.json"))
+    item = pystac.Item.from_dict(json.loads(raw))
     assert item.id == "ndvi"
     assert item.properties["start_datetime"] == "2024-01-01T00:00:00Z"
     assert item.properties["end_datetime"] == "2024-02-29T23:59:59Z"
     assert item.properties["proj:code"] == "EPSG:32631"
-    assert json.loads(loc.fs.cat_file(loc.path))["properties"]["proj:epsg"] == 32631  # for older readers
+    assert "proj:epsg" not in json.loads(raw)["properties"], "projection v2 has no proj:epsg"
     assert item.properties["proj:shape"] == [70, 80]
     assert item.properties["proj:transform"] == [10.0, 0.0, 300000.0, 0.0, -10.0, 5000000.0]
     assert "ndvi-scale" in item.properties["processing:software"]
@@ -264,7 +270,9 @@ def _check_stac(out_url: str, item_url: str | None) -> None:
     assert 0.45 < west < east < 0.48 and 45.11 < south < north < 45.13, item.bbox
     assert 0.009 < east - west < 0.011 and 0.005 < north - south < 0.007
     asset = item.assets["zarr"]
-    assert asset.href == out_url and asset.roles == ["data"] and asset.media_type == "application/vnd+zarr"
+    assert asset.href == "./ndvi.zarr" and asset.roles == ["data"]
+    assert asset.media_type == "application/vnd.zarr; version=3"
+    assert item.get_self_href() == item_url and asset.get_absolute_href() == out_url
     assert asset.extra_fields["xarray:open_kwargs"]["engine"] == "zarr"
     text = json.dumps(item.to_dict())
     assert "test-secret" not in text and "ndvi-scale-tests" not in text, "no credentials in the STAC item"

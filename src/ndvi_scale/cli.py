@@ -122,6 +122,9 @@ def compute(
         str | None, typer.Option(metavar="PIXELS", help="Spatial chunk in pixels (processing = Zarr chunks).")
     ] = None,
     zarr_format: Annotated[str | None, typer.Option(metavar="3|2", help="Zarr format of a new output: 3 or 2.")] = None,
+    codec: Annotated[
+        str | None, typer.Option(metavar="zstd|zlib|lz4|none", help="Compression of a new output (default zstd).")
+    ] = None,
     overwrite: Annotated[
         bool | None, typer.Option("--overwrite/--no-overwrite", help="Replace existing output.", show_default=False)
     ] = None,
@@ -156,7 +159,7 @@ def compute(
         values: dict[str, Any] = dict(
             bbox=bbox, start=start, end=end, window=window, catalog=catalog, out=out, period=period,
             method=method, max_cloud=max_cloud, mask_classes=mask_classes, resolution=resolution, crs=crs,
-            chunk=chunk, zarr_format=zarr_format, overwrite=overwrite, append=append,
+            chunk=chunk, zarr_format=zarr_format, codec=codec, overwrite=overwrite, append=append,
             skip_bad_assets=skip_bad_assets, cluster=cluster,
         )
         cfg, merged = run_config_from(config, {k: v for k, v in values.items() if v is not None})

@@ -214,6 +214,8 @@ class RunConfig:
     """Continue when an asset cannot be read after retries, recording it in the provenance (else fail)."""
     zarr_format: int = 3
     """Zarr format of a new output (3, or 2 for old readers)."""
+    codec: str = "zstd"
+    """Compression of a new output's chunks: zstd, zlib (for GDAL builds without zstd), lz4 (blosc) or none."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Free-form options for later stages (kept for provenance)."""
 
@@ -293,6 +295,12 @@ class RunConfig:
             kw["zarr_format"] = zf
         if "crs" in kw:
             kw["crs"] = normalise_crs(kw["crs"])
+        if "codec" in kw:
+            codec = str(kw["codec"]).strip().lower()
+            codec = {"gzip": "zlib", "deflate": "zlib", "blosc-lz4": "lz4"}.get(codec, codec)
+            if codec not in ("zstd", "zlib", "lz4", "none"):
+                raise InputError(f"codec {kw['codec']!r} is unknown; expected zstd, zlib, lz4 or none")
+            kw["codec"] = codec
         for flag in ("overwrite", "append", "skip_bad_assets"):
             if flag in kw:
                 kw[flag] = _flag(kw[flag], flag)

@@ -15,7 +15,7 @@ Three layers, innermost first:
    that failed (what the reads recorded in :class:`FaultLog` before the run stopped), regions already written
    being kept for a resume; or, with ``--skip-bad-assets`` (:attr:`ReadPolicy.skip`), the asset's pixels of
    that chunk count as not observed (like a cloud: ``valid_count`` says how many observations are left) and the
-   asset is recorded: in the cube's ``ndvi_scale:skipped_assets`` attribute, in its STAC item and in the CLI
+   asset is recorded: in the cube's ``ndvi_scale_skipped_assets`` attribute, in its STAC item and in the CLI
    summary. Never a silent hole.
 
 Records are small JSON objects in the output store (``.ndvi-scale/skipped/`` and ``.ndvi-scale/failed/``,
@@ -214,7 +214,7 @@ class ReadPolicy:
 
 def summarise(faults: Iterable[AssetFault], labels: Mapping[str, tuple[str, str]] | None = None
               ) -> list[dict[str, Any]]:
-    """Faults grouped per asset, as stored in ``ndvi_scale:skipped_assets``: item, band, href, the windows,
+    """Faults grouped per asset, as stored in ``ndvi_scale_skipped_assets``: item, band, href, the windows,
     the last error and attempts. ``labels`` maps a clean href to its (item id, band)."""
     labels = labels or {}
     by_href: dict[str, dict[str, Any]] = {}

@@ -23,7 +23,7 @@ import pandas as pd
 import rioxarray  # noqa: F401  (registers the .rio accessor used to write the CRS)
 import xarray as xr
 
-from . import __version__
+from . import cf
 from .composite import EXTRA_OUTPUTS, Period, assign_periods, periods_between
 from .config import RunConfig
 from .engine.graph import PeriodSources, composite_cube, cube_layer
@@ -175,7 +175,8 @@ def build(cfg: RunConfig, plan: Plan | None = None, policy: ReadPolicy | None = 
 
     times = pd.DatetimeIndex([np.datetime64(p.start, "ns") for p in plan.periods])
     coords = {
-        "time": ("time", times, {"long_name": "start of the compositing period", "standard_name": "time"}),
+        "time": ("time", times, cf.time_attrs()),
+        **cf.time_bounds_coord([p.start for p in plan.periods], [p.end for p in plan.periods]),
         "time_end": (
             "time",
             pd.DatetimeIndex([np.datetime64(p.end, "ns") for p in plan.periods]),
@@ -189,25 +190,19 @@ def build(cfg: RunConfig, plan: Plan | None = None, policy: ReadPolicy | None = 
         "ndvi": (
             dims,
             cube_layer(cube, 0, n_out, np.float32),
-            {
-                "long_name": f"normalized difference vegetation index, {cfg.method} composite per {cfg.period}",
-                "units": "1",
-                "valid_min": -1.0,
-                "valid_max": 1.0,
-                "cell_methods": f"time: {cfg.method} (interval: 1 {cfg.period})",
-            },
+            cf.ndvi_attrs(cfg.method, cfg.period),
         ),
         "valid_count": (
             dims,
             cube_layer(cube, 1, n_out, np.uint16),
-            {"long_name": "number of clear observation days in the period", "units": "1"},
+            cf.count_attrs(),
         ),
     }
     for j, name in enumerate(extras):
         data_vars[name] = (
             dims,
             cube_layer(cube, 2 + j, n_out, "datetime64[ns]", _days_to_datetime),
-            {"long_name": f"acquisition date of the {cfg.method}imum NDVI"},
+            cf.date_attrs(cfg.method),
         )
     ds = xr.Dataset(data_vars, coords=coords)
     ds = ds.rio.write_crs(plan.epsg).rio.write_coordinate_system()
@@ -252,23 +247,24 @@ def provenance_attrs(plan: Plan) -> dict[str, Any]:
         for it in p.items
     ]
     safe_config = cfg.to_dict()
+    name = cf.attr_name  # ndvi_scale_<key>: CF attribute names allow no ":"
     return {
-        "Conventions": "CF-1.10",
-        "title": f"Sentinel-2 L2A NDVI {cfg.method} composites per {cfg.period}",
+        "Conventions": cf.CONVENTIONS,
+        "title": f"Sentinel-2 L2A NDVI {cf.method_text(cfg.method)} composites per {cfg.period}",
         "source": f"Sentinel-2 L2A surface reflectance; {plan.search.source}",
-        "history": f"ndvi-scale {__version__}",
+        "history": cf.history_line(safe_config),
         "references": "reflectance = DN * scale + offset; offset -0.1 for processing baseline >= 04.00",
         "comment": "contains modified Copernicus Sentinel data",
-        "ndvi_scale:method": cfg.method,
-        "ndvi_scale:period": cfg.period,
-        "ndvi_scale:mask_classes": json.dumps(
+        name("method"): cfg.method,
+        name("period"): cfg.period,
+        name("mask_classes"): json.dumps(
             {str(c): SCL_CLASSES[c] for c in cfg.mask_classes}
         ),
-        "ndvi_scale:config": json.dumps(safe_config, sort_keys=True),
-        "ndvi_scale:items": json.dumps(items),
-        "ndvi_scale:skipped": json.dumps([{"id": s.id, "reason": s.reason} for s in plan.search.skipped]),
-        "ndvi_scale:search": json.dumps({"source": plan.search.source, "notes": list(plan.search.notes)}),
-        "ndvi_scale:versions": json.dumps(versions, sort_keys=True),
+        name("config"): json.dumps(safe_config, sort_keys=True),
+        name("items"): json.dumps(items),
+        name("skipped"): json.dumps([{"id": s.id, "reason": s.reason} for s in plan.search.skipped]),
+        name("search"): json.dumps({"source": plan.search.source, "notes": list(plan.search.notes)}),
+        name("versions"): json.dumps(versions, sort_keys=True),
     }
 
 

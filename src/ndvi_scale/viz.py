@@ -586,7 +586,7 @@ def open_cube(url: str | os.PathLike[str], storage_options: Mapping[str, Any] | 
             f"{loc.url} is not an ndvi-scale cube: 'ndvi' has dims {tuple(ds['ndvi'].dims)}, expected "
             "('time', 'y', 'x')"
         )
-    ds.attrs.setdefault("ndvi_scale:url", loc.url)
+    ds.attrs.setdefault("ndvi_scale_url", loc.url)
     return ds
 
 
@@ -894,4 +894,4 @@ def show(
     w, h = quicklook_png(ds, png, idx if len(idx) > 1 else idx[0], width=width, dpi=dpi)
     labels = _labels(arr)
     span = labels[idx[0]] if len(idx) == 1 else f"{len(idx)} periods {labels[idx[0]]} .. {labels[idx[-1]]}"
-    return f"wrote {os.fspath(png)} ({w}x{h} px): NDVI {span} of {ds.attrs.get('ndvi_scale:url', zarr_url)}"
+    return f"wrote {os.fspath(png)} ({w}x{h} px): NDVI {span} of {ds.attrs.get('ndvi_scale_url', zarr_url)}"

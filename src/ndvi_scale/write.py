@@ -3,7 +3,7 @@
 How a write goes (:func:`write_cube`):
 
 1. **Template.** Metadata and coordinates are written first (``to_zarr(compute=False)``), with a *write
-   state* in the root attributes (``ndvi_scale:write``: run fingerprint, periods being written, phase).
+   state* in the root attributes (``ndvi_scale_write``: run fingerprint, periods being written, phase).
 2. **Regions.** The data is written region by region, where a region is one output chunk: one period x one
    (y, x) block, i.e. exactly one Zarr chunk of every data variable. Why one chunk and not one period: each
    task then owns whole chunks (no two tasks touch the same object, no read-modify-write), its memory is
@@ -27,6 +27,7 @@ template/regions/finish phases, so it is resumable too.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -45,6 +46,7 @@ import rioxarray  # noqa: F401  (registers the .rio accessor used for the CRS)
 import xarray as xr
 from dask.callbacks import Callback
 
+from .cf import COUNT_FILL, LEGACY_PREFIX, date_encoding, gdal_crs_attr, get_attr, merge_history
 from .errors import (
     GridMismatchError,
     InputError,
@@ -81,12 +83,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# Root attribute names are CF-legal (``ndvi_scale_*``); cubes written before used ``ndvi_scale:*`` (see
+# ndvi_scale.cf.LEGACY_PREFIX): they are still recognised, and renamed when a write finishes in them.
 #: Root attribute that tags a store as an ndvi-scale cube (value: layout version).
-CUBE_ATTR = "ndvi_scale:cube"
+CUBE_ATTR = "ndvi_scale_cube"
 #: Root attribute (JSON string) holding the write state: fingerprint, state, periods, n_before.
-WRITE_ATTR = "ndvi_scale:write"
+WRITE_ATTR = "ndvi_scale_write"
 #: Root attribute (JSON string): one entry per run that wrote periods (fingerprint, periods, software).
-RUNS_ATTR = "ndvi_scale:runs"
+RUNS_ATTR = "ndvi_scale_runs"
 #: Prefix (inside the store) of the progress markers; removed when a write completes.
 MARKER_PREFIX = ".ndvi-scale"
 MARKER_DIR = f"{MARKER_PREFIX}/done"
@@ -94,11 +98,18 @@ MARKER_DIR = f"{MARKER_PREFIX}/done"
 TIME_COORD_CHUNK = 512
 STAC_SUFFIX = ".stac-item.json"
 #: Cube attribute listing every asset the cube was composed without (``--skip-bad-assets``), JSON.
-SKIPPED_ATTR = "ndvi_scale:skipped_assets"
-ZARR_MEDIA_TYPE = "application/vnd+zarr"
+SKIPPED_ATTR = "ndvi_scale_skipped_assets"
+#: The same list in the STAC item's properties (STAC names custom fields ``prefix:name``).
+STAC_SKIPPED_PROP = "ndvi_scale:skipped_assets"
+#: Media type of the cube asset (Zarr's registered type; the version parameter tells readers the format).
+ZARR_MEDIA_TYPE = "application/vnd.zarr"
+PROJECTION_EXT = "https://stac-extensions.github.io/projection/v2.0.0/schema.json"
 XARRAY_ASSETS_EXT = "https://stac-extensions.github.io/xarray-assets/v1.0.0/schema.json"
 PROCESSING_EXT = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
-DATACUBE_EXT = "https://stac-extensions.github.io/datacube/v2.2.0/schema.json"
+DATACUBE_EXT = "https://stac-extensions.github.io/datacube/v2.3.0/schema.json"
+#: Compression of the chunks of a new cube (``codec=``/``--codec``); see :func:`compressors`.
+CODECS = ("zstd", "zlib", "lz4", "none")
+DEFAULT_CODEC = "zstd"
 _CUBE_DIMS = ("time", "y", "x")
 _CUBE_LAYOUT = "1"
 # Encoding keys that change the stored values (what xarray's CF encoder needs to reproduce them).
@@ -145,7 +156,7 @@ class WriteReport:
     fingerprint: str
     skipped_assets: tuple[dict[str, Any], ...] = ()
     """Assets this write went on without (``--skip-bad-assets``), per asset: item, band, href, windows, error
-    (see :func:`ndvi_scale.faults.summarise`). Also in the cube's ``ndvi_scale:skipped_assets``."""
+    (see :func:`ndvi_scale.faults.summarise`). Also in the cube's ``ndvi_scale_skipped_assets``."""
 
 
 # ------------------------------------------------------------------------------------------------- public API
@@ -163,6 +174,7 @@ def write_cube(
     fingerprint: str | None = None,
     faults: FaultLog | None = None,
     asset_labels: Mapping[str, tuple[str, str]] | None = None,
+    codec: str | None = None,
 ) -> WriteReport:
     """Write the lazy composite ``ds`` (dims time, y, x) as a Zarr cube at ``location_or_url``.
 
@@ -176,11 +188,14 @@ def write_cube(
     ``progress(done, total)`` is called as regions finish. ``fingerprint`` overrides :func:`run_fingerprint`.
     ``faults`` is where the readers of ``ds`` record assets they could not read (see :mod:`ndvi_scale.faults`;
     ``asset_labels`` names them: clean href -> (item id, band)): skipped ones end up in the cube's
-    ``ndvi_scale:skipped_assets`` and the report, failed ones in the :class:`~ndvi_scale.errors.ReadError`.
+    ``ndvi_scale_skipped_assets`` and the report, failed ones in the :class:`~ndvi_scale.errors.ReadError`.
+    ``codec`` compresses the chunks of a new cube (one of :data:`CODECS`; default: the ``codec`` of the run
+    config in ``ds``'s attributes, else :data:`DEFAULT_CODEC`); an existing cube keeps its own.
     Returns a :class:`WriteReport`. Storage failures raise one :class:`~ndvi_scale.errors.StorageError`.
     """
     if zarr_format not in (2, 3):
         raise InputError(f"zarr_format {zarr_format!r} is invalid; expected 2 or 3")
+    codec = _codec_of(ds, codec)
     _quiet_marker_warnings()
     loc = (
         location_or_url
@@ -191,7 +206,7 @@ def write_cube(
     ds = prepare_dataset(ds)
     loc.check_access()
     existing = _inspect(loc)
-    writer = _Writer(loc, ds, progress, fingerprint, faults, asset_labels)
+    writer = _Writer(loc, ds, progress, fingerprint, faults, asset_labels, codec)
 
     if existing.kind == "absent":
         return writer.new(zarr_format)
@@ -354,15 +369,16 @@ def run_fingerprint(ds: xr.Dataset, zarr_format: int) -> str:
     command with other flags still resumes; so is skip_bad_assets, so that a run stopped by an unreadable
     asset can be finished with ``--skip-bad-assets`` (what it skips is recorded in the cube).
     """
-    cfg = _json_attr(ds.attrs.get("ndvi_scale:config"))
+    cfg = _json_attr(get_attr(ds.attrs, "config"))
     if isinstance(cfg, dict):
-        flags = ("out", "overwrite", "append", "zarr_format", "skip_bad_assets")
+        # codec: how chunks are compressed, not what they hold (each array keeps the codec it was created with)
+        flags = ("out", "overwrite", "append", "zarr_format", "skip_bad_assets", "codec")
         cfg = {k: v for k, v in cfg.items() if k not in flags}
     crs = ds.rio.crs
     payload = {
         "software": _software_version(),
         "config": cfg,
-        "items": _json_attr(ds.attrs.get("ndvi_scale:items")),
+        "items": _json_attr(get_attr(ds.attrs, "items")),
         "crs": crs.to_wkt() if crs is not None else None,
         "x": hashlib.sha256(np.ascontiguousarray(ds["x"].values, dtype="<f8").tobytes()).hexdigest(),
         "y": hashlib.sha256(np.ascontiguousarray(ds["y"].values, dtype="<f8").tobytes()).hexdigest(),
@@ -425,6 +441,7 @@ def _inspect(loc: Location) -> _Existing:
         except Exception as exc:
             raise storage_error(exc, loc, "checking") from None
         return _Existing("foreign", "an object" if is_file else "a prefix holding other objects")
+    attrs = _renamed(attrs)
     if CUBE_ATTR not in attrs:
         return _Existing("foreign", "a Zarr store")
     write = _json_attr(attrs.get(WRITE_ATTR))
@@ -447,8 +464,10 @@ class _Writer:
         fingerprint: str | None,
         faults: FaultLog | None = None,
         asset_labels: Mapping[str, tuple[str, str]] | None = None,
+        codec: str = DEFAULT_CODEC,
     ) -> None:
         self.loc = loc
+        self.codec = codec
         self.faults = faults
         self.asset_labels = dict(asset_labels or {})
         self.skipped: list[dict[str, Any]] = []
@@ -542,7 +561,13 @@ class _Writer:
     def _write_template(self, fmt: int, state: Mapping[str, Any]) -> None:
         tmpl = _template(self.ds)
         tmpl.attrs = {**tmpl.attrs, CUBE_ATTR: _CUBE_LAYOUT, WRITE_ATTR: _dumps(state), RUNS_ATTR: _dumps([])}
-        encoding = _encoding(tmpl, self.cube_vars)
+        if fmt == 2 and tmpl.rio.crs is not None:
+            # GDAL's own CRS attribute: GDAL < 3.7 (Debian 12's 3.6) ignores CF grid_mapping in Zarr. Zarr v2 only:
+            # GDAL reads the v3 arrays of zarr-python 3 from 3.11 on, and those GDALs read grid_mapping.
+            crs_attr = gdal_crs_attr(tmpl.rio.crs)
+            for name in self.cube_vars:
+                tmpl[name].attrs["_CRS"] = crs_attr
+        encoding = _encoding(tmpl, self.cube_vars, fmt, self.codec)
         try:
             with warnings.catch_warnings():
                 # xarray/zarr notes on v3 and chunk encodings
@@ -593,7 +618,7 @@ class _Writer:
             stored = xr.open_zarr(self._store(), consolidated=False, zarr_format=_zf(fmt))
             for key, coord in add.coords.items():
                 name = str(key)
-                if not added or coord.dims != ("time",) or name not in group:
+                if not added or coord.dims[:1] != ("time",) or name not in group:
                     continue
                 var = coord.variable.copy()
                 var.encoding = {
@@ -681,7 +706,7 @@ class _Writer:
             f"{len(failed)} asset(s) could not be read after retries: {lines}. {kept} finished region(s) of "
             f"{self.loc.url} are kept: re-run the same command to resume once the assets are readable, or add "
             "--skip-bad-assets to compose without them (they are then recorded in the cube's "
-            "ndvi_scale:skipped_assets and its STAC item)"
+            "ndvi_scale_skipped_assets and its STAC item)"
         )
 
     def _region_tasks(
@@ -782,7 +807,7 @@ class _Writer:
         store = self._store()
         try:
             group = zarr.open_group(store, mode="r+", zarr_format=_zf(fmt), use_consolidated=False)
-            attrs = dict(group.attrs)
+            attrs = _renamed(group.attrs)  # an older cube's ndvi_scale:* attributes get their CF-legal names
             runs = _json_attr(attrs.get(RUNS_ATTR))
             runs = runs if isinstance(runs, list) else []
             entry = {
@@ -799,7 +824,19 @@ class _Writer:
             if self.skipped or before:
                 update[SKIPPED_ATTR] = _dumps(merge_summaries(before, self.skipped))
             update[CUBE_ATTR] = _CUBE_LAYOUT
-            group.attrs.update(update)
+            history = merge_history(self.ds.attrs.get("history"), attrs.get("history"))
+            if history:
+                update["history"] = history  # CF: one line per run that wrote into the cube, newest first
+            if any(str(k).startswith(LEGACY_PREFIX) for k in group.attrs):
+                group.attrs.put({**attrs, **update})
+            else:
+                group.attrs.update(update)
+            if fmt == 2 and self.ds.rio.crs is not None:  # a v2 cube written before GDAL's _CRS gets it too
+                crs_attr = gdal_crs_attr(self.ds.rio.crs)
+                for name in self.cube_vars:
+                    array = group[name]
+                    if "_CRS" not in array.attrs:
+                        array.attrs["_CRS"] = crs_attr
         except NdviScaleError:
             raise
         except Exception as exc:
@@ -1007,25 +1044,30 @@ _EPOCH_UNITS = {
 
 
 def _encode_epoch_dates(block: np.ndarray, encoding: Mapping[str, Any]) -> np.ndarray | None:
-    """datetime64[ns] ``block`` as int64 ``<unit> since 1970-01-01``, or None if xarray must do it."""
+    """datetime64[ns] ``block`` as integer ``<unit> since 1970-01-01`` (NaT as ``_FillValue``, else as NaT's
+    int64), or None if xarray must do it."""
     unit_ns = _EPOCH_UNITS.get(str(encoding.get("units")))
-    dtype = encoding.get("dtype")
+    dtype = np.dtype(encoding.get("dtype") or np.int64)
+    fill = encoding.get("_FillValue")
     if (
         unit_ns is None
         or encoding.get("calendar", "proleptic_gregorian") != "proleptic_gregorian"
-        or (dtype is not None and np.dtype(dtype) != np.int64)
-        or any(k in encoding for k in ("_FillValue", "missing_value", "scale_factor", "add_offset"))
+        or dtype not in (np.dtype(np.int64), np.dtype(np.int32))
+        or (dtype == np.int32 and fill is None)  # NaT's int64 does not fit
+        or any(k in encoding for k in ("missing_value", "scale_factor", "add_offset"))
     ):
         return None
     ints = block.view(np.int64)
-    if unit_ns == 1:
-        return ints.copy()
     nat = ints == np.iinfo(np.int64).min
     whole, rest = np.divmod(ints, unit_ns)
     if rest[~nat].any():  # not whole units: xarray changes the units (and warns); let it
         return None
-    whole[nat] = np.iinfo(np.int64).min
-    return whole
+    if dtype == np.int32:
+        info = np.iinfo(np.int32)
+        if whole[~nat].size and (whole[~nat].min() < info.min or whole[~nat].max() > info.max):
+            return None
+    whole[nat] = np.iinfo(np.int64).min if fill is None else int(fill)
+    return whole.astype(dtype, copy=False)
 
 
 class _ProgressCallback(Callback):
@@ -1056,8 +1098,17 @@ def _active_client() -> Any:
 # ------------------------------------------------------------------------------------------------- STAC
 
 
-def stac_item_dict(cube: xr.Dataset, loc: Location, zarr_format: int, fingerprint: str) -> dict[str, Any]:
-    """A STAC Item (dict) describing the cube at ``loc``: WGS84 footprint, time range, projection, asset."""
+def stac_item_dict(
+    cube: xr.Dataset,
+    loc: Location,
+    zarr_format: int,
+    fingerprint: str,
+    now: dt.datetime | None = None,
+) -> dict[str, Any]:
+    """A STAC 1.1 Item (dict) describing the cube at ``loc``, written beside it (``<cube>.stac-item.json``): WGS84
+    footprint, time range, projection v2 (``proj:code``), datacube v2.3 (with ``nodata``), processing, and the
+    cube as asset (href relative to the item, media type ``application/vnd.zarr; version=N``), plus a self link
+    to where the item is written. Valid against the schemas it declares (stac-validator: tests/test_outputs.py)."""
     from pyproj import CRS, Transformer
 
     crs = cube.rio.crs
@@ -1081,6 +1132,9 @@ def stac_item_dict(cube: xr.Dataset, loc: Location, zarr_format: int, fingerprin
     # Pixel-edge affine (x0 at the left edge, y0 at the top edge for north-up grids).
     transform = [rx, 0.0, float(x[0]) - rx / 2, 0.0, ry, float(y[0]) - ry / 2]
     epsg = crs.to_epsg() if crs is not None else None
+    cfg = _json_attr(get_attr(cube.attrs, "config"))
+    method = str(get_attr(cube.attrs, "method") or (cfg.get("method") if isinstance(cfg, dict) else "") or "?")
+    period = str(get_attr(cube.attrs, "period") or (cfg.get("period") if isinstance(cfg, dict) else "") or "?")
     name = loc.name
     item_id = name[: -len(".zarr")] if name.endswith(".zarr") else name
     props: dict[str, Any] = {
@@ -1089,11 +1143,15 @@ def stac_item_dict(cube: xr.Dataset, loc: Location, zarr_format: int, fingerprin
         "end_datetime": end,
         "title": str(cube.attrs.get("title", item_id)),
         "proj:code": f"EPSG:{epsg}" if epsg else None,
-        "proj:epsg": epsg,
         "proj:shape": [int(y.size), int(x.size)],
         "proj:transform": transform,
         "processing:software": {"ndvi-scale": _software_version()},
-        "processing:lineage": "Cloud-masked Sentinel-2 L2A NDVI composited per period by ndvi-scale",
+        "processing:lineage": (
+            f"Sentinel-2 L2A scenes, SCL cloud/shadow-masked, NDVI per clear day, {method} composite per "
+            f"{period} by ndvi-scale"
+        ),
+        "processing:level": "L3",
+        "processing:datetime": (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "ndvi_scale:fingerprint": fingerprint,
         "ndvi_scale:periods": len(starts),
         **_skipped_property(cube.attrs),
@@ -1118,9 +1176,10 @@ def stac_item_dict(cube: xr.Dataset, loc: Location, zarr_format: int, fingerprin
             str(n): {
                 "type": "data",
                 "dimensions": list(_CUBE_DIMS),
-                "data_type": _stac_dtype(v.dtype),
+                "data_type": _stac_dtype(v.encoding.get("dtype", v.dtype)),
                 **({"description": str(v.attrs["long_name"])} if "long_name" in v.attrs else {}),
-                **({"unit": str(v.attrs["units"])} if "units" in v.attrs else {}),
+                **_stac_unit(v),
+                **_stac_nodata(v),
             }
             for n, v in cube.data_vars.items()
             if v.dims == _CUBE_DIMS
@@ -1129,7 +1188,6 @@ def stac_item_dict(cube: xr.Dataset, loc: Location, zarr_format: int, fingerprin
     if epsg is None and crs is not None:
         props["proj:code"] = None
         props["proj:wkt2"] = crs.to_wkt()
-    cfg = _json_attr(cube.attrs.get("ndvi_scale:config"))
     if isinstance(cfg, dict):
         props["ndvi_scale:config"] = _without_secrets(cfg)
     open_kwargs: dict[str, Any] = {
@@ -1139,8 +1197,8 @@ def stac_item_dict(cube: xr.Dataset, loc: Location, zarr_format: int, fingerprin
         "decode_coords": "all",
     }
     asset: dict[str, Any] = {
-        "href": loc.url,
-        "type": ZARR_MEDIA_TYPE,
+        "href": f"./{name}",  # the item sits beside the cube: relative, so both can be moved or served together
+        "type": f"{ZARR_MEDIA_TYPE}; version={int(zarr_format)}",
         "title": f"NDVI composite cube (Zarr v{zarr_format})",
         "roles": ["data"],
         "xarray:open_kwargs": open_kwargs,
@@ -1153,7 +1211,7 @@ def stac_item_dict(cube: xr.Dataset, loc: Location, zarr_format: int, fingerprin
         "type": "Feature",
         "stac_version": "1.1.0",
         "stac_extensions": [
-            "https://stac-extensions.github.io/projection/v2.0.0/schema.json",
+            PROJECTION_EXT,
             DATACUBE_EXT,
             XARRAY_ASSETS_EXT,
             PROCESSING_EXT,
@@ -1162,17 +1220,17 @@ def stac_item_dict(cube: xr.Dataset, loc: Location, zarr_format: int, fingerprin
         "geometry": geometry,
         "bbox": [round(v, 7) for v in bbox],
         "properties": props,
-        "links": [],
+        "links": [{"rel": "self", "href": loc.sibling(STAC_SUFFIX).url, "type": "application/geo+json"}],
         "assets": {"zarr": asset},
     }
 
 
 def _skipped_property(attrs: Mapping[str, Any]) -> dict[str, Any]:
     """``ndvi_scale:skipped_assets`` for the STAC item: the assets the cube lacks (item, band, href)."""
-    skipped = _json_attr(attrs.get(SKIPPED_ATTR))
+    skipped = _json_attr(get_attr(attrs, "skipped_assets"))
     if not isinstance(skipped, list) or not skipped:
         return {}
-    return {SKIPPED_ATTR: [{k: e.get(k) for k in ("item", "band", "href", "error")} for e in skipped]}
+    return {STAC_SKIPPED_PROP: [{k: e.get(k) for k in ("item", "band", "href", "error")} for e in skipped]}
 
 
 def _densified_ring(
@@ -1249,24 +1307,91 @@ def _template(ds: xr.Dataset) -> xr.Dataset:
     return out
 
 
-def _encoding(tmpl: xr.Dataset, cube_vars: Sequence[str]) -> dict[str, dict[str, Any]]:
+def _encoding(
+    tmpl: xr.Dataset, cube_vars: Sequence[str], fmt: int = 3, codec: str = DEFAULT_CODEC
+) -> dict[str, dict[str, Any]]:
     enc: dict[str, dict[str, Any]] = {}
     for name in cube_vars:
         data = tmpl[name].data
         chunks = (1, int(data.chunks[1][0]), int(data.chunks[2][0]))
-        e: dict[str, Any] = {"chunks": chunks}
-        if np.issubdtype(tmpl[name].dtype, np.floating):
-            e["_FillValue"] = tmpl[name].dtype.type(np.nan)  # NaN = no valid observation
-        elif np.issubdtype(tmpl[name].dtype, np.integer) or tmpl[name].dtype == bool:
-            e["_FillValue"] = None  # counts: 0 is a value, not "missing"
+        e: dict[str, Any] = {"chunks": chunks, "compressors": compressors(codec, fmt)}
+        dtype = tmpl[name].dtype
+        if np.issubdtype(dtype, np.floating):
+            e["_FillValue"] = dtype.type(np.nan)  # NaN = no valid observation
+        elif np.issubdtype(dtype, np.datetime64):
+            e.update(date_encoding())  # int32 days since 1970-01-01, explicit fill = no observation
+        elif np.issubdtype(dtype, np.integer) or dtype == np.bool_:
+            # Counts: 0 is a value, not "missing": no CF _FillValue. Zarr v3 requires a fill value, which GDAL takes
+            # for no-data: one that no count reaches. (v2 stores none.)
+            e["_FillValue"] = None
+            if fmt == 3 and np.issubdtype(dtype, np.integer):
+                e["fill_value"] = min(COUNT_FILL, int(np.iinfo(dtype).max))
         enc[name] = e
     for key, var in tmpl.coords.items():
-        if var.dims == ("time",):
-            e = {"chunks": (TIME_COORD_CHUNK,)}
+        if var.dims[:1] == ("time",) and var.ndim <= 2:  # time, time_end, time_bnds (time, bnds)
+            e = {"chunks": (TIME_COORD_CHUNK, *var.shape[1:])}
             if np.issubdtype(var.dtype, np.datetime64):
                 e.update(_TIME_ENCODING)
+                if var.ndim == 2:
+                    # CF bounds in the units of time, as float64 (exact for whole seconds): CF checkers older
+                    # than CF-1.9 (cfchecker 4.1) take int64 for non-numeric, which bounds must not be.
+                    e["dtype"] = "float64"
+                    e["_FillValue"] = None  # CF: bounds have no fill value
             enc[str(key)] = e
+    for key in tmpl.variables:  # every array in the one codec: GDAL reads x and y for the geotransform
+        enc.setdefault(str(key), {})["compressors"] = compressors(codec, fmt)
     return enc
+
+
+def compressors(codec: str, fmt: int) -> tuple[Any, ...]:
+    """The Zarr compressor(s) of ``codec`` for Zarr format ``fmt``.
+
+    ``zstd`` (default: smallest and fastest to write, see README), ``zlib`` (DEFLATE: zlib in v2, gzip in v3,
+    readable by every GDAL with Zarr support, including builds without zstd or blosc), ``lz4`` (blosc-lz4, what
+    ndvi-scale wrote in v2 before), ``none``.
+    """
+    if codec == "none":
+        return ()
+    if fmt == 2:
+        import numcodecs
+
+        v2 = {
+            "zstd": lambda: numcodecs.Zstd(level=3),
+            "zlib": lambda: numcodecs.Zlib(level=6),
+            "lz4": lambda: numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE),
+        }
+        return (v2[codec](),)
+    from zarr import codecs
+
+    v3 = {
+        "zstd": lambda: codecs.ZstdCodec(level=3),
+        "zlib": lambda: codecs.GzipCodec(level=6),
+        "lz4": lambda: codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
+    }
+    return (v3[codec](),)
+
+
+def _codec_of(ds: xr.Dataset, codec: str | None) -> str:
+    """``codec``, else the run config's (``ds`` attributes), else :data:`DEFAULT_CODEC`; checked."""
+    if codec is None:
+        cfg = _json_attr(get_attr(ds.attrs, "config"))
+        codec = cfg.get("codec") if isinstance(cfg, dict) else None
+    codec = str(codec or DEFAULT_CODEC).strip().lower()
+    codec = {"gzip": "zlib", "deflate": "zlib", "blosc-lz4": "lz4"}.get(codec, codec)
+    if codec not in CODECS:
+        raise InputError(f"codec {codec!r} is unknown; expected one of {', '.join(CODECS)}")
+    return codec
+
+
+def _renamed(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """Root attributes with the legacy ``ndvi_scale:*`` names of older cubes under their ``ndvi_scale_*`` names
+    (a name written both ways keeps its new value)."""
+    out = {}
+    for k, v in attrs.items():
+        new = "ndvi_scale_" + k[len(LEGACY_PREFIX) :] if k.startswith(LEGACY_PREFIX) else k
+        if new == k or new not in attrs:
+            out[new] = v
+    return out
 
 
 def _cf_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
@@ -1338,10 +1463,30 @@ def _without_secrets(value: Any) -> Any:
     return value
 
 
-def _stac_dtype(dtype: np.dtype) -> str:
+def _stac_dtype(dtype: Any) -> str:
+    """STAC data type of a stored variable (dates are stored as integers: their encoding's dtype)."""
+    dtype = np.dtype(dtype)
     if np.issubdtype(dtype, np.datetime64):
         return "int64"
-    return str(np.dtype(dtype).name)
+    return str(dtype.name)
+
+
+def _stac_unit(var: xr.DataArray) -> dict[str, Any]:
+    units = var.attrs.get("units", var.encoding.get("units"))
+    return {"unit": str(units)} if units is not None else {}
+
+
+def _stac_nodata(var: xr.DataArray) -> dict[str, Any]:
+    """``nodata`` of a stored variable (datacube v2.3): its CF fill value; none for counts (0 is a value)."""
+    fill = var.encoding.get("_FillValue", var.attrs.get("_FillValue"))
+    if fill is None:
+        return {}
+    value = float(np.asarray(fill).item()) if not isinstance(fill, str) else float("nan")
+    if math.isnan(value):
+        return {"nodata": "nan"}
+    if math.isinf(value):
+        return {"nodata": "inf" if value > 0 else "-inf"}
+    return {"nodata": int(value) if value.is_integer() else value}
 
 
 def _dumps(value: Any) -> str:
