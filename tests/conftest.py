@@ -56,9 +56,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = keep
 
 
-#: Test-only S3 identity configured into the SeaweedFS instance.
-S3_ACCESS_KEY = "ndvi-scale-tests"
-S3_SECRET_KEY = "test-secret-0123456789"
+from servers import S3_ACCESS_KEY, S3_SECRET_KEY  # noqa: E402
 
 _ENV_TO_CLEAR = (
     "AWS_PROFILE",

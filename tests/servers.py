@@ -25,6 +25,10 @@ from pathlib import Path
 
 HOST = "127.0.0.1"
 
+#: Test-only S3 identity configured into the SeaweedFS instance (tests/conftest.py).
+S3_ACCESS_KEY = "ndvi-scale-tests"
+S3_SECRET_KEY = "test-secret-0123456789"
+
 
 class ServerError(RuntimeError):
     """A test server could not be started."""

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import S3_ACCESS_KEY, S3_SECRET_KEY
 from ndvi_scale.errors import InputError, StorageError
 from ndvi_scale.storage import Location, open_location, redact
-from servers import Server, closed_port
+from servers import S3_ACCESS_KEY, S3_SECRET_KEY, Server, closed_port
 
 pytestmark = pytest.mark.usefixtures("clean_cloud_env")
 

@@ -4,7 +4,7 @@ Three layers, innermost first:
 
 1. **Per HTTP request** (GDAL, :func:`ndvi_scale.http.gdal_retry_options`): 408/429/5xx answers, timeouts and
    dropped connections are retried by GDAL itself with capped exponential backoff.
-2. **Per asset read** (:class:`ReadPolicy`, applied by :class:`ndvi_scale.reader.FastReader`): a read that still
+2. **Per asset read** (:class:`ReadPolicy`, applied by :class:`ndvi_scale.engine.reader.AssetReader`): a read that still
    fails (the server kept failing, the file is truncated, a signature expired, the connection broke mid-tile)
    is tried again from scratch, :data:`READ_ATTEMPTS` times in all, :data:`READ_BACKOFF` seconds apart
    (doubling). Each new attempt drops the open dataset handles and GDAL's cached state of the file (GDAL keeps

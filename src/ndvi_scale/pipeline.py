@@ -1,8 +1,8 @@
 """The pipeline: search -> load -> mask -> index -> composite -> write. This module alone knows the order.
 
-The per-pixel work is fused into ONE task per (period, spatial chunk) (:func:`ndvi_scale.fused.fused_cube`): it
-reads the items of the period for that chunk one at a time through stackstac's readers (time-contiguous, no
-shuffle) and folds each into the period's day layers: mask, NDVI, same-day mosaic; then reduces over time. The
+The per-pixel work is fused into ONE task per (period, spatial chunk) (:mod:`ndvi_scale.engine`): it reads the
+items of the period for that chunk with many reads in flight (time-contiguous, no shuffle) and folds each into the
+period's day layers: mask, NDVI, same-day mosaic; then reduces over time. The
 graph therefore has O(periods x chunks) tasks whatever the number of items, and no task ever holds more than one
 period of one chunk (never its uint16 stack). Reads follow a :class:`~ndvi_scale.faults.ReadPolicy` (retries, then
 fail naming the assets, or skip and record them in the output).
@@ -227,7 +227,7 @@ def provenance_attrs(plan: Plan) -> dict[str, Any]:
 
     cfg = plan.config
     versions = {}
-    for pkg in ("ndvi-scale", "numpy", "xarray", "dask", "stackstac", "rasterio", "zarr", "pystac", "bottleneck"):
+    for pkg in ("ndvi-scale", "numpy", "pandas", "xarray", "dask", "rasterio", "zarr", "pystac", "bottleneck"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -296,7 +296,7 @@ class RunReport:
         text = "; ".join(parts)
         if w.skipped_assets:
             text += (f"\nskipped {len(w.skipped_assets)} unreadable asset(s), recorded in the cube's "
-                     "ndvi_scale:skipped_assets (their pixels count as not observed):")
+                     "ndvi_scale_skipped_assets (their pixels count as not observed):")
             text += "".join(f"\n  - {describe_summary(e)}" for e in w.skipped_assets)
         return text
 

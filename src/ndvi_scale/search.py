@@ -12,7 +12,8 @@ does). Cloud cover, bbox and dates are always checked again client-side, whateve
 
 Paging follows the API's ``next`` links (POST links with a JSON body token, or GET links with ``?token=``),
 every request with the retry policy of :mod:`ndvi_scale.http`. Items stay unsigned here: hrefs that need a
-signature (Planetary Computer) are signed by :func:`ndvi_scale.load.load_stack`, right before reading.
+signature (Planetary Computer) are signed at build time, right before reading
+(:func:`ndvi_scale.pipeline.plan_sources` with :func:`ndvi_scale.load.sign_items`).
 """
 
 from __future__ import annotations

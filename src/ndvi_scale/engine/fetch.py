@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
-__all__ = ["POOL", "READ_AHEAD_BYTES", "READ_CONCURRENCY", "ordered_reads"]
+__all__ = ["POOL", "PREFETCH_POOL", "READ_AHEAD_BYTES", "READ_CONCURRENCY", "ordered_reads"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -64,6 +64,10 @@ class _Pool:
 
 #: The process's read threads.
 POOL = _Pool(READ_CONCURRENCY)
+
+#: Threads that open the files of the periods about to be read (header round trips), beside :data:`POOL` so that
+#: they never queue in front of the reads of the period being computed.
+PREFETCH_POOL = _Pool(max(4, READ_CONCURRENCY // 2))
 
 
 def ordered_reads(

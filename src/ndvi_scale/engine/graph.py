@@ -66,12 +66,14 @@ def composite_cube(
     table: dict[Any, Any] = {}
     dsk: dict[Any, Any] = {}
     k = 0
+    live = [p for p in periods if p is not None]
     for t, p in enumerate(periods):
         if p is None:
             for i, j, _ in windows:
                 dsk[(name, t, i, j)] = (empty_block, n_out, chunks_y[i], chunks_x[j])
             continue
-        table[(table_name, k)] = (_period_sources, p.items, grid, tuple(s for _, _, s in windows))
+        after = live[k + 1].items if k + 1 < len(live) else ()
+        table[(table_name, k)] = (_period_sources, p.items, after, grid, tuple(s for _, _, s in windows))
         func = functools.partial(
             composite_block, grid=grid, day_numbers=p.day_numbers, method=method,
             mask_classes=mask_classes, n_out=n_out, policy=policy,
@@ -85,10 +87,16 @@ def composite_cube(
 
 
 def _period_sources(
-    items: tuple[ItemSource, ...], grid: OutputGrid, slices: tuple[tuple[slice, slice], ...]
+    items: tuple[ItemSource, ...],
+    after: tuple[ItemSource, ...],
+    grid: OutputGrid,
+    slices: tuple[tuple[slice, slice], ...],
 ) -> tuple[ItemSource, ...]:
-    """The period's specs for its chunk tasks; starts their header reads on the way (not waiting for them)."""
+    """The period's specs for its chunk tasks. Starts, without waiting, the header reads of this period and of the
+    next one (``after``): the write stage computes period after period, so the next period's files are open by the
+    time its chunks start, instead of every period starting with a round trip per file."""
     prefetch(items, grid, slices)
+    prefetch(after, grid, slices)
     return items
 
 

@@ -4,7 +4,7 @@ A pure function of (bbox, CRS, resolution): it does not depend on the items, nor
 windows of the one grid, so chunked and unchunked runs give identical arrays), and a monthly append over the same
 bbox lands on the same grid. The numbers are those stackstac computes for ``stackstac.stack(bounds_latlon=...,
 snap_bounds=True, xy_coords="center")``, float for float, so cubes written before the engine had its own grid
-keep appending (tests/engine/test_grid.py checks it against stackstac's own stack when stackstac is installed).
+keep appending (tests/test_stackstac_compat.py checks it against stackstac's own stack).
 """
 
 from __future__ import annotations

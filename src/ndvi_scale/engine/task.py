@@ -17,7 +17,7 @@ from rasterio import windows
 
 from ..faults import ReadPolicy
 from ..kernel import ndvi_into, reduce_days
-from .fetch import POOL, READ_AHEAD_BYTES, ordered_reads
+from .fetch import PREFETCH_POOL, READ_AHEAD_BYTES, ordered_reads
 from .grid import OutputGrid
 from .reader import reader_for
 from .sources import AssetSource, ItemSource
@@ -33,12 +33,12 @@ def empty_block(n_out: int, height: int, width: int) -> np.ndarray:
 
 
 def prefetch(sources: Sequence[ItemSource], grid: OutputGrid, slices: Sequence[tuple[slice, slice]]) -> None:
-    """Open (in the I/O pool, without waiting) the red/nir assets of ``sources`` that reach any of ``slices``:
-    the header round trips of a whole period are then issued together, before its chunks need them."""
+    """Open (in the prefetch pool, without waiting) the assets of ``sources`` that reach any of ``slices``: the
+    header round trips of a period are issued together, before (or while) its chunks need them."""
     for src in sources:
         if any(src.red.reaches(*s) and src.nir.reaches(*s) for s in slices):
             for a in src.assets:
-                POOL.submit(reader_for(a.href, grid).coverage)
+                PREFETCH_POOL.submit(reader_for(a.href, grid).coverage)
 
 
 def composite_block(
