@@ -102,6 +102,31 @@ def test_engine_equals_stackstac_stack_then_reduce(small):
 
 
 @pytest.mark.stackstac
+def test_top_level_stack_is_the_runs_scenes_on_its_grid(small):
+    """ndvi_scale.stack(bbox, start, end, catalog): the scenes compute() would use, one time chunk per period."""
+    import ndvi_scale
+    from ndvi_scale.pipeline import make_plan, plan_grid
+
+    spec, catalog = small
+    arr = ndvi_scale.stack(spec.bbox_lonlat(), "2024-04-01", "2024-05-20", str(catalog), chunk=64)
+    plan = make_plan(_cfg(catalog, spec.bbox_lonlat(), chunk=64))
+    live = [p for p in plan.plans if p]
+    assert list(arr.id.values) == [it.id for p in live for it in p.items]
+    assert arr.data.chunks[0] == tuple(len(p.items) for p in live) and arr.dtype == np.uint16
+    np.testing.assert_array_equal(arr.x.values, plan_grid(plan).xs())
+
+
+def test_stack_without_stackstac_says_how_to_get_it(small, monkeypatch):
+    import ndvi_scale
+    from ndvi_scale.errors import InputError
+
+    monkeypatch.setitem(sys.modules, "stackstac", None)  # as if not installed
+    spec, catalog = small
+    with pytest.raises(InputError, match=r"pip install 'ndvi-scale\[stackstac\]'"):
+        ndvi_scale.stack(spec.bbox_lonlat(), "2024-04-01", "2024-05-20", str(catalog))
+
+
+@pytest.mark.stackstac
 def test_two_zone_grid_equals_stackstac(two_zone):
     """Across a UTM zone boundary (items in two CRSs): same grid as stackstac's with epsg= given."""
     from ndvi_scale.config import RunConfig

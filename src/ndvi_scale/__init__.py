@@ -13,7 +13,7 @@ from .errors import NdviScaleError  # noqa: E402
 
 
 def __getattr__(name: str):  # lazy: `import ndvi_scale` stays cheap for the CLI's --help
-    if name in ("compute", "build", "run", "make_plan"):
+    if name in ("compute", "build", "run", "make_plan", "stack"):
         from . import pipeline
 
         return getattr(pipeline, name)
@@ -24,4 +24,4 @@ def __getattr__(name: str):  # lazy: `import ndvi_scale` stays cheap for the CLI
     raise AttributeError(name)
 
 
-__all__ = ["BBox", "NdviScaleError", "RunConfig", "__version__", "compute", "build", "run", "make_plan"]
+__all__ = ["BBox", "NdviScaleError", "RunConfig", "__version__", "compute", "build", "run", "make_plan", "stack"]

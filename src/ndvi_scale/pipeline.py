@@ -368,4 +368,24 @@ def compute(
     return xr.open_zarr(open_location(cfg.out or "").store, decode_coords="all", consolidated=None)
 
 
-__all__ = ["InputError", "build", "compute", "make_plan", "plan_grid", "plan_sources", "run"]
+def stack(bbox: Any, start: Any, end: Any, catalog: str = "sample", **options: Any) -> xr.DataArray:
+    """The lazy (time, band, y, x) uint16 stack of raw red, nir and scl digital numbers of the scenes a
+    :func:`compute` with the same arguments would use, on its output grid, through ``stackstac.stack`` (one time
+    chunk per period). Scale/offset are not applied (they differ per item: see the ``ndvi_scale_items``
+    provenance of a cube, or :attr:`S2Item.bands`).
+
+    Needs the optional extra ``pip install "ndvi-scale[stackstac]"`` (stackstac 0.5.1 pins pandas<3). Raises
+    :class:`InputError` for bad arguments or a missing stackstac, and the errors of :func:`make_plan`.
+    """
+    from .load import stack as load_stack
+
+    cfg = RunConfig.create(bbox=bbox, start=start, end=end, catalog=catalog, **options)
+    plan = make_plan(cfg)
+    live = [p for p in plan.plans if p is not None]
+    return load_stack(
+        [it for p in live for it in p.items], epsg=plan.epsg, bbox=cfg.bbox, resolution=cfg.resolution,
+        chunk=plan.chunk, time_chunks=[len(p.items) for p in live],
+    )
+
+
+__all__ = ["InputError", "build", "compute", "make_plan", "plan_grid", "plan_sources", "run", "stack"]
