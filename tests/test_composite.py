@@ -113,3 +113,23 @@ def test_dekads_and_seasons():
     assert [(p.start.day, p.end.day) for p in d] == [(1, 10), (11, 20), (21, 29)]
     s = periods_between(dt.date(2024, 1, 10), dt.date(2024, 1, 10), "season")
     assert (s[0].start, s[0].end) == (dt.date(2023, 12, 1), dt.date(2024, 2, 29))
+
+
+@pytest.mark.parametrize("n_days", [1, 2, 3, 5, 12, 31, 65])
+def test_quantiles_are_numpys_nanquantile_bit_for_bit(n_days):
+    import warnings
+
+    from ndvi_scale.composite import nanquantile
+
+    rng = np.random.default_rng(n_days)
+    days = rng.random((n_days, 48, 48), dtype=np.float32) * 2 - 1
+    days[rng.random(days.shape) < 0.3] = np.nan
+    days[:, :4] = np.round(days[:, :4], 1)  # ties
+    days[:, 5] = np.nan  # never observed
+    for q in (0.01, 0.05, 0.1, 0.25, 0.33, 0.5, 0.75, 0.9, 0.99):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ref = np.asarray(np.nanquantile(days, q, axis=0), dtype=np.float32)
+        got = nanquantile(days, q)
+        assert got.dtype == np.float32 and np.array_equal(got, ref, equal_nan=True), (n_days, q)
+    assert np.isnan(nanquantile(days, 0.25)[5]).all()

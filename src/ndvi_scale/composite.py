@@ -116,15 +116,38 @@ def reduce_days(days: np.ndarray, method: str, day_numbers: np.ndarray | None = 
         date[count == 0] = np.nan
         extra.append(date)
     elif method.startswith("q"):
-        q = int(method[1:]) / 100.0
-        # np.nanquantile is slow, but correct; linear interpolation (numpy's default, as xarray's quantile)
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices -> NaN, as wanted
-            value = np.nanquantile(days, q, axis=0)
+        value = nanquantile(days, int(method[1:]) / 100.0, count)
     else:
         raise InputError(f"method {method!r} is unknown")
     value = np.asarray(value, dtype=np.float32)
     value[count == 0] = np.nan
     return [value, count.astype(np.float32), *extra]
+
+
+def nanquantile(days: np.ndarray, q: float, count: np.ndarray | None = None) -> np.ndarray:
+    """``np.nanquantile(days, q, axis=0)`` (linear interpolation, as xarray's quantile), bit for bit, ~100x faster.
+
+    numpy applies its 1-d quantile to every pixel in a Python loop (a 1024^2 block of 36 days: ~3 minutes). Here
+    the days are sorted once along axis 0 (NaN last) and each pixel's two neighbours taken by its own count of
+    valid days, with numpy's very arithmetic: virtual index ``n * q + (1 - q) - 1`` in float64, then the float32
+    lerp ``a + (b - a) * g`` (``b - (b - a) * (1 - g)`` from g = 0.5 on) with the weight as a float32 scalar.
+    tests/test_composite.py compares it with ``np.nanquantile`` on random data.
+    """
+    if count is None:
+        count = (~np.isnan(days)).sum(axis=0)
+    s = np.sort(days, axis=0)
+    n = np.maximum(count.astype(np.int64), 1)
+    q = float(q)
+    virtual = n * q + (1.0 - q) - 1.0
+    below = np.floor(virtual)
+    lo = np.clip(below, 0, n - 1).astype(np.int64)
+    hi = np.minimum(lo + 1, n - 1)
+    gamma = virtual - below
+    a = np.take_along_axis(s, lo[None], axis=0)[0]
+    b = np.take_along_axis(s, hi[None], axis=0)[0]
+    diff = b - a
+    value = np.where(
+        gamma >= 0.5, b - diff * (1.0 - gamma).astype(np.float32), a + diff * gamma.astype(np.float32)
+    ).astype(np.float32)
+    value[count == 0] = np.nan
+    return value
