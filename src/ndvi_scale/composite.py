@@ -70,15 +70,15 @@ def periods_between(start: dt.date, end: dt.date, period: str) -> list[Period]:
 
 
 def assign_periods(days: Sequence[dt.date], periods: Sequence[Period]) -> list[int]:
-    """Index of the period containing each day (-1 if none)."""
+    """Index of the period containing each day (-1 if none). ``periods`` in time order, not overlapping (as
+    :func:`periods_between` makes them): a binary search per day, O(days x log periods)."""
+    import bisect
+
+    starts = [p.start for p in periods]
     out = []
     for d in days:
-        idx = -1
-        for i, p in enumerate(periods):
-            if p.contains(d):
-                idx = i
-                break
-        out.append(idx)
+        i = bisect.bisect_right(starts, d) - 1
+        out.append(i if i >= 0 and periods[i].contains(d) else -1)
     return out
 
 

@@ -14,7 +14,7 @@ import dataclasses
 import datetime as dt
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ from .composite import EXTRA_OUTPUTS, Period, assign_periods, periods_between
 from .config import RunConfig
 from .engine.graph import PeriodSources, composite_cube, cube_layer
 from .engine.grid import OutputGrid, output_grid
-from .engine.sources import item_source
+from .engine.sources import asset_source, item_source
 from .errors import InputError
 from .faults import FaultLog, ReadPolicy, clean_href, describe_summary
 from .items import S2Item
@@ -37,8 +37,10 @@ from .mask import SCL_CLASSES
 from .search import SearchResult, search
 from .write import WriteReport
 
-#: Largest uint16 stack (bytes) one fused task may read for one period and chunk. Beyond it the spatial chunk is
-#: halved: a year-long period with 150 items at 2048 px would otherwise need ~3.8 GB in one task.
+#: Largest day stack (bytes) one task may hold: a float32 NDVI layer per day of its period with a scene reaching its
+#: chunk (the reducers need every day; the reads stream through a bounded read-ahead besides). Beyond it the
+#: spatial chunk is halved: a single-tile year (73 days) at 2048 px would hold 1.2 GB in one task. Counted per chunk,
+#: never over the whole area: a country-size run keeps the user's chunk (a chunk sees a few granules' days).
 MAX_TASK_BYTES = 768 * 2**20
 
 _EPOCH = dt.date(1970, 1, 1)
@@ -88,14 +90,19 @@ def make_plan(cfg: RunConfig, result: SearchResult | None = None) -> Plan:
     lon = (cfg.bbox.west + cfg.bbox.east) / 2
     days = [solar_day(it.datetime, lon) for it in items]
     where = assign_periods(days, periods)
+    by_period: dict[int, list[int]] = {}
+    for i, w in enumerate(where):
+        if w is not None and w >= 0:
+            by_period.setdefault(w, []).append(i)
     plans: list[PeriodPlan | None] = []
     for p_idx, period in enumerate(periods):
-        members = [i for i, w in enumerate(where) if w == p_idx]
+        members = by_period.get(p_idx, [])
         if not members:
             plans.append(None)
             continue
         p_items = tuple(items[i] for i in members)
         uniq = sorted({days[i] for i in members})
+        day_of = {d: k for k, d in enumerate(uniq)}
         plans.append(
             PeriodPlan(
                 period=period,
@@ -104,16 +111,39 @@ def make_plan(cfg: RunConfig, result: SearchResult | None = None) -> Plan:
                 red_offset=tuple(it.bands["red"].offset for it in p_items),
                 nir_scale=tuple(it.bands["nir"].scale for it in p_items),
                 nir_offset=tuple(it.bands["nir"].offset for it in p_items),
-                day_index=tuple(uniq.index(days[i]) for i in members),
+                day_index=tuple(day_of[days[i]] for i in members),
                 day_numbers=tuple((d - _EPOCH).days for d in uniq),
             )
         )
-    max_items = max((len(p.items) for p in plans if p), default=1)
+    grid = output_grid(cfg.bbox.as_tuple(), epsg, cfg.resolution)
     chunk = cfg.chunk
-    # 6 bytes per pixel per item: red + nir + scl as uint16.
-    while chunk > 256 and max_items * 6 * chunk * chunk > MAX_TASK_BYTES:
+    while chunk > 256 and busiest_chunk_days(plans, grid, chunk) * 4 * chunk * chunk > MAX_TASK_BYTES:
         chunk //= 2
     return Plan(cfg, dataclasses.replace(result, items=tuple(items)), epsg, chunk, tuple(periods), tuple(plans))
+
+
+def busiest_chunk_days(plans: Sequence[PeriodPlan | None], grid: OutputGrid, chunk: int) -> int:
+    """The most days with a scene reaching one chunk in one period (by the scenes' metadata footprints; a scene
+    without one reaches every chunk): what the busiest (period, chunk) task holds as float32 layers."""
+    cy, cx = grid.chunks(chunk)
+    ny, nx = len(cy), len(cx)
+    busiest = 0
+    for p in plans:
+        if p is None:
+            continue
+        seen = np.zeros((len(p.day_numbers), ny, nx), dtype=bool)
+        for it, d in zip(p.items, p.day_index, strict=True):
+            window = asset_source(it, "red", grid).window
+            if window is None:
+                seen[d] = True
+                continue
+            r0, r1, c0, c1 = window
+            i0, i1 = max(0, int(r0 // chunk)), min(ny - 1, int(np.ceil(r1 / chunk)) - 1)
+            j0, j1 = max(0, int(c0 // chunk)), min(nx - 1, int(np.ceil(c1 / chunk)) - 1)
+            if i0 <= i1 and j0 <= j1:
+                seen[d, i0 : i1 + 1, j0 : j1 + 1] = True
+        busiest = max(busiest, int(seen.sum(axis=0).max(initial=0)))
+    return busiest
 
 
 def _days_to_datetime(days: np.ndarray) -> np.ndarray:
