@@ -10,6 +10,9 @@ Contenders:
 * ``floor``: read + inflate exactly the COG tiles under the bbox of red, nir and scl, each once (one windowed
   read per asset, two threads), nothing else. ``floor_median`` adds bottleneck's nanmedian over each period's
   (days, y, x) float32 stack (30 % NaN), timed separately: the unavoidable cost of a median composite.
+* ``floor_latency``: the needed byte ranges (headers, then the tiles under the grid) fetched on 64 connections at
+  once into sparse local copies, each asset decoded like ``floor`` as soon as its bytes are in: what the
+  machine can do at the server's latency (``run.py --latency``).
 * ``naive``: stackstac as documented: default float64 and 1024-px chunks, scale/offset applied by stackstac,
   ``.where`` on SCL, same-day mosaic with ``groupby(...).first()``, ``.resample(time="1MS").median("time")``.
 * ``odc``: odc-stac tuned: ``groupby="solar_day"``, 2048-px chunks, native dtypes, ``configure_rio(
@@ -136,6 +139,143 @@ def floor(params: dict[str, Any]) -> dict[str, Any]:
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"wall": wall, "cpu_work": cpu, "pixels_decoded": pixels, "tasks": [len(urls), len(urls)],
             "tasks_run": len(urls)}
+
+
+def floor_latency(params: dict[str, Any]) -> dict[str, Any]:
+    """The latency floor: every needed byte range fetched with many requests in flight, then decoded.
+
+    ``params["ranges"]`` (from ``run.py``, untimed) lists per asset its header (bytes up to the first tile: IFDs
+    and tile offsets) and the full-resolution tiles under the grid, i.e. the ``needed`` bytes. Each asset's
+    header is fetched first and its tiles after it (a reader learns the tile offsets from the header: two round
+    trips per asset, as a real reader needs at least), all assets at once, on ``params["inflight"]`` (64)
+    keep-alive connections; tiles of a file that follow each other (COG ghost leader/trailer bytes between them,
+    <= 16 bytes) go in one request. The bytes are written at their offsets into a sparse copy of the file in
+    /dev/shm, and as soon as an asset is complete it is decoded exactly as the decode floor does (one windowed
+    ``rasterio`` read of the pixels under the grid, GDAL inflating each tile once; ``threads`` decoding at a
+    time) while other assets are still in flight. No engine code: the physical limit of the machine at that
+    latency.
+    """
+    import http.client
+    import os
+    import shutil
+    import tempfile
+    import threading
+    import urllib.parse
+
+    import rasterio
+
+    os.environ.setdefault("GDAL_CACHEMAX", "128")  # as ndvi-scale and the decode floor run
+    inflight = int(params.get("inflight", 64))
+    assets = params["ranges"]
+    base = urllib.parse.urlsplit(params["url"])
+    shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    tmp = tempfile.mkdtemp(prefix="ndvi-bench-latency-floor-", dir=shm)
+    local = threading.local()
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    done = threading.Event()
+    state = {"assets_left": len(assets), "gets": 0, "bytes": 0, "pixels": 0, "fetch_end": 0.0}
+
+    def fetch(path: str, a: int, n: int, fd: int) -> None:
+        for attempt in range(3):
+            conn = getattr(local, "conn", None)
+            if conn is None:
+                conn = local.conn = http.client.HTTPConnection(base.hostname, base.port, timeout=300)
+            try:
+                conn.request("GET", path, headers={"Range": f"bytes={a}-{a + n - 1}"})
+                r = conn.getresponse()
+                body = r.read()
+                if r.status != 206 or len(body) != n:
+                    raise OSError(f"GET {path} bytes={a}-{a + n - 1}: {r.status}, {len(body)} bytes")
+                break
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                local.conn = None
+                if attempt == 2:
+                    raise
+        os.pwrite(fd, body, a)
+        with lock:
+            state["gets"] += 1
+            state["bytes"] += n
+
+    def guarded(fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except BaseException as e:  # noqa: BLE001 (reported after the run)
+            with lock:
+                errors.append(e)
+            done.set()
+
+    def decode(asset: dict[str, Any], local_path: str, fd: int) -> None:
+        os.close(fd)
+        try:
+            with rasterio.open(local_path) as ds:
+                w = _asset_window(ds, params)
+                n = 0 if w is None else int(ds.read(1, window=w).size)
+        finally:
+            os.unlink(local_path)
+        with lock:
+            state["pixels"] += n
+            state["assets_left"] -= 1
+            if state["assets_left"] == 0:
+                done.set()
+
+    def start(k: int, asset: dict[str, Any]) -> None:
+        path = urllib.parse.urlsplit(asset["href"]).path
+        local_path = os.path.join(tmp, f"{k}.tif")
+        fd = os.open(local_path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(fd, asset["size"])  # sparse: only the fetched bytes take memory
+        fetch(path, 0, asset["header"], fd)
+        merged: list[list[int]] = []
+        for a, n in asset["tiles"]:
+            if merged and 0 <= a - (merged[-1][0] + merged[-1][1]) <= 16:
+                merged[-1][1] = a + n - merged[-1][0]
+            else:
+                merged.append([a, n])
+        left = [len(merged)]
+
+        def one(a: int, n: int) -> None:
+            fetch(path, a, n, fd)
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+                if last:
+                    state["fetch_end"] = max(state["fetch_end"], time.perf_counter())
+            if last:
+                decoders.submit(guarded, decode, asset, local_path, fd)
+
+        if not merged:  # no pixel under the grid: the header was all (the decode floor opens it too)
+            with lock:
+                state["fetch_end"] = max(state["fetch_end"], time.perf_counter())
+            decoders.submit(guarded, decode, asset, local_path, fd)
+        for a, n in merged:
+            fetchers.submit(guarded, one, a, n)
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    fetchers = ThreadPoolExecutor(max_workers=inflight)
+    decoders = ThreadPoolExecutor(max_workers=params["threads"])
+    try:
+        for k, asset in enumerate(assets):  # every header first, the tiles queue behind them as they arrive
+            fetchers.submit(guarded, start, k, asset)
+        done.wait()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        fetchers.shutdown(wait=True, cancel_futures=True)
+        decoders.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    if errors:
+        raise errors[0]
+    return {
+        "wall": wall,
+        "cpu_work": cpu,
+        "pixels_decoded": state["pixels"],
+        "fetch_wall": state["fetch_end"] - t0,
+        "gets": state["gets"],
+        "bytes": state["bytes"],
+        "inflight": inflight,
+        "tasks": [len(assets), len(assets)],
+        "tasks_run": len(assets),
+    }
 
 
 def floor_median(params: dict[str, Any]) -> dict[str, Any]:
@@ -334,6 +474,7 @@ def ndvi_scale_to_zarr(params: dict[str, Any]) -> dict[str, Any]:
 CONTENDERS = {
     "floor": floor,
     "floor_median": floor_median,
+    "floor_latency": floor_latency,
     "naive": naive,
     "odc": odc,
     "ndvi_scale": ndvi_scale,

@@ -149,21 +149,35 @@ class DelayHandler(BaseHTTPRequestHandler):
             elif len(ranges) == 1:
                 a, b = ranges[0]
                 n = b - a + 1
-                self._head(206, {**common, "Content-Type": ctype, "Content-Length": str(n),
-                                 "Content-Range": f"bytes {a}-{b}/{size}"})
+                self._head(
+                    206,
+                    {
+                        **common,
+                        "Content-Type": ctype,
+                        "Content-Length": str(n),
+                        "Content-Range": f"bytes {a}-{b}/{size}",
+                    },
+                )
                 if body:
                     self._send(fd, a, n)
                 self._log(206, n if body else 0)
             else:  # multipart/byteranges, as nginx answers bytes=a-b,c-d
                 parts = [
-                    (f"\r\n--{_BOUNDARY}\r\nContent-Type: {ctype}\r\n"
-                     f"Content-Range: bytes {a}-{b}/{size}\r\n\r\n").encode()
+                    (
+                        f"\r\n--{_BOUNDARY}\r\nContent-Type: {ctype}\r\nContent-Range: bytes {a}-{b}/{size}\r\n\r\n"
+                    ).encode()
                     for a, b in ranges
                 ]
                 tail = f"\r\n--{_BOUNDARY}--\r\n".encode()
                 length = sum(len(p) for p in parts) + sum(b - a + 1 for a, b in ranges) + len(tail)
-                self._head(206, {**common, "Content-Type": f"multipart/byteranges; boundary={_BOUNDARY}",
-                                 "Content-Length": str(length)})
+                self._head(
+                    206,
+                    {
+                        **common,
+                        "Content-Type": f"multipart/byteranges; boundary={_BOUNDARY}",
+                        "Content-Length": str(length),
+                    },
+                )
                 if body:
                     for p, (a, b) in zip(parts, ranges, strict=True):
                         self.wfile.write(p)

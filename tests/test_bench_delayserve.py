@@ -46,7 +46,11 @@ def test_ranges_head_and_log(served):
     t0 = time.perf_counter()
     assert _get(port, "/a.tif", {"Range": "bytes=10-19"}, conn=conn)[::2] == (206, data[10:20])
     status, headers, body = _get(port, "/a.tif", {"Range": "bytes=-5"}, conn=conn)
-    assert (status, body, headers["Content-Range"]) == (206, data[-5:], f"bytes {len(data) - 5}-{len(data) - 1}/{len(data)}")
+    assert (status, body, headers["Content-Range"]) == (
+        206,
+        data[-5:],
+        f"bytes {len(data) - 5}-{len(data) - 1}/{len(data)}",
+    )
     status, headers, body = _get(port, "/a.tif", method="HEAD", conn=conn)
     assert (status, body, int(headers["Content-Length"])) == (200, b"", len(data))
     status, headers, body = _get(port, "/a.tif", conn=conn)
