@@ -482,12 +482,25 @@ CONTENDERS = {
 }
 
 
+def _vm_hwm_mb() -> float | None:
+    """This process's peak RSS (``VmHWM``: reset by exec, unlike ``ru_maxrss``, which a child inherits from the
+    harness that forked it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def main() -> None:
     name, params_path, result_path = sys.argv[1:4]
     params = json.loads(Path(params_path).read_text())
     t_imports = time.perf_counter() - T_START
     res = CONTENDERS[name](params)
     res["imports"] = t_imports
+    res["vm_hwm_mb"] = _vm_hwm_mb()
     Path(result_path).write_text(json.dumps(res))
 
 

@@ -14,7 +14,8 @@
    must equal the generator's analytic truth (on every 8th row) within 0.01. A benchmark of wrong results
    is worthless: a mismatch makes the run exit non-zero.
 5. **Table**: wall time, Mpx-obs/s/core, ratio to the floors and peers, tasks run, peak RSS of the process
-   (``wait4`` ``ru_maxrss``), CPU use, HTTP GETs and bytes fetched / bytes needed (the compressed size of the
+   (``VmHWM`` of the contender; ``wait4``'s ``ru_maxrss`` carries the harness's own peak through fork+exec),
+   CPU use, CPU of the server, HTTP GETs and bytes fetched / bytes needed (the compressed size of the
    COG tiles under the bbox plus each file's header). ``--markdown FILE`` writes it as Markdown too.
 """
 
@@ -62,14 +63,18 @@ class Outcome:
     result: dict[str, Any]
     out: Path | None
     latency: float | None = None  # ms the server waited before each answer (None: nginx/python, no delay)
+    server_cpu: float = float("nan")  # CPU seconds of the HTTP server while the contender ran
     checks: list[str] = field(default_factory=list)
 
     @property
     def in_flight(self) -> float | None:
-        """Requests in flight on average: GETs x latency / wall (Little's law, the server's wait only)."""
+        """Requests in flight on average: requests x latency / wall (Little's law on the server's wait alone).
+
+        Requests are the GETs and the HEADs (GDAL asks each file's size with a HEAD first): each waits the latency.
+        """
         if self.latency is None:
             return None
-        return self.traffic.gets * self.latency / 1000 / self.wall
+        return self.traffic.requests * self.latency / 1000 / self.wall
 
 
 def _spec(scale: float, n_dates: int) -> Any:
@@ -177,6 +182,7 @@ def _run_contender(
     env = dict(os.environ)
     env.setdefault("PYTHONWARNINGS", "ignore")
     mark = srv.mark()
+    srv_cpu0 = srv.cpu()
     t0 = time.perf_counter()
     cmd = [sys.executable, str(HERE / "contenders.py"), name, str(p_path), str(r_path)]
     if profile is not None:  # py-spy's collapsed stacks of every thread, native frames too (timings inflate)
@@ -200,8 +206,12 @@ def _run_contender(
     meta = {
         "proc_wall": proc_wall,
         "cpu": usage.ru_utime + usage.ru_stime,
-        "maxrss_mb": usage.ru_maxrss / 1024,
+        # ru_maxrss of a child starts at the harness's own high-water mark (Linux keeps it through fork and
+        # exec): the contender's VmHWM, when it reports it, is its own peak
+        "maxrss_mb": res.get("vm_hwm_mb") or usage.ru_maxrss / 1024,
+        "ru_maxrss_mb": usage.ru_maxrss / 1024,
         "traffic": srv.since(mark),
+        "server_cpu": srv.cpu() - srv_cpu0,
     }
     return res, meta
 
@@ -353,7 +363,9 @@ def _row(
         f"{o.result.get('tasks_run', '-')} ({tasks[1]})",
         f"{o.maxrss_mb:.0f}",
         f"{t.gets}",
+        f"{t.requests - t.gets}",
         "-" if o.in_flight is None else f"{o.in_flight:.1f}",
+        f"{o.server_cpu:.2f}",
         f"{t.bytes / 2**20:.0f}",
         f"{t.bytes / needed:.3f}" if needed else "-",
     ]
@@ -371,7 +383,9 @@ HEADER = [
     "tasks run (graph)",
     "peak RSS MB",
     "GETs",
+    "HEADs",
     "requests in flight",
+    "server CPU s",
     "MiB fetched",
     "fetched / needed",
 ]
@@ -407,7 +421,7 @@ def _latency_summary(outcomes: list[Outcome], latencies: list[float | None], n_d
     header = ["contender"]
     for x in lat:
         header += [f"{x:g} ms: wall s", f"{x:g} ms: CPU s", f"{x:g} ms: in flight"]
-    header += ["GETs (" + " / ".join(f"{x:g}" for x in lat) + " ms)"]
+    header += ["GETs (" + " / ".join(f"{x:g}" for x in lat) + " ms)", "HEADs"]
     rows = []
     for name, method, label in SUMMARY_ROWS:
         got = [find.get((name, method, x)) for x in lat]
@@ -420,6 +434,7 @@ def _latency_summary(outcomes: list[Outcome], latencies: list[float | None], n_d
             else:
                 row += [f"{o.wall:.1f}", f"{o.result.get('cpu_work', float('nan')):.1f}", f"{o.in_flight:.1f}"]
         row.append(" / ".join("-" if o is None else str(o.traffic.gets) for o in got))
+        row.append(" / ".join("-" if o is None else str(o.traffic.requests - o.traffic.gets) for o in got))
         rows.append(row)
     ratio_header = [
         "latency",
@@ -445,7 +460,8 @@ def _latency_summary(outcomes: list[Outcome], latencies: list[float | None], n_d
     out = (
         f"### Latency: {n_dates} dates ({n_items} items), every request answered after the latency\n\n"
         f"{_table(rows, header)}\n\n"
-        "in flight = GETs x latency / wall (requests the contender kept waiting at once, on average)\n"
+        "in flight = (GETs + HEADs) x latency / wall: requests the contender kept waiting at once, on average "
+        "(each waits the latency; wall is the timed part, requests are those of the whole process)\n"
     )
     if ratio_rows:
         out += "\n" + _table(ratio_rows, ratio_header) + "\n"
@@ -620,13 +636,16 @@ def main() -> int:
                             result,
                             None if name.startswith("floor") else out,
                             latency,
+                            meta["server_cpu"],
                         )
                         run_outcomes.append(o)
                         print(
                             f"  {o.label:32s} {method:6s} wall {o.wall:7.2f} s  cpu {o.cpu:7.1f} s  "
                             f"rss {o.maxrss_mb:6.0f} MB  GETs {o.traffic.gets:5d}  "
                             f"{o.traffic.bytes / 2**20:7.1f} MiB"
-                            + (f"  in flight {o.in_flight:5.1f}" if o.in_flight is not None else ""),
+                            + (f"  in flight {o.in_flight:5.1f}" if o.in_flight is not None else "")
+                            + f"  server cpu {o.server_cpu:.2f} s"
+                            + (f"  (+{heads} HEAD)" if (heads := o.traffic.requests - o.traffic.gets) else ""),
                             flush=True,
                         )
                     if any(o.name == "ndvi_scale" and o.method == "median" for o in run_outcomes):

@@ -139,6 +139,23 @@ class Server:
 
         return f"RangeHTTPServer {version('rangehttpserver')}"
 
+    def cpu(self) -> float:
+        """CPU seconds the server's processes used so far (nginx: master and workers)."""
+        import psutil
+
+        if self._proc is None:
+            return 0.0
+        try:
+            p = psutil.Process(self._proc.pid)
+            procs = [p, *p.children(recursive=True)]
+            total = 0.0
+            for q in procs:
+                t = q.cpu_times()
+                total += t.user + t.system
+            return total
+        except psutil.Error:
+            return float("nan")
+
     def mark(self) -> int:
         """The current end of the log (flushes: nginx writes its access log unbuffered)."""
         time.sleep(0.2)
