@@ -184,9 +184,15 @@ def floor_latency(params: dict[str, Any]) -> dict[str, Any]:
             try:
                 conn.request("GET", path, headers={"Range": f"bytes={a}-{a + n - 1}"})
                 r = conn.getresponse()
-                body = r.read()
-                if r.status != 206 or len(body) != n:
-                    raise OSError(f"GET {path} bytes={a}-{a + n - 1}: {r.status}, {len(body)} bytes")
+                body = memoryview(bytearray(n))  # read straight into one buffer: no chunk joining
+                got = 0
+                while got < n:
+                    k = r.readinto(body[got:])
+                    if not k:
+                        break
+                    got += k
+                if r.status != 206 or got != n or r.read(1):
+                    raise OSError(f"GET {path} bytes={a}-{a + n - 1}: {r.status}, {got} bytes")
                 break
             except (OSError, http.client.HTTPException):
                 conn.close()

@@ -72,7 +72,7 @@ class Outcome:
 
         Requests are the GETs and the HEADs (GDAL asks each file's size with a HEAD first): each waits the latency.
         """
-        if self.latency is None:
+        if not self.latency:  # no latency, nothing waits: "-"
             return None
         return self.traffic.requests * self.latency / 1000 / self.wall
 
@@ -432,7 +432,8 @@ def _latency_summary(outcomes: list[Outcome], latencies: list[float | None], n_d
             if o is None:
                 row += ["-", "-", "-"]
             else:
-                row += [f"{o.wall:.1f}", f"{o.result.get('cpu_work', float('nan')):.1f}", f"{o.in_flight:.1f}"]
+                flight = "-" if o.in_flight is None else f"{o.in_flight:.1f}"
+                row += [f"{o.wall:.1f}", f"{o.result.get('cpu_work', float('nan')):.1f}", flight]
         row.append(" / ".join("-" if o is None else str(o.traffic.gets) for o in got))
         row.append(" / ".join("-" if o is None else str(o.traffic.requests - o.traffic.gets) for o in got))
         rows.append(row)
@@ -530,7 +531,7 @@ def main() -> int:
     latencies: list[float | None] = (
         [None] if args.latency is None else [float(v) for v in args.latency.split(",") if v.strip()]
     )
-    spec = _spec(args.scale, max(runs))
+    spec = _spec(args.scale, 2 * args.dates)  # the same data (and cache) with or without --no-double
     px = args.bbox_px or min(4096, int(spec.size * 0.75) // 16 * 16)
     print(
         f"data: 2 granules of {spec.size}^2 px (scale {spec.size / 10980:.3f} of 10980), 1024-px tiles, "
