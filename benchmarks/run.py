@@ -665,8 +665,12 @@ def main() -> int:
                             f"ndvi-scale: {r['spatial_chunks']} spatial chunks x {r['periods']} periods, "
                             f"tasks run {r['tasks_run']} = "
                             f"{r['tasks_run'] / (r['spatial_chunks'] * r['periods']):.2f} per chunk-period "
-                            f"(build()'s Dataset graph: {r['tasks'][1]}); "
-                            f"tile cache hits/misses {r['tile_cache']['hits']}/{r['tile_cache']['misses']}"
+                            f"(build()'s Dataset graph: {r['tasks'][1]})"
+                            + (
+                                f"; tile cache hits/misses {r['tile_cache']['hits']}/{r['tile_cache']['misses']}"
+                                if r.get("tile_cache")
+                                else ""
+                            )
                         )
                     checks = "; ".join(f"{o.label}: {', '.join(o.checks)}" for o in run_outcomes if o.checks)
                     block = (
