@@ -78,3 +78,41 @@ def test_requests_wait_together(served):
     wall = time.perf_counter() - t0
     assert got == [data[i : i + 100] for i in range(n)]
     assert wall < 4 * LATENCY_MS / 1000, wall  # 32 requests in flight at once, not one after another
+
+
+def test_latency_floor_fetches_exactly_the_needed_ranges(tmp_path):
+    """benchmarks/contenders.py floor_latency on three small COGs: every needed tile fetched once and decoded."""
+    import json
+
+    import contenders
+    import numpy as np
+    import rasterio
+    import run
+    from rasterio.transform import from_origin
+
+    root = tmp_path / "root"
+    (root / "item").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    profile = dict(driver="COG", width=1024, height=1024, count=1, dtype="uint16", crs="EPSG:32631",
+                   transform=from_origin(500000, 5000000, 10, 10), blocksize=256, compress="DEFLATE")  # fmt: skip
+    for band in ("red", "nir", "scl"):
+        with rasterio.open(root / "item" / f"{band}.tif", "w", **profile) as ds:
+            ds.write(rng.integers(1, 10000, (1, 1024, 1024), dtype="uint16"))
+    srv = delayserve.make_server(root, 0, tmp_path / "access.log", 20)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}"
+        items = tmp_path / "items.json"
+        assets = {b: {"href": f"{url}/item/{b}.tif"} for b in ("red", "nir", "scl")}
+        items.write_text(json.dumps({"features": [{"assets": assets}]}))
+        bounds = (500000 + 3000, 5000000 - 7000, 500000 + 7000, 5000000 - 3000)  # px 300..700: tiles 1-2 x 1-2
+        needed, tiles, ranges = run._bytes_needed(items, root, url, bounds)
+        assert tiles == 3 * 4 and all(len(a["tiles"]) == 4 for a in ranges)
+        params = {"ranges": ranges, "url": url, "threads": 2, "bounds": bounds, "inflight": 8}
+        res = contenders.floor_latency(params)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert res["pixels_decoded"] == 3 * 400 * 400
+    assert needed <= res["bytes"] <= needed + 16 * tiles  # the COG's ghost bytes between merged tiles at most
+    assert res["gets"] == 3 * (1 + 2)  # a header and one request per row of 2 adjacent tiles, per asset
