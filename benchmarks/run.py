@@ -672,6 +672,15 @@ def main() -> int:
                                 else ""
                             )
                         )
+                    lfl = next((o for o in run_outcomes if o.name == "floor_latency"), None)
+                    if lfl is not None and "fetch_wall" in lfl.result:
+                        r = lfl.result
+                        note = (
+                            f"latency floor: last byte in at {r['fetch_wall']:.1f} s of {r['wall']:.1f} s "
+                            f"({r['gets']} GETs on {r['inflight']} connections, {r['bytes'] / 2**20:.0f} MiB; "
+                            "each asset decoded as soon as its bytes are in)"
+                        )
+                        extra = f"{extra}\n\n{note}" if extra else note
                     checks = "; ".join(f"{o.label}: {', '.join(o.checks)}" for o in run_outcomes if o.checks)
                     block = (
                         f"### {_lat_label(latency)}{n_dates} dates ({n_items} items), "
