@@ -10,14 +10,17 @@ Contenders:
 * ``floor``: read + inflate exactly the COG tiles under the bbox of red, nir and scl, each once (one windowed
   read per asset, two threads), nothing else. ``floor_median`` adds bottleneck's nanmedian over each period's
   (days, y, x) float32 stack (30 % NaN), timed separately: the unavoidable cost of a median composite.
+* ``floor_latency``: the needed byte ranges (headers, then the tiles under the grid) fetched on 64 connections at
+  once into sparse local copies, each asset decoded like ``floor`` as soon as its bytes are in: what the
+  machine can do at the server's latency (``run.py --latency``).
 * ``naive``: stackstac as documented: default float64 and 1024-px chunks, scale/offset applied by stackstac,
   ``.where`` on SCL, same-day mosaic with ``groupby(...).first()``, ``.resample(time="1MS").median("time")``.
 * ``odc``: odc-stac tuned: ``groupby="solar_day"``, 2048-px chunks, native dtypes, ``configure_rio(
   cloud_defaults=True)``; scale/offset applied here per day (odc-stac does not), then the same xarray ops.
 * ``ndvi_scale_to_zarr``: ``build(cfg).to_zarr(...)``, the composite written as the peers write theirs.
 * ``ndvi_scale``: ``ndvi_scale.pipeline.run`` (search, build, write_cube) exactly as shipped, nothing patched:
-  :class:`ndvi_scale.reader.FastReader`, the fused per-chunk pass (:mod:`ndvi_scale.fused`) and the table
-  kernel (:mod:`ndvi_scale.kernel`, compiled by numba when it is installed).
+  the engine (:mod:`ndvi_scale.engine`: reads in flight through its I/O pool, one task per period and chunk) and
+  the table kernel (:mod:`ndvi_scale.kernel`, compiled by numba when it is installed).
 """
 
 from __future__ import annotations
@@ -107,24 +110,46 @@ def _asset_window(ds: Any, params: dict[str, Any]) -> Any:
     return Window(c0, r0, c1 - c0, r1 - r0)
 
 
+#: GDAL settings of the decode floor: ndvi-scale's HTTP reading options as of session 11 (``ndvi_scale.load.
+#: GDAL_ENV``), copied so that the floor does not depend on the engine's internals (``always`` on every open and
+#: read, then the ``open``/``read`` layer).
+FLOOR_GDAL = dict(
+    GDAL_HTTP_MERGE_CONSECUTIVE_RANGES="YES",
+    GDAL_HTTP_MULTIRANGE="YES",
+    GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR",
+    CPL_VSIL_CURL_ALLOWED_EXTENSIONS=".tif,.tiff,.TIF,.jp2,.JP2",
+    GDAL_INGESTED_BYTES_AT_OPEN="65536",
+    GDAL_NUM_THREADS="1",
+    GDAL_HTTP_MAX_RETRY="5",
+    GDAL_HTTP_RETRY_DELAY="1",
+    GDAL_HTTP_RETRY_CODES="408,429,500,502,503,504",
+    GDAL_HTTP_TIMEOUT="60",
+    GDAL_HTTP_CONNECTTIMEOUT="10",
+)
+FLOOR_GDAL_OPEN = dict(FLOOR_GDAL, VSI_CACHE=True)
+FLOOR_GDAL_READ = dict(FLOOR_GDAL, VSI_CACHE=False)
+#: GDAL's block cache (MB), in the process environment as ndvi-scale sets it (read once by GDAL).
+FLOOR_GDAL_CACHEMAX = "128"
+
+
 def floor(params: dict[str, Any]) -> dict[str, Any]:
+    import os
     import threading
 
+    os.environ.setdefault("GDAL_CACHEMAX", FLOOR_GDAL_CACHEMAX)
     import rasterio
-
-    from ndvi_scale.load import GDAL_ENV
 
     urls = [f["assets"][b]["href"] for f in _features(params) for b in ("red", "nir", "scl")]
     local = threading.local()
 
     def read(url: str) -> int:
-        with GDAL_ENV.open:
+        with rasterio.Env(**FLOOR_GDAL_OPEN):
             ds = rasterio.open(url)
         try:
             w = _asset_window(ds, params)
             if w is None:
                 return 0
-            with GDAL_ENV.read:
+            with rasterio.Env(**FLOOR_GDAL_READ):
                 return int(ds.read(1, window=w).size)
         finally:
             ds.close()
@@ -136,6 +161,149 @@ def floor(params: dict[str, Any]) -> dict[str, Any]:
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"wall": wall, "cpu_work": cpu, "pixels_decoded": pixels, "tasks": [len(urls), len(urls)],
             "tasks_run": len(urls)}
+
+
+def floor_latency(params: dict[str, Any]) -> dict[str, Any]:
+    """The latency floor: every needed byte range fetched with many requests in flight, then decoded.
+
+    ``params["ranges"]`` (from ``run.py``, untimed) lists per asset its header (bytes up to the first tile: IFDs
+    and tile offsets) and the full-resolution tiles under the grid, i.e. the ``needed`` bytes. Each asset's
+    header is fetched first and its tiles after it (a reader learns the tile offsets from the header: two round
+    trips per asset, as a real reader needs at least), all assets at once, on ``params["inflight"]`` (64)
+    keep-alive connections; tiles of a file that follow each other (COG ghost leader/trailer bytes between them,
+    <= 16 bytes) go in one request. The bytes are written at their offsets into a sparse copy of the file in
+    /dev/shm, and as soon as an asset is complete it is decoded exactly as the decode floor does (one windowed
+    ``rasterio`` read of the pixels under the grid, GDAL inflating each tile once; ``threads`` decoding at a
+    time) while other assets are still in flight. No engine code: the physical limit of the machine at that
+    latency.
+    """
+    import http.client
+    import os
+    import shutil
+    import tempfile
+    import threading
+    import urllib.parse
+
+    import rasterio
+
+    os.environ.setdefault("GDAL_CACHEMAX", FLOOR_GDAL_CACHEMAX)  # as ndvi-scale and the decode floor run
+    inflight = int(params.get("inflight", 64))
+    assets = params["ranges"]
+    base = urllib.parse.urlsplit(params["url"])
+    shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    tmp = tempfile.mkdtemp(prefix="ndvi-bench-latency-floor-", dir=shm)
+    local = threading.local()
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    done = threading.Event()
+    state = {"assets_left": len(assets), "gets": 0, "bytes": 0, "pixels": 0, "fetch_end": 0.0}
+
+    def fetch(path: str, a: int, n: int, fd: int) -> None:
+        for attempt in range(3):
+            conn = getattr(local, "conn", None)
+            if conn is None:
+                conn = local.conn = http.client.HTTPConnection(base.hostname, base.port, timeout=300)
+            try:
+                conn.request("GET", path, headers={"Range": f"bytes={a}-{a + n - 1}"})
+                r = conn.getresponse()
+                body = memoryview(bytearray(n))  # read straight into one buffer: no chunk joining
+                got = 0
+                while got < n:
+                    k = r.readinto(body[got:])
+                    if not k:
+                        break
+                    got += k
+                if r.status != 206 or got != n or r.read(1):
+                    raise OSError(f"GET {path} bytes={a}-{a + n - 1}: {r.status}, {got} bytes")
+                break
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                local.conn = None
+                if attempt == 2:
+                    raise
+        os.pwrite(fd, body, a)
+        with lock:
+            state["gets"] += 1
+            state["bytes"] += n
+
+    def guarded(fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except BaseException as e:  # noqa: BLE001 (reported after the run)
+            with lock:
+                errors.append(e)
+            done.set()
+
+    def decode(asset: dict[str, Any], local_path: str, fd: int) -> None:
+        os.close(fd)
+        try:
+            with rasterio.open(local_path) as ds:
+                w = _asset_window(ds, params)
+                n = 0 if w is None else int(ds.read(1, window=w).size)
+        finally:
+            os.unlink(local_path)
+        with lock:
+            state["pixels"] += n
+            state["assets_left"] -= 1
+            if state["assets_left"] == 0:
+                done.set()
+
+    def start(k: int, asset: dict[str, Any]) -> None:
+        path = urllib.parse.urlsplit(asset["href"]).path
+        local_path = os.path.join(tmp, f"{k}.tif")
+        fd = os.open(local_path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(fd, asset["size"])  # sparse: only the fetched bytes take memory
+        fetch(path, 0, asset["header"], fd)
+        merged: list[list[int]] = []
+        for a, n in asset["tiles"]:
+            if merged and 0 <= a - (merged[-1][0] + merged[-1][1]) <= 16:
+                merged[-1][1] = a + n - merged[-1][0]
+            else:
+                merged.append([a, n])
+        left = [len(merged)]
+
+        def one(a: int, n: int) -> None:
+            fetch(path, a, n, fd)
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+                if last:
+                    state["fetch_end"] = max(state["fetch_end"], time.perf_counter())
+            if last:
+                decoders.submit(guarded, decode, asset, local_path, fd)
+
+        if not merged:  # no pixel under the grid: the header was all (the decode floor opens it too)
+            with lock:
+                state["fetch_end"] = max(state["fetch_end"], time.perf_counter())
+            decoders.submit(guarded, decode, asset, local_path, fd)
+        for a, n in merged:
+            fetchers.submit(guarded, one, a, n)
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    fetchers = ThreadPoolExecutor(max_workers=inflight)
+    decoders = ThreadPoolExecutor(max_workers=params["threads"])
+    try:
+        for k, asset in enumerate(assets):  # every header first, the tiles queue behind them as they arrive
+            fetchers.submit(guarded, start, k, asset)
+        done.wait()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        fetchers.shutdown(wait=True, cancel_futures=True)
+        decoders.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    if errors:
+        raise errors[0]
+    return {
+        "wall": wall,
+        "cpu_work": cpu,
+        "pixels_decoded": state["pixels"],
+        "fetch_wall": state["fetch_end"] - t0,
+        "gets": state["gets"],
+        "bytes": state["bytes"],
+        "inflight": inflight,
+        "tasks": [len(assets), len(assets)],
+        "tasks_run": len(assets),
+    }
 
 
 def floor_median(params: dict[str, Any]) -> dict[str, Any]:
@@ -280,11 +448,15 @@ def odc(params: dict[str, Any]) -> dict[str, Any]:
 def _ndvi_scale(params: dict[str, Any]) -> dict[str, Any]:
     import dask
 
-    from ndvi_scale import kernel
     from ndvi_scale.config import RunConfig
     from ndvi_scale.pipeline import build, make_plan, run
 
-    kernel.warm_up()  # like the imports, loading numba's cached machine code is not timed (~0.2 s per process)
+    try:  # like the imports, loading numba's cached machine code is not timed (~0.2 s per process)
+        from ndvi_scale import kernel
+
+        kernel.warm_up()
+    except (ImportError, AttributeError):  # an engine without it (issue H rewrites the engine)
+        pass
     t0, c0 = time.perf_counter(), time.process_time()
     cfg = RunConfig.create(
         bbox=tuple(params["bbox"]),
@@ -308,6 +480,8 @@ def _ndvi_scale(params: dict[str, Any]) -> dict[str, Any]:
     n_chunks = len(ds.ndvi.chunks[1]) * len(ds.ndvi.chunks[2])
     from ndvi_scale.engine.tiles import TILE_CACHE
 
+    tile_cache = {"hits": TILE_CACHE.hits, "misses": TILE_CACHE.misses}
+
     return {
         "wall": wall,
         "cpu_work": cpu,
@@ -316,7 +490,7 @@ def _ndvi_scale(params: dict[str, Any]) -> dict[str, Any]:
         "spatial_chunks": n_chunks,
         "periods": len(plan.periods),
         "chunk": plan.chunk,
-        "tile_cache": {"hits": TILE_CACHE.hits, "misses": TILE_CACHE.misses},
+        "tile_cache": tile_cache,
     }
 
 
@@ -331,11 +505,24 @@ def ndvi_scale_to_zarr(params: dict[str, Any]) -> dict[str, Any]:
 CONTENDERS = {
     "floor": floor,
     "floor_median": floor_median,
+    "floor_latency": floor_latency,
     "naive": naive,
     "odc": odc,
     "ndvi_scale": ndvi_scale,
     "ndvi_scale_to_zarr": ndvi_scale_to_zarr,
 }
+
+
+def _vm_hwm_mb() -> float | None:
+    """This process's peak RSS (``VmHWM``: reset by exec, unlike ``ru_maxrss``, which a child inherits from the
+    harness that forked it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def main() -> None:
@@ -344,6 +531,7 @@ def main() -> None:
     t_imports = time.perf_counter() - T_START
     res = CONTENDERS[name](params)
     res["imports"] = t_imports
+    res["vm_hwm_mb"] = _vm_hwm_mb()
     Path(result_path).write_text(json.dumps(res))
 
 

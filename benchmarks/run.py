@@ -14,7 +14,8 @@
    must equal the generator's analytic truth (on every 8th row) within 0.01. A benchmark of wrong results
    is worthless: a mismatch makes the run exit non-zero.
 5. **Table**: wall time, Mpx-obs/s/core, ratio to the floors and peers, tasks run, peak RSS of the process
-   (``wait4`` ``ru_maxrss``), CPU use, HTTP GETs and bytes fetched / bytes needed (the compressed size of the
+   (``VmHWM`` of the contender; ``wait4``'s ``ru_maxrss`` carries the harness's own peak through fork+exec),
+   CPU use, CPU of the server, HTTP GETs and bytes fetched / bytes needed (the compressed size of the
    COG tiles under the bbox plus each file's header). ``--markdown FILE`` writes it as Markdown too.
 """
 
@@ -61,7 +62,19 @@ class Outcome:
     traffic: Traffic
     result: dict[str, Any]
     out: Path | None
+    latency: float | None = None  # ms the server waited before each answer (None: nginx/python, no delay)
+    server_cpu: float = float("nan")  # CPU seconds of the HTTP server while the contender ran
     checks: list[str] = field(default_factory=list)
+
+    @property
+    def in_flight(self) -> float | None:
+        """Requests in flight on average: requests x latency / wall (Little's law on the server's wait alone).
+
+        Requests are the GETs and the HEADs (GDAL asks each file's size with a HEAD first): each waits the latency.
+        """
+        if not self.latency:  # no latency, nothing waits: "-"
+            return None
+        return self.traffic.requests * self.latency / 1000 / self.wall
 
 
 def _spec(scale: float, n_dates: int) -> Any:
@@ -99,15 +112,24 @@ def _http_catalog(src: Path, dst: Path, root: Path, url: str, dates: list[str]) 
     return len(keep)
 
 
-def _bytes_needed(catalog: Path, root: Path, url: str, bounds: tuple[float, ...]) -> tuple[int, int]:
-    """(compressed bytes of the full-resolution tiles under ``bounds`` + file headers, number of tiles)."""
+def _bytes_needed(
+    catalog: Path, root: Path, url: str, bounds: tuple[float, ...]
+) -> tuple[int, int, list[dict[str, Any]]]:
+    """(compressed bytes of the full-resolution tiles under ``bounds`` + file headers, number of tiles, ranges).
+
+    ``ranges``: per asset (red, nir, scl of every item) ``{"href", "size", "header", "tiles": [[offset, n]]}``,
+    the header being bytes ``[0, header)`` (up to the first tile of any level: IFDs and tile offset arrays),
+    the tiles those counted, in file order. The latency floor fetches exactly these.
+    """
     import rasterio
 
     xmin, ymin, xmax, ymax = bounds
     total = tiles = 0
+    assets = []
     for f in json.loads(catalog.read_text())["features"]:
         for key in ("red", "nir", "scl"):
-            path = str(root) + f["assets"][key]["href"][len(url) :]
+            href = f["assets"][key]["href"]
+            path = str(root) + href[len(url) :]
             with rasterio.open(path) as ds:
                 t = ds.transform
                 bh, bw = ds.block_shapes[0]
@@ -120,13 +142,19 @@ def _bytes_needed(catalog: Path, root: Path, url: str, bounds: tuple[float, ...]
                     *(_first_offset(path, lvl) for lvl in range(len(ds.overviews(1)))),
                 )
                 total += header
+                asset = {"href": href, "size": os.path.getsize(path), "header": header, "tiles": []}
+                assets.append(asset)
                 if c0 >= c1 or r0 >= r1:
                     continue
                 for i in range(r0 // bh, (r1 - 1) // bh + 1):
                     for j in range(c0 // bw, (c1 - 1) // bw + 1):
-                        total += int(ds.block_size(1, i, j))
+                        n = int(ds.block_size(1, i, j))
+                        off = int(ds.get_tag_item(f"BLOCK_OFFSET_{j}_{i}", "TIFF", bidx=1))
+                        total += n
                         tiles += 1
-    return total, tiles
+                        asset["tiles"].append([off, n])
+                asset["tiles"].sort()
+    return total, tiles, assets
 
 
 def _warm_page_cache(catalog: Path, root: Path, url: str) -> None:
@@ -154,6 +182,7 @@ def _run_contender(
     env = dict(os.environ)
     env.setdefault("PYTHONWARNINGS", "ignore")
     mark = srv.mark()
+    srv_cpu0 = srv.cpu()
     t0 = time.perf_counter()
     cmd = [sys.executable, str(HERE / "contenders.py"), name, str(p_path), str(r_path)]
     if profile is not None:  # py-spy's collapsed stacks of every thread, native frames too (timings inflate)
@@ -177,8 +206,12 @@ def _run_contender(
     meta = {
         "proc_wall": proc_wall,
         "cpu": usage.ru_utime + usage.ru_stime,
-        "maxrss_mb": usage.ru_maxrss / 1024,
+        # ru_maxrss of a child starts at the harness's own high-water mark (Linux keeps it through fork and
+        # exec): the contender's VmHWM, when it reports it, is its own peak
+        "maxrss_mb": res.get("vm_hwm_mb") or usage.ru_maxrss / 1024,
+        "ru_maxrss_mb": usage.ru_maxrss / 1024,
         "traffic": srv.since(mark),
+        "server_cpu": srv.cpu() - srv_cpu0,
     }
     return res, meta
 
@@ -291,6 +324,7 @@ def _machine() -> str:
 LABELS = {
     "floor": "decode floor",
     "floor_median": "decode + median floor",
+    "floor_latency": "latency floor",
     "naive": "stackstac naive",
     "odc": "odc-stac tuned",
     "ndvi_scale": "ndvi-scale",
@@ -324,10 +358,14 @@ def _row(
         f"{mpx:.1f}",
         ratio("floor"),
         ratio("floor_median"),
+        ratio("floor_latency"),
         vs,
         f"{o.result.get('tasks_run', '-')} ({tasks[1]})",
         f"{o.maxrss_mb:.0f}",
         f"{t.gets}",
+        f"{t.requests - t.gets}",
+        "-" if o.in_flight is None else f"{o.in_flight:.1f}",
+        f"{o.server_cpu:.2f}",
         f"{t.bytes / 2**20:.0f}",
         f"{t.bytes / needed:.3f}" if needed else "-",
     ]
@@ -340,20 +378,95 @@ HEADER = [
     "Mpx-obs/s/core",
     "vs decode floor (wall / CPU)",
     "vs decode+median floor (wall / CPU)",
+    "vs latency floor (wall / CPU)",
     "faster than naive / odc (wall)",
     "tasks run (graph)",
     "peak RSS MB",
     "GETs",
+    "HEADs",
+    "requests in flight",
+    "server CPU s",
     "MiB fetched",
     "fetched / needed",
 ]
 
 
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
+def _table(rows: list[list[str]], header: list[str] = HEADER) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(HEADER), sep, *(line(r) for r in rows)])
+    return "\n".join([line(header), sep, *(line(r) for r in rows)])
+
+
+def _lat_label(latency: float | None) -> str:
+    return "" if latency is None else f"{latency:g} ms per request, "
+
+
+SUMMARY_ROWS = [
+    ("floor", "median", "decode floor"),
+    ("floor_median", "median", "decode + median floor"),
+    ("floor_latency", "median", "latency floor"),
+    ("odc", "median", "odc-stac tuned"),
+    ("naive", "median", "stackstac naive"),
+    ("ndvi_scale", "median", "ndvi-scale median"),
+    ("ndvi_scale", "mean", "ndvi-scale mean"),
+    ("ndvi_scale", "max", "ndvi-scale max"),
+]
+
+
+def _latency_summary(outcomes: list[Outcome], latencies: list[float | None], n_dates: int) -> str:
+    """Wall and requests in flight of every contender at every latency, and ndvi-scale median's ratios."""
+    find = {(o.name, o.method, o.latency): o for o in outcomes if o.dates == n_dates}
+    lat = [x for x in latencies if x is not None]
+    header = ["contender"]
+    for x in lat:
+        header += [f"{x:g} ms: wall s", f"{x:g} ms: CPU s", f"{x:g} ms: in flight"]
+    header += ["GETs (" + " / ".join(f"{x:g}" for x in lat) + " ms)", "HEADs"]
+    rows = []
+    for name, method, label in SUMMARY_ROWS:
+        got = [find.get((name, method, x)) for x in lat]
+        if not any(got):
+            continue
+        row = [label]
+        for o in got:
+            if o is None:
+                row += ["-", "-", "-"]
+            else:
+                flight = "-" if o.in_flight is None else f"{o.in_flight:.1f}"
+                row += [f"{o.wall:.1f}", f"{o.result.get('cpu_work', float('nan')):.1f}", flight]
+        row.append(" / ".join("-" if o is None else str(o.traffic.gets) for o in got))
+        row.append(" / ".join("-" if o is None else str(o.traffic.requests - o.traffic.gets) for o in got))
+        rows.append(row)
+    ratio_header = [
+        "latency",
+        "ndvi-scale median wall s",
+        "faster than odc-stac (odc / median)",
+        "vs latency floor (median / floor)",
+        "vs decode floor (median / floor)",
+    ]
+    ratio_rows = []
+    for x in lat:
+        med = find.get(("ndvi_scale", "median", x))
+        if med is None:
+            continue
+        odc, lfl, dfl = (find.get((n, "median", x)) for n in ("odc", "floor_latency", "floor"))
+        ratio_rows.append([
+            f"{x:g} ms",
+            f"{med.wall:.1f}",
+            "-" if odc is None else f"{odc.wall / med.wall:.2f}x",
+            "-" if lfl is None else f"{med.wall / lfl.wall:.2f}x",
+            "-" if dfl is None else f"{med.wall / dfl.wall:.2f}x",
+        ])
+    n_items = next((o.items for o in outcomes if o.dates == n_dates), 0)
+    out = (
+        f"### Latency: {n_dates} dates ({n_items} items), every request answered after the latency\n\n"
+        f"{_table(rows, header)}\n\n"
+        "in flight = (GETs + HEADs) x latency / wall: requests the contender kept waiting at once, on average "
+        "(each waits the latency; wall is the timed part, requests are those of the whole process)\n"
+    )
+    if ratio_rows:
+        out += "\n" + _table(ratio_rows, ratio_header) + "\n"
+    return out
 
 
 def main() -> int:
@@ -371,20 +484,37 @@ def main() -> int:
     ap.add_argument("--chunk", type=int, default=2048)
     ap.add_argument(
         "--contenders",
-        default="floor,floor_median,naive,odc,ndvi_scale",
+        default="floor,floor_median,floor_latency,naive,odc,ndvi_scale",
         help="comma list; add ndvi_scale_to_zarr for build(cfg).to_zarr() written as the peers write",
     )
     ap.add_argument("--methods", default="median,mean,max", help="ndvi-scale reducers to run (median first)")
     ap.add_argument("--no-double", action="store_true", help="skip the run with the dates doubled")
     ap.add_argument(
         "--double-contenders",
-        default="floor,floor_median,odc,ndvi_scale",
+        default="floor,floor_median,floor_latency,odc,ndvi_scale",
         help="contenders of the doubled run (naive is slow: add it if you have the time)",
     )
     ap.add_argument(
         "--cache", default=None, help="where the generated data is kept (default: ndvi-scale cache)"
     )
-    ap.add_argument("--server", default="auto", choices=["auto", "nginx", "python"])
+    ap.add_argument(
+        "--server",
+        default="auto",
+        choices=["auto", "nginx", "python", "delay"],
+        help="auto: nginx if installed, else python; --latency always uses delayserve.py",
+    )
+    ap.add_argument(
+        "--latency",
+        default=None,
+        help="milliseconds the server waits before each answer (delayserve.py); a comma list (0,40,100) runs "
+        "everything at each latency and adds a summary table",
+    )
+    ap.add_argument(
+        "--latency-skip",
+        default="naive",
+        help="contenders not run at a latency > 0 (default: naive, minutes even at 0 ms)",
+    )
+    ap.add_argument("--inflight", type=int, default=64, help="connections of the latency floor (default 64)")
     ap.add_argument("--markdown", default=None, help="also write the results as Markdown to this file")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (Zarr outputs, catalogs)")
     ap.add_argument(
@@ -398,7 +528,10 @@ def main() -> int:
 
     cores = os.cpu_count() or 1
     runs = [args.dates] if args.no_double else [args.dates, 2 * args.dates]
-    spec = _spec(args.scale, max(runs))
+    latencies: list[float | None] = (
+        [None] if args.latency is None else [float(v) for v in args.latency.split(",") if v.strip()]
+    )
+    spec = _spec(args.scale, 2 * args.dates)  # the same data (and cache) with or without --no-double
     px = args.bbox_px or min(4096, int(spec.size * 0.75) // 16 * 16)
     print(
         f"data: 2 granules of {spec.size}^2 px (scale {spec.size / 10980:.3f} of 10980), 1024-px tiles, "
@@ -410,7 +543,11 @@ def main() -> int:
     root = items_json.parent
     print(f"  catalog {items_json} ready in {time.perf_counter() - t0:.0f} s", flush=True)
     # numba compiles the kernel once and caches it on disk: do it before timing anything
-    subprocess.run([sys.executable, "-c", "from ndvi_scale import kernel; kernel.warm_up()"], check=True)
+    subprocess.run(  # best effort: an engine without ndvi_scale.kernel.warm_up has nothing to warm
+        [sys.executable, "-c", "from ndvi_scale import kernel; kernel.warm_up()"],
+        check=False,
+        stderr=subprocess.DEVNULL,
+    )
     bbox = _bbox(spec, px)
     work = Path(tempfile.mkdtemp(prefix="ndvi-bench-", dir=args.cache))
     contenders = args.contenders.split(",")
@@ -419,134 +556,167 @@ def main() -> int:
     problems: list[str] = []
     report: list[str] = []
     try:
-        with Server(root, args.server) as srv:
-            print(f"serving {root} at {srv.url} ({srv.kind})", flush=True)
-            for n_dates in runs:
-                dates = [d.date().isoformat() for d in spec.dates()[:n_dates]]
-                cat = work / f"items-{n_dates}.json"
-                n_items = _http_catalog(items_json, cat, root, srv.url, dates)
-                end = dates[-1]
-                # the grid ndvi-scale uses (no pixel is read to build it): everyone reads onto this one
-                cfg = RunConfig.create(bbox=bbox, start=dates[0], end=end, catalog=str(cat), chunk=args.chunk)
-                plan = make_plan(cfg)
-                ds = build(cfg, plan)
-                x, y = ds.x.values, ds.y.values
-                res = float(abs(x[1] - x[0]))
-                bounds = (
-                    float(x[0] - res / 2),
-                    float(y[-1] - res / 2),
-                    float(x[-1] + res / 2),
-                    float(y[0] + res / 2),
-                )
-                shape = (len(y), len(x))
-                days_per_period = [len(p.day_numbers) for p in plan.plans if p]
-                needed, n_tiles = _bytes_needed(cat, root, srv.url, bounds)
-                px_obs = shape[0] * shape[1] * n_items
-                print(
-                    f"\n== {n_dates} dates, {n_items} items, grid {shape[0]}x{shape[1]} px "
-                    f"({len(ds.ndvi.chunks[1]) * len(ds.ndvi.chunks[2])} chunks of {plan.chunk}), "
-                    f"{len(plan.periods)} monthly periods, {px_obs / 1e6:.0f} M px-obs; "
-                    f"{n_tiles} tiles, {needed / 2**20:.0f} MiB needed",
-                    flush=True,
-                )
-                base = {
-                    "catalog": str(cat),
-                    "bbox": bbox,
-                    "start": dates[0],
-                    "end": end,
-                    "epsg": plan.epsg,
-                    "bounds": bounds,
-                    "shape": shape,
-                    "resolution": res,
-                    "chunk": args.chunk,
-                    "mask_classes": list(DEFAULT_MASK_CLASSES),
-                    "threads": cores,
-                    "days_per_period": days_per_period,
-                    "dates": dates,
-                    "root": str(root),
-                    "url": srv.url,
-                }
-                _warm_page_cache(cat, root, srv.url)  # else the first contender alone reads from disk
-                names = (
-                    contenders
-                    if n_dates == runs[0]
-                    else [c for c in contenders if c in args.double_contenders.split(",")]
-                )
-                jobs = [(n, "median") for n in names if not n.startswith("ndvi")]
-                for n in names:
-                    if n.startswith("ndvi"):
-                        jobs += [(n, m) for m in (methods if n == "ndvi_scale" else ["median"])]
-                run_outcomes: list[Outcome] = []
-                for name, method in jobs:
-                    out = work / f"{name}-{method}-{n_dates}.zarr"
-                    params = dict(base, method=method, out=str(out))
-                    result, meta = _run_contender(name, params, work, srv, Path(args.profile) if args.profile else None)
-                    result["dates"] = dates
-                    o = Outcome(
-                        name,
-                        LABELS[name],
-                        n_dates,
-                        n_items,
-                        method,
-                        result["wall"],
-                        meta["proc_wall"],
-                        meta["cpu"],
-                        meta["maxrss_mb"],
-                        meta["traffic"],
-                        result,
-                        None if name.startswith("floor") else out,
+        for latency in latencies:
+            with Server(root, args.server, latency_ms=latency) as srv:
+                lat_tag = "" if latency is None else f"-{latency:g}ms"
+                print(f"\nserving {root} at {srv.url} ({srv.version()})", flush=True)
+                for n_dates in runs:
+                    dates = [d.date().isoformat() for d in spec.dates()[:n_dates]]
+                    cat = work / f"items-{n_dates}{lat_tag}.json"
+                    n_items = _http_catalog(items_json, cat, root, srv.url, dates)
+                    end = dates[-1]
+                    # the grid ndvi-scale uses (no pixel is read to build it): everyone reads onto this one
+                    cfg = RunConfig.create(bbox=bbox, start=dates[0], end=end, catalog=str(cat), chunk=args.chunk)
+                    plan = make_plan(cfg)
+                    ds = build(cfg, plan)
+                    x, y = ds.x.values, ds.y.values
+                    res = float(abs(x[1] - x[0]))
+                    bounds = (
+                        float(x[0] - res / 2),
+                        float(y[-1] - res / 2),
+                        float(x[-1] + res / 2),
+                        float(y[0] + res / 2),
                     )
-                    run_outcomes.append(o)
+                    shape = (len(y), len(x))
+                    days_per_period = [len(p.day_numbers) for p in plan.plans if p]
+                    needed, n_tiles, ranges = _bytes_needed(cat, root, srv.url, bounds)
+                    px_obs = shape[0] * shape[1] * n_items
                     print(
-                        f"  {o.label:32s} {method:6s} wall {o.wall:7.2f} s  cpu {o.cpu:7.1f} s  "
-                        f"rss {o.maxrss_mb:6.0f} MB  GETs {o.traffic.gets:5d}  "
-                        f"{o.traffic.bytes / 2**20:7.1f} MiB",
+                        f"\n== {n_dates} dates, {n_items} items, grid {shape[0]}x{shape[1]} px "
+                        f"({len(ds.ndvi.chunks[1]) * len(ds.ndvi.chunks[2])} chunks of {plan.chunk}), "
+                        f"{len(plan.periods)} monthly periods, {px_obs / 1e6:.0f} M px-obs; "
+                        f"{n_tiles} tiles, {needed / 2**20:.0f} MiB needed",
                         flush=True,
                     )
-                if any(o.name == "ndvi_scale" and o.method == "median" for o in run_outcomes):
-                    problems += [f"[{n_dates} dates] {p}" for p in _verify(run_outcomes, spec, 8)]
-                floors = {o.name: o for o in run_outcomes if o.name.startswith("floor")}
-                peers = {o.name: o.wall for o in run_outcomes if o.name in ("naive", "odc")}
-                rows = [_row(o, px_obs, floors, peers, cores, needed) for o in run_outcomes]
-                table = _table(rows)
-                ndvi = next(
-                    (o for o in run_outcomes if o.name == "ndvi_scale" and o.method == "median"), None
-                )
-                extra = ""
-                if ndvi is not None:
-                    r = ndvi.result
-                    extra = (
-                        f"ndvi-scale: {r['spatial_chunks']} spatial chunks x {r['periods']} periods, "
-                        f"tasks run {r['tasks_run']} = "
-                        f"{r['tasks_run'] / (r['spatial_chunks'] * r['periods']):.2f} per chunk-period "
-                        f"(build()'s Dataset graph: {r['tasks'][1]}); "
-                        f"tile cache hits/misses {r['tile_cache']['hits']}/{r['tile_cache']['misses']}"
+                    base = {
+                        "catalog": str(cat),
+                        "bbox": bbox,
+                        "start": dates[0],
+                        "end": end,
+                        "epsg": plan.epsg,
+                        "bounds": bounds,
+                        "shape": shape,
+                        "resolution": res,
+                        "chunk": args.chunk,
+                        "mask_classes": list(DEFAULT_MASK_CLASSES),
+                        "threads": cores,
+                        "days_per_period": days_per_period,
+                        "dates": dates,
+                        "root": str(root),
+                        "url": srv.url,
+                        "ranges": ranges,
+                        "inflight": args.inflight,
+                    }
+                    _warm_page_cache(cat, root, srv.url)  # else the first contender alone reads from disk
+                    names = (
+                        contenders
+                        if n_dates == runs[0]
+                        else [c for c in contenders if c in args.double_contenders.split(",")]
                     )
-                checks = "; ".join(f"{o.label}: {', '.join(o.checks)}" for o in run_outcomes if o.checks)
-                block = (
-                    f"### {n_dates} dates ({n_items} items), grid {shape[0]} x {shape[1]} px, "
-                    f"{len(plan.periods)} months, {px_obs / 1e6:.0f} M px-obs, "
-                    f"{needed / 2**20:.0f} MiB needed\n\n{table}\n\n{extra}\n\nchecks: {checks}\n"
-                )
-                print("\n" + block, flush=True)
-                report.append(block)
-                outcomes += run_outcomes
-            server_version = srv.version()
+                    if latency:  # naive stackstac takes minutes even at 0 ms
+                        names = [c for c in names if c not in args.latency_skip.split(",")]
+                    jobs = [(n, "median") for n in names if not n.startswith("ndvi")]
+                    for n in names:
+                        if n.startswith("ndvi"):
+                            jobs += [(n, m) for m in (methods if n == "ndvi_scale" else ["median"])]
+                    run_outcomes: list[Outcome] = []
+                    for name, method in jobs:
+                        out = work / f"{name}-{method}-{n_dates}{lat_tag}.zarr"
+                        params = dict(base, method=method, out=str(out))
+                        result, meta = _run_contender(
+                            name, params, work, srv, Path(args.profile) if args.profile else None
+                        )
+                        result["dates"] = dates
+                        o = Outcome(
+                            name,
+                            LABELS[name],
+                            n_dates,
+                            n_items,
+                            method,
+                            result["wall"],
+                            meta["proc_wall"],
+                            meta["cpu"],
+                            meta["maxrss_mb"],
+                            meta["traffic"],
+                            result,
+                            None if name.startswith("floor") else out,
+                            latency,
+                            meta["server_cpu"],
+                        )
+                        run_outcomes.append(o)
+                        print(
+                            f"  {o.label:32s} {method:6s} wall {o.wall:7.2f} s  cpu {o.cpu:7.1f} s  "
+                            f"rss {o.maxrss_mb:6.0f} MB  GETs {o.traffic.gets:5d}  "
+                            f"{o.traffic.bytes / 2**20:7.1f} MiB"
+                            + (f"  in flight {o.in_flight:5.1f}" if o.in_flight is not None else "")
+                            + f"  server cpu {o.server_cpu:.2f} s"
+                            + (f"  (+{heads} HEAD)" if (heads := o.traffic.requests - o.traffic.gets) else ""),
+                            flush=True,
+                        )
+                    if any(o.name == "ndvi_scale" and o.method == "median" for o in run_outcomes):
+                        problems += [f"[{n_dates} dates] {p}" for p in _verify(run_outcomes, spec, 8)]
+                    floors = {o.name: o for o in run_outcomes if o.name.startswith("floor")}
+                    peers = {o.name: o.wall for o in run_outcomes if o.name in ("naive", "odc")}
+                    rows = [_row(o, px_obs, floors, peers, cores, needed) for o in run_outcomes]
+                    table = _table(rows)
+                    ndvi = next(
+                        (o for o in run_outcomes if o.name == "ndvi_scale" and o.method == "median"), None
+                    )
+                    extra = ""
+                    if ndvi is not None:
+                        r = ndvi.result
+                        extra = (
+                            f"ndvi-scale: {r['spatial_chunks']} spatial chunks x {r['periods']} periods, "
+                            f"tasks run {r['tasks_run']} = "
+                            f"{r['tasks_run'] / (r['spatial_chunks'] * r['periods']):.2f} per chunk-period "
+                            f"(build()'s Dataset graph: {r['tasks'][1]})"
+                            + (
+                                f"; tile cache hits/misses {r['tile_cache']['hits']}/{r['tile_cache']['misses']}"
+                                if r.get("tile_cache")
+                                else ""
+                            )
+                        )
+                    lfl = next((o for o in run_outcomes if o.name == "floor_latency"), None)
+                    if lfl is not None and "fetch_wall" in lfl.result:
+                        r = lfl.result
+                        note = (
+                            f"latency floor: last byte in at {r['fetch_wall']:.1f} s of {r['wall']:.1f} s "
+                            f"({r['gets']} GETs on {r['inflight']} connections, {r['bytes'] / 2**20:.0f} MiB; "
+                            "each asset decoded as soon as its bytes are in)"
+                        )
+                        extra = f"{extra}\n\n{note}" if extra else note
+                    checks = "; ".join(f"{o.label}: {', '.join(o.checks)}" for o in run_outcomes if o.checks)
+                    block = (
+                        f"### {_lat_label(latency)}{n_dates} dates ({n_items} items), "
+                        f"grid {shape[0]} x {shape[1]} px, "
+                        f"{len(plan.periods)} months, {px_obs / 1e6:.0f} M px-obs, "
+                        f"{needed / 2**20:.0f} MiB needed\n\n{table}\n\n{extra}\n\nchecks: {checks}\n"
+                    )
+                    print("\n" + block, flush=True)
+                    report.append(block)
+                    outcomes += run_outcomes
+                server_version = srv.version() if latency is None else "delayserve.py (threaded, sendfile)"
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     # memory with dates doubled
     if len(runs) == 2:
         lines = []
-        for name in ("floor", "odc", "naive", "ndvi_scale"):
-            a = [o for o in outcomes if o.name == name and o.method == "median" and o.dates == runs[0]]
-            b = [o for o in outcomes if o.name == name and o.method == "median" and o.dates == runs[1]]
+        names = ("floor", "floor_latency", "odc", "naive", "ndvi_scale")
+        for latency, name in ((lat, n) for lat in latencies for n in names):
+            same = [o for o in outcomes if o.name == name and o.method == "median" and o.latency == latency]
+            a = [o for o in same if o.dates == runs[0]]
+            b = [o for o in same if o.dates == runs[1]]
             if a and b:
                 lines.append(
-                    f"{LABELS[name]}: peak RSS {a[0].maxrss_mb:.0f} -> {b[0].maxrss_mb:.0f} MB "
+                    f"{_lat_label(latency)}{LABELS[name]}: peak RSS {a[0].maxrss_mb:.0f} -> {b[0].maxrss_mb:.0f} MB "
                     f"({b[0].maxrss_mb / a[0].maxrss_mb:.2f}x), wall {a[0].wall:.1f} -> {b[0].wall:.1f} s"
                 )
         block = "### dates doubled\n\n" + "\n".join(f"- {line}" for line in lines) + "\n"
+        print(block)
+        report.append(block)
+    if latencies != [None]:
+        block = _latency_summary(outcomes, latencies, runs[0])
         print(block)
         report.append(block)
     head = (

@@ -3,7 +3,9 @@
 nginx (Debian ``nginx-light``) when it is installed: it serves ranges and multi-range requests with
 ``sendfile``, so it takes next to no CPU from the contenders on a 2-core machine. Otherwise RangeHTTPServer
 (``pip install rangehttpserver``) in a child process, through :mod:`rangeserve`, which logs the same fields.
-Either way each request is one log line ``METHOD PATH STATUS BODY_BYTES "RANGE"``; :meth:`Server.mark` and
+With a latency (``Server(root, latency_ms=MS)``, ``run.py --latency``): :mod:`delayserve`, a threaded
+server that waits MS milliseconds before answering each request and sends bodies with ``os.sendfile``.
+Each request is one log line ``METHOD PATH STATUS BODY_BYTES "RANGE"``; :meth:`Server.mark` and
 :meth:`Server.since` count the GETs and bytes between two points of the benchmark.
 """
 
@@ -66,9 +68,12 @@ class Traffic:
 class Server:
     """``with Server(root) as srv:`` serves ``root`` at ``srv.url`` until the block ends."""
 
-    def __init__(self, root: Path, kind: str = "auto") -> None:
+    def __init__(self, root: Path, kind: str = "auto", latency_ms: float | None = None) -> None:
         self.root = Path(root).resolve()
+        if latency_ms is not None:  # only the delaying server can wait before answering
+            kind = "delay"
         self.kind = ("nginx" if shutil.which("nginx") else "python") if kind == "auto" else kind
+        self.latency_ms = latency_ms or 0.0
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._tmp = Path(tempfile.mkdtemp(prefix="ndvi-bench-http-"))
@@ -81,6 +86,16 @@ class Server:
             conf = self._tmp / "nginx.conf"
             conf.write_text(_NGINX_CONF.format(tmp=self._tmp, log=self.log, port=self.port, root=self.root))
             cmd = ["nginx", "-p", str(self._tmp), "-c", str(conf)]
+        elif self.kind == "delay":
+            cmd = [
+                sys.executable,
+                str(Path(__file__).with_name("delayserve.py")),
+                str(self.root),
+                str(self.port),
+                str(self.log),
+                "--latency",
+                str(self.latency_ms),
+            ]
         else:
             cmd = [
                 sys.executable,
@@ -118,9 +133,28 @@ class Server:
         if self.kind == "nginx":
             out = subprocess.run(["nginx", "-v"], capture_output=True, text=True)
             return (out.stderr or out.stdout).strip().split("/")[-1]
+        if self.kind == "delay":
+            return f"delayserve.py (threaded, sendfile), {self.latency_ms:g} ms before each answer"
         from importlib.metadata import version
 
         return f"RangeHTTPServer {version('rangehttpserver')}"
+
+    def cpu(self) -> float:
+        """CPU seconds the server's processes used so far (nginx: master and workers)."""
+        import psutil
+
+        if self._proc is None:
+            return 0.0
+        try:
+            p = psutil.Process(self._proc.pid)
+            procs = [p, *p.children(recursive=True)]
+            total = 0.0
+            for q in procs:
+                t = q.cpu_times()
+                total += t.user + t.system
+            return total
+        except psutil.Error:
+            return float("nan")
 
     def mark(self) -> int:
         """The current end of the log (flushes: nginx writes its access log unbuffered)."""
