@@ -13,6 +13,7 @@ metadata error never drops pixels.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -89,10 +90,7 @@ def _footprint(item: S2Item, band: BandAsset, grid: OutputGrid) -> tuple[float, 
         if band.transform is not None and band.shape is not None and epsg:
             tf = band.transform
             if tf[1] == 0 and tf[3] == 0 and valid_bbox and not _contains_bbox(tf, band.shape, int(epsg), bbox):
-                log.warning(
-                    "item %s: asset %s: proj:transform/proj:shape do not contain the item bbox %s; using the "
-                    "bbox (the pixels and their grid come from the file)", item.id, band.key, bbox,
-                )
+                _warn_footprint(item.id, str(band.key), tuple(bbox))
                 assert bbox is not None
                 native = _transformer_bounds(bbox, int(epsg))
                 return reproject_corners(native, int(epsg), grid.epsg)
@@ -103,6 +101,15 @@ def _footprint(item: S2Item, band: BandAsset, grid: OutputGrid) -> tuple[float, 
     except Exception:  # pyproj errors: a footprint outside the CRS's domain; the file decides
         return None
     return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _warn_footprint(item_id: str, key: str, bbox: tuple[float, ...]) -> None:
+    """Say once per asset (plans and builds look at footprints several times) that its metadata is distrusted."""
+    log.warning(
+        "item %s: asset %s: proj:transform/proj:shape give a footprint that does not contain the item bbox %s; "
+        "using the bbox (the pixels and their grid come from the file)", item_id, key, bbox,
+    )
 
 
 def _transformer_bounds(bbox: Sequence[float], epsg: int) -> tuple[float, float, float, float]:
