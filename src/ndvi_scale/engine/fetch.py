@@ -33,15 +33,17 @@ def _env_int(name: str, default: int, minimum: int) -> int:
         return default
 
 
-#: Reads in flight per process (``NDVI_SCALE_READ_CONCURRENCY``). Requests in flight needed to keep the cores
-#: busy ~ decode throughput x latency / request size: on 2 cores at 100 ms about 20-30; threads waiting on a
-#: socket cost no CPU, and each holds at most one open handle (:data:`~ndvi_scale.engine.handles.MAX_OPEN` is
-#: larger), so 32 is comfortable from laptops to 16-core workers (where 64 serves better: set it).
-READ_CONCURRENCY = _env_int("NDVI_SCALE_READ_CONCURRENCY", 32, 1)
+#: Reads in flight per process (``NDVI_SCALE_READ_CONCURRENCY``): 8 per core, at least 16, at most 64. Requests in
+#: flight needed to keep the cores decoding ~ reads decoded per second x latency: a 2048-px window of four 1024-px
+#: tiles decodes in ~40 ms, so 2 cores at 100 ms need ~5 and 16 are ample (cross-cloud 200 ms included); threads
+#: waiting on a socket cost no CPU. More threads than that only decode at once, for memory and no speed.
+READ_CONCURRENCY = _env_int("NDVI_SCALE_READ_CONCURRENCY", min(64, max(16, 8 * (os.cpu_count() or 2))), 1)
 
-#: Bytes of read-but-not-yet-folded pixels one task may hold (``NDVI_SCALE_READ_AHEAD_MB``). 192 MB: 8 items of
-#: a 2048-px chunk (three 8 MB uint16 windows each), i.e. 24 requests in flight per task, two tasks per 2 cores.
-READ_AHEAD_BYTES = _env_int("NDVI_SCALE_READ_AHEAD_MB", 192, 1) * 2**20
+#: Bytes of read-but-not-yet-folded pixels one task may hold (``NDVI_SCALE_READ_AHEAD_MB``). 64 MB: 8 windows of a
+#: 2048-px chunk (8 MB of uint16 each), i.e. 8 requests in flight per task, 16 for two tasks on 2 cores: enough
+#: at 100 ms (see :data:`READ_CONCURRENCY`), and what it adds to a worker's peak memory stays small (192 MB took
+#: the benchmark from 1.6 to 2.0 GB).
+READ_AHEAD_BYTES = _env_int("NDVI_SCALE_READ_AHEAD_MB", 64, 1) * 2**20
 
 
 class _Pool:

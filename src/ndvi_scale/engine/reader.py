@@ -423,12 +423,12 @@ class AssetReader:
                     b_r0, b_r1, b_c0, b_c1 = max(b_r0, r0), min(b_r1, r1), max(b_c0, c0), min(b_c1, c1)
                     _gdal_read(ds, b_r0, b_r1, b_c0, b_c1, target[b_r0 - r0 : b_r1 - r0, b_c0 - c0 : b_c1 - c0])
                 else:
-                    buf = scratch((b_r1 - b_r0, b_c1 - b_c0), plan.src_dtype)
-                    _gdal_read(ds, b_r0, b_r1, b_c0, b_c1, buf)
-                    paste(target, r0, c0, buf, b_r0, b_c0)
-                    for key in mine:
-                        t_r0, t_r1, t_c0, t_c1 = extent(key[1:])
-                        cache.store(key, buf[t_r0 - b_r0 : t_r1 - b_r0, t_c0 - b_c0 : t_c1 - b_c0])
+                    with scratch((b_r1 - b_r0, b_c1 - b_c0), plan.src_dtype) as buf:
+                        _gdal_read(ds, b_r0, b_r1, b_c0, b_c1, buf)
+                        paste(target, r0, c0, buf, b_r0, b_c0)
+                        for key in mine:
+                            t_r0, t_r1, t_c0, t_c1 = extent(key[1:])
+                            cache.store(key, buf[t_r0 - b_r0 : t_r1 - b_r0, t_c0 - b_c0 : t_c1 - b_c0])
         finally:
             cache.release(mine)  # no-op for the keys put
         for key, arr in have.items():

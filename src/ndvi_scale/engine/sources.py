@@ -90,8 +90,8 @@ def _footprint(item: S2Item, band: BandAsset, grid: OutputGrid) -> tuple[float, 
         if band.transform is not None and band.shape is not None and epsg:
             tf = band.transform
             if tf[1] == 0 and tf[3] == 0 and valid_bbox and not _contains_bbox(tf, band.shape, int(epsg), bbox):
-                _warn_footprint(item.id, str(band.key), tuple(bbox))
                 assert bbox is not None
+                _warn_footprint(item.id, str(band.key), tuple(bbox))
                 native = _transformer_bounds(bbox, int(epsg))
                 return reproject_corners(native, int(epsg), grid.epsg)
             return affine_envelope(tf, band.shape, int(epsg), grid.epsg)

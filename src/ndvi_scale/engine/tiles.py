@@ -12,10 +12,11 @@ waited for by the others, not read twice.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -161,16 +162,32 @@ def _default_cache_bytes() -> int:
 TILE_CACHE = TileCache(_default_cache_bytes())
 
 
-_scratch_local = threading.local()
+#: Scratch buffers kept for reuse: one per core is what decoding threads use at once; more are freed after use
+#: (the I/O pool has many more threads than cores, each would otherwise keep its own ~20 MB buffer for good).
+_SCRATCH_KEEP = max(2, os.cpu_count() or 2)
+_scratch_free: list[np.ndarray] = []
+_scratch_lock = threading.Lock()
 
 
-def scratch(shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
-    """A per-thread reusable buffer: a fresh 30 MB array per read costs page faults, not just memory."""
+@contextlib.contextmanager
+def scratch(shape: tuple[int, int], dtype: np.dtype) -> Iterator[np.ndarray]:
+    """A reusable buffer for the duration of the ``with``: a fresh 20-30 MB array per read costs page faults,
+    not just memory. At most :data:`_SCRATCH_KEEP` buffers are kept between reads."""
     need = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    buf = getattr(_scratch_local, "buf", None)
-    if buf is None or buf.nbytes < need:
-        buf = _scratch_local.buf = np.empty(need, dtype=np.uint8)
-    return buf[:need].view(dtype).reshape(shape)
+    with _scratch_lock:
+        fits = [i for i, b in enumerate(_scratch_free) if b.nbytes >= need]
+        buf = _scratch_free.pop(fits[0]) if fits else None
+    if buf is None:
+        buf = np.empty(need, dtype=np.uint8)
+    try:
+        yield buf[:need].view(dtype).reshape(shape)
+    finally:
+        with _scratch_lock:
+            if len(_scratch_free) < _SCRATCH_KEEP:
+                _scratch_free.append(buf)
+            elif _scratch_free and min(b.nbytes for b in _scratch_free) < buf.nbytes:  # keep the larger ones
+                _scratch_free.sort(key=lambda b: b.nbytes)
+                _scratch_free[0] = buf
 
 
 def upsample_into(dst: np.ndarray, src: np.ndarray, k: int, dr: int, dc: int) -> None:
