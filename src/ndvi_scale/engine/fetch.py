@@ -13,7 +13,9 @@ one item) in flight; the next reads are submitted as earlier ones are folded.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,6 +48,28 @@ READ_CONCURRENCY = _env_int("NDVI_SCALE_READ_CONCURRENCY", min(64, max(16, 8 * (
 READ_AHEAD_BYTES = _env_int("NDVI_SCALE_READ_AHEAD_MB", 64, 1) * 2**20
 
 
+#: glibc's arena count for a process that runs the I/O pool (``NDVI_SCALE_MALLOC_ARENAS``; 0 leaves malloc alone).
+#: glibc gives each new thread its own arena (up to 8 per core), and memory freed in an arena stays with the
+#: process: with a pool of I/O threads, each decoding tiles through GDAL, that held ~350 MB more at the benchmark's
+#: peak (1.78 instead of 2.13 GB with 2 arenas and a 64 kB trim threshold, measured). Dask's nanny sets the trim
+#: threshold for its workers the same way (``MALLOC_TRIM_THRESHOLD_``); the environment variables win when set.
+MALLOC_ARENAS = _env_int("NDVI_SCALE_MALLOC_ARENAS", 2, 0)
+
+
+def _tame_malloc() -> None:
+    """Cap glibc's arenas and trim freed memory back to the OS (no-op elsewhere than glibc, or when configured)."""
+    if MALLOC_ARENAS <= 0 or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        if "MALLOC_ARENA_MAX" not in os.environ:
+            libc.mallopt(-8, MALLOC_ARENAS)  # M_ARENA_MAX
+        if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+            libc.mallopt(-1, 65536)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # musl or another libc: nothing to tame
+        pass
+
+
 class _Pool:
     """A lazily started, process-wide thread pool (restarted after a fork: threads do not survive one)."""
 
@@ -58,6 +82,7 @@ class _Pool:
     def submit(self, fn: Callable[..., R], *args: Any) -> Future[R]:
         with self._lock:
             if self._pool is None or self._pid != os.getpid():
+                _tame_malloc()
                 self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="ndvi-scale-read")
                 self._pid = os.getpid()
             pool = self._pool
