@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -226,6 +227,8 @@ def write_cube(
         return writer.new(zarr_format)
     if append:
         return writer.append(existing, recompute=overwrite)
+    if _finish_pending(loc, existing) and state.get("fingerprint") == writer.fingerprint(fmt):
+        return writer.finish_pending(existing)  # the same run, stopped after its cube was complete
     raise OutputExistsError(
         f"output {loc.url} already exists; pass --append to add new periods, --overwrite to replace it, or "
         "choose another --out"
@@ -254,7 +257,8 @@ def check_output(
             f"output {loc.url} already exists and is {existing.what}, not an ndvi-scale cube; pass "
             "--overwrite to replace it, or choose another --out"
         )
-    if existing.kind == "cube" and existing.write.get("state") == "complete" and not (overwrite or append):
+    if (existing.kind == "cube" and existing.write.get("state") == "complete" and not (overwrite or append)
+            and not _finish_pending(loc, existing)):  # else write_cube finishes it if it is the same run
         raise OutputExistsError(
             f"output {loc.url} already exists; pass --append to add new periods, --overwrite to replace it, "
             "or choose another --out"
@@ -419,6 +423,8 @@ def _inspect(loc: Location) -> _Existing:
             return _Existing("foreign", "an unreadable Zarr store")
     if attrs is None:
         if loc.is_local:
+            if _only_partial_files(loc.path):  # a new cube killed while its first metadata file was written
+                return _Existing("absent")
             return _Existing("foreign", "a non-empty folder")
         try:
             is_file = bool(loc.fs.isfile(loc.path))
@@ -431,6 +437,37 @@ def _inspect(loc: Location) -> _Existing:
     if not isinstance(write, dict):
         return _Existing("foreign", "a damaged ndvi-scale cube (no write state)")
     return _Existing("cube", "an ndvi-scale cube", fmt, attrs, write)
+
+
+def _finish_pending(loc: Location, existing: _Existing) -> bool:
+    """True if the complete cube ``existing`` lacks what the end of a write adds after marking it complete:
+    markers removed, metadata consolidated, STAC item written (a run killed in between leaves such a cube)."""
+    if existing.kind != "cube" or existing.write.get("state") != "complete":
+        return False
+    try:
+        if loc.is_local:
+            if os.path.exists(loc.join(MARKER_PREFIX)) or _partial_files(loc.path):
+                return True
+        elif loc.fs.find(loc.join(MARKER_PREFIX)):
+            return True
+        if existing.zarr_format == 2:
+            if loc.read_bytes(".zmetadata") is None:
+                return True
+        else:
+            doc = json.loads(loc.read_bytes("zarr.json") or b"{}")
+            if not doc.get("consolidated_metadata"):
+                return True
+        item = loc.sibling(STAC_SUFFIX)
+        try:
+            props = json.loads(item.fs.cat_file(item.path)).get("properties") or {}
+        except (FileNotFoundError, ValueError, AttributeError):
+            return True  # no item, or not one we can read
+        # an append killed before its item was written leaves the item of the cube before it
+        return bool(props.get("ndvi_scale:fingerprint") != existing.write.get("fingerprint"))
+    except NdviScaleError:
+        raise
+    except Exception as exc:
+        raise storage_error(exc, loc, "checking") from None
 
 
 # ------------------------------------------------------------------------------------------------- the writer
@@ -487,6 +524,7 @@ class _Writer:
                 "compute; rerun the command that started it, or pass --overwrite to replace the cube"
             )
         log.info("resuming the unfinished write of %s (periods %s)", self.loc.url, ", ".join(periods))
+        _remove_partial_files(self.loc)  # temporary files of chunk writes the killed run left behind
         if state.get("state") == "template":
             if int(state.get("n_before", 0)) == 0:
                 # Interrupted while writing metadata of a new cube: no data yet, start that cube again.
@@ -499,6 +537,7 @@ class _Writer:
 
     def append(self, existing: _Existing, *, recompute: bool) -> WriteReport:
         fmt = existing.zarr_format
+        _remove_partial_files(self.loc)  # e.g. of a run killed while it consolidated the metadata
         store = self._store()
         try:
             cube = xr.open_zarr(store, consolidated=False, decode_coords="all", zarr_format=_zf(fmt))
@@ -521,6 +560,8 @@ class _Writer:
         skipped = tuple(p for p in self.labels if p not in todo)
         fp = self.fingerprint(fmt)
         if not todo:
+            if _finish_pending(self.loc, existing):
+                return self.finish_pending(existing)
             log.info("all periods of this run are already in %s: nothing to write", self.loc.url)
             total = len(self.labels) * self.regions_per_period
             if self.progress:
@@ -805,13 +846,34 @@ class _Writer:
         except Exception as exc:
             raise _as_error(exc, self.loc, "finishing") from None
         self._rm(MARKER_PREFIX)
+        self._consolidate(fmt)
+
+    def _consolidate(self, fmt: int) -> None:
+        import zarr
+
         try:
             with warnings.catch_warnings():
                 # zarr notes that consolidated metadata is not (yet) in the v3 spec; xarray uses it anyway
                 warnings.simplefilter("ignore", category=UserWarning)
-                zarr.consolidate_metadata(store, zarr_format=_zf(fmt))
+                zarr.consolidate_metadata(self._store(), zarr_format=_zf(fmt))
         except Exception as exc:
             raise _as_error(exc, self.loc, "consolidating") from None
+
+    def finish_pending(self, existing: _Existing) -> WriteReport:
+        """Redo the last steps of a write whose cube is complete but that was stopped before they ended
+        (markers left, metadata not consolidated, no STAC item: :func:`_finish_pending`). Idempotent."""
+        fmt = existing.zarr_format
+        fp = str(existing.write.get("fingerprint", ""))
+        log.info("finishing the complete cube %s (markers, consolidated metadata, STAC item)", self.loc.url)
+        _remove_partial_files(self.loc)
+        self._rm(MARKER_PREFIX)
+        self._consolidate(fmt)
+        item_url = self._write_stac(fmt, fp)
+        total = len(self.labels) * self.regions_per_period
+        if self.progress:
+            self.progress(0, 0)
+        return WriteReport(self.loc.url, item_url, _zf(fmt), total, 0, total, (), tuple(self.labels),
+                           resumed=True, fingerprint=fp)
 
     # ---------------------------------------------------------------- checks
 
@@ -1203,6 +1265,50 @@ def _quiet_marker_warnings() -> None:
     warnings.filterwarnings(
         "ignore", message=r"Object at \.ndvi-scale is not recognized", category=UserWarning
     )
+
+
+#: Temporary file of zarr's LocalStore (``<key>.<uuid4 hex>.partial``): every chunk and metadata file is written
+#: to one and then renamed over the key, so a process killed mid-write (SIGKILL, OOM kill) leaves one behind.
+_PARTIAL_RE = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+def _partial_files(root: str) -> list[str]:
+    """Paths of zarr LocalStore temporary files below the local folder ``root``."""
+    found = []
+    for folder, _dirs, files in os.walk(root):
+        found.extend(os.path.join(folder, f) for f in files if _PARTIAL_RE.search(f))
+    return sorted(found)
+
+
+def _only_partial_files(root: str) -> bool:
+    """True if the local folder ``root`` holds nothing but folders and zarr temporary files (at least one)."""
+    seen = False
+    for _folder, _dirs, files in os.walk(root):
+        for f in files:
+            if not _PARTIAL_RE.search(f):
+                return False
+            seen = True
+    return seen
+
+
+def _remove_partial_files(loc: Location) -> int:
+    """Delete the temporary files a killed write left in the local cube ``loc`` (object stores write each
+    object atomically and leave none). They are never part of the cube: the chunk they were meant for has no
+    marker, so its region is written again. Returns how many were removed."""
+    if not loc.is_local or not os.path.isdir(loc.path):
+        return 0
+    removed = 0
+    for path in _partial_files(loc.path):
+        try:
+            os.remove(path)
+            removed += 1
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise storage_error(exc, loc, "cleaning up") from None
+    if removed:
+        log.info("removed %d temporary file(s) of an interrupted write from %s", removed, loc.url)
+    return removed
 
 
 def _refuse_bucket_root(loc: Location) -> None:
