@@ -1274,7 +1274,7 @@ _PARTIAL_RE = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
 def _partial_files(root: str) -> list[str]:
     """Paths of zarr LocalStore temporary files below the local folder ``root``."""
-    found = []
+    found: list[str] = []
     for folder, _dirs, files in os.walk(root):
         found.extend(os.path.join(folder, f) for f in files if _PARTIAL_RE.search(f))
     return sorted(found)
