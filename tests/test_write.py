@@ -423,6 +423,43 @@ def test_zarr_format_2(tmp_path: Path) -> None:
     assert back["valid_count"].dtype == np.uint16 and back.rio.crs.to_epsg() == 32631
 
 
+@pytest.mark.parametrize(("first", "asked"), [(2, 3), (3, 2)])
+def test_resume_or_append_in_another_zarr_format_is_refused_untouched(
+    first: int, asked: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ndvi_scale import write as write_module
+
+    url = str(tmp_path / "c.zarr")
+
+    def die(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:  # an unfinished write: template done, no region
+        patched.setattr(write_module._Writer, "_regions_and_finish", die)
+        with pytest.raises(KeyboardInterrupt):
+            write_cube(make_cube(PERIODS), url, zarr_format=first)
+    before = store_bytes(url)
+    for call in (lambda: check_output(url, zarr_format=asked),
+                 lambda: write_cube(make_cube(PERIODS), url, zarr_format=asked),
+                 lambda: write_cube(make_cube(PERIODS), url, zarr_format=asked, append=True)):
+        with pytest.raises(GridMismatchError) as err:
+            call()
+        msg = str(err.value)
+        assert f"Zarr v{first} cube but --zarr-format {asked}" in msg and "\n" not in msg and len(msg) < 300
+    assert "finish its unfinished write" in msg
+    assert store_bytes(url) == before, "a refused resume wrote something"
+
+    report = write_cube(make_cube(PERIODS), url, zarr_format=first)  # the same format: resumed
+    assert report.resumed and report.zarr_format == first
+    with pytest.raises(GridMismatchError, match="append to it"):
+        write_cube(make_cube(APPENDED), url, zarr_format=asked, append=True)
+    report = write_cube(make_cube(APPENDED), url, append=True)  # no format asked: the cube's own
+    assert report.zarr_format == first and report.periods_written == tuple(APPENDED)
+    report = write_cube(make_cube(PERIODS), url, zarr_format=asked, overwrite=True)  # replaced: may change
+    assert report.zarr_format == asked
+    assert ("zarr.json" if asked == 3 else ".zgroup") in store_bytes(url)
+
+
 def test_unfinished_write_of_another_run_is_refused(tmp_path: Path) -> None:
     import zarr
 

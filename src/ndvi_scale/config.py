@@ -212,8 +212,9 @@ class RunConfig:
     """Add this run's periods to an existing cube (same grid); periods already written are skipped."""
     skip_bad_assets: bool = False
     """Continue when an asset cannot be read after retries, recording it in the provenance (else fail)."""
-    zarr_format: int = 3
-    """Zarr format of a new output (3, or 2 for old readers)."""
+    zarr_format: int | None = None
+    """Zarr format of a new output (3, or 2 for old readers); None: 3 for a new output, and an existing cube keeps
+    its own. Asking an existing cube for another format is refused (it is never silently ignored)."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Free-form options for later stages (kept for provenance)."""
 

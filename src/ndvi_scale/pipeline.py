@@ -298,7 +298,8 @@ def run(
     from .write import check_output, write_cube
 
     say = echo or (lambda msg: None)
-    loc = check_output(cfg.out, cfg.overwrite, append=cfg.append) if cfg.out is not None else None
+    loc = (check_output(cfg.out, cfg.overwrite, append=cfg.append, zarr_format=cfg.zarr_format)
+           if cfg.out is not None else None)
     plan = make_plan(cfg)
     say(plan.search.summary())
     faults = FaultLog(loc.spec()) if loc is not None else None

@@ -158,7 +158,7 @@ def write_cube(
     *,
     overwrite: bool = False,
     append: bool = False,
-    zarr_format: int = 3,
+    zarr_format: int | None = None,
     progress: ProgressCallback | None = None,
     storage_options: Mapping[str, Any] | None = None,
     fingerprint: str | None = None,
@@ -167,7 +167,9 @@ def write_cube(
 ) -> WriteReport:
     """Write the lazy composite ``ds`` (dims time, y, x) as a Zarr cube at ``location_or_url``.
 
-    * New output: written from scratch (Zarr ``zarr_format`` 3 by default, or 2).
+    * New output: written from scratch (Zarr ``zarr_format`` 3 by default, or 2). An existing cube keeps its
+      format: a ``zarr_format`` other than the cube's is refused (:class:`GridMismatchError`) unless the cube
+      is replaced (``overwrite`` without ``append``).
     * Unfinished output of the same run (same fingerprint): resumed, computing only the missing regions.
     * Existing finished output: :class:`~ndvi_scale.errors.OutputExistsError` unless ``append`` (add new
       periods, skip existing ones) or ``overwrite`` (replace the store; with ``append``: recompute existing
@@ -180,8 +182,8 @@ def write_cube(
     ``ndvi_scale:skipped_assets`` and the report, failed ones in the :class:`~ndvi_scale.errors.ReadError`.
     Returns a :class:`WriteReport`. Storage failures raise one :class:`~ndvi_scale.errors.StorageError`.
     """
-    if zarr_format not in (2, 3):
-        raise InputError(f"zarr_format {zarr_format!r} is invalid; expected 2 or 3")
+    if zarr_format is not None and zarr_format not in (2, 3):
+        raise InputError(f"zarr_format {str(zarr_format)[:20]!r} is invalid; expected 2 or 3")
     _quiet_marker_warnings()
     loc = (
         location_or_url
@@ -192,14 +194,16 @@ def write_cube(
     ds = prepare_dataset(ds)
     loc.check_access()
     existing = _inspect(loc)
+    _refuse_other_format(loc, existing, zarr_format, overwrite=overwrite, append=append)
+    new_format = zarr_format or 3
     writer = _Writer(loc, ds, progress, fingerprint, faults, asset_labels)
 
     if existing.kind == "absent":
-        return writer.new(zarr_format)
+        return writer.new(new_format)
     if existing.kind == "foreign":
         if overwrite and not append:
             loc.delete()
-            return writer.new(zarr_format)
+            return writer.new(new_format)
         fix = (
             "pass --overwrite without --append to replace it" if append else "pass --overwrite to replace it"
         )
@@ -216,7 +220,7 @@ def write_cube(
             return writer.resume(existing)
         if overwrite and not append:
             loc.delete()
-            return writer.new(zarr_format)
+            return writer.new(new_format)
         raise OutputExistsError(
             f"output {loc.url} holds an unfinished write of another run (periods "
             f"{', '.join(state.get('periods', [])) or '?'}); rerun that exact command to finish it, or pass "
@@ -224,7 +228,7 @@ def write_cube(
         )
     if overwrite and not append:
         loc.delete()
-        return writer.new(zarr_format)
+        return writer.new(new_format)
     if append:
         return writer.append(existing, recompute=overwrite)
     if _finish_pending(loc, existing) and state.get("fingerprint") == writer.fingerprint(fmt):
@@ -241,17 +245,20 @@ def check_output(
     *,
     append: bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    zarr_format: int | None = None,
 ) -> Location:
     """Cheap pre-flight before any computation: resolve ``out``, probe access, refuse what write_cube would.
 
     Raises :class:`~ndvi_scale.errors.OutputExistsError` for an existing finished cube (without
-    append/overwrite) or a non-cube path (without overwrite). An unfinished cube passes: :func:`write_cube`
-    decides to resume it.
+    append/overwrite) or a non-cube path (without overwrite), :class:`~ndvi_scale.errors.GridMismatchError` for
+    a cube of another ``zarr_format`` than asked. An unfinished cube passes: :func:`write_cube` decides to
+    resume it.
     """
     loc = out if isinstance(out, Location) else open_location(str(out), storage_options)
     _refuse_bucket_root(loc)
     loc.check_access()
     existing = _inspect(loc)
+    _refuse_other_format(loc, existing, zarr_format, overwrite=overwrite, append=append)
     if existing.kind == "foreign" and not (overwrite and not append):
         raise OutputExistsError(
             f"output {loc.url} already exists and is {existing.what}, not an ndvi-scale cube; pass "
@@ -266,13 +273,31 @@ def check_output(
     return loc
 
 
+def _refuse_other_format(
+    loc: Location, existing: _Existing, zarr_format: int | None, *, overwrite: bool, append: bool
+) -> None:
+    """An existing cube is resumed and appended to in its own Zarr format: asking for another is refused (one
+    line, nothing written) instead of being silently ignored; only a replacement may change it."""
+    if existing.kind != "cube" or zarr_format is None or zarr_format == existing.zarr_format:
+        return
+    if overwrite and not append:
+        return
+    unfinished = existing.write.get("state") != "complete"
+    doing = "finish its unfinished write" if unfinished else ("append to it" if append else "write into it")
+    raise GridMismatchError(
+        f"output {loc.url} is a Zarr v{existing.zarr_format} cube but --zarr-format {zarr_format} asks for "
+        f"v{zarr_format}; a cube keeps its format: drop --zarr-format (or give {existing.zarr_format}) to "
+        f"{doing}, or pass --overwrite without --append to rewrite it as v{zarr_format}"
+    )
+
+
 def write_zarr(
     ds: xr.Dataset,
     out: str | Location,
     *,
     overwrite: bool = False,
     append: bool = False,
-    zarr_format: int = 3,
+    zarr_format: int | None = None,
     progress: ProgressCallback | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> WriteReport:
