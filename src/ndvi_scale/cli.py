@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -74,7 +75,43 @@ T = TypeVar("T")
 
 
 def _err(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
+    from .faults import scrub
+
+    typer.echo(f"error: {scrub(message)}", err=True)
+
+
+def _out(message: str, err: bool = False) -> None:
+    """Echo ``message`` with every URL in it cleaned (no credentials, no query strings)."""
+    from .faults import scrub
+
+    typer.echo(scrub(message), err=err)
+
+
+class _ScrubbingFilter(logging.Filter):
+    """Cleans every URL in a log record (GDAL/rasterio, botocore, ndvi-scale) before it is printed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from .faults import scrub
+
+        try:
+            text = record.getMessage()
+        except Exception:  # a record whose arguments do not fit its format: printed as given
+            return True
+        record.msg, record.args = scrub(text), None
+        return True
+
+
+def _install_log_handler() -> None:
+    """Warnings and errors of every logger go to stderr through :class:`_ScrubbingFilter` (Python's own
+    last-resort handler would print them as they are, signed URLs included)."""
+    root = logging.getLogger()
+    if any(isinstance(f, _ScrubbingFilter) for h in root.handlers for f in h.filters):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(message)s"))  # as Python's last-resort handler prints them
+    handler.addFilter(_ScrubbingFilter())
+    root.addHandler(handler)
 
 
 def _guard(fn: Callable[[], T]) -> T:
@@ -175,9 +212,9 @@ def compute(
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SkippedAssetWarning)  # listed in the summary, once per asset
-            report = run(cfg, cluster=merged.get("cluster"), echo=lambda msg: typer.echo(msg, err=True),
+            report = run(cfg, cluster=merged.get("cluster"), echo=lambda msg: _out(msg, err=True),
                          show_progress=True)
-        typer.echo(report.describe())
+        _out(report.describe())
         if quicklook is not None:
             from .viz import quicklook_png
 
@@ -218,7 +255,7 @@ def inspect_cmd(
         from .items import inspect
 
         for rec in inspect(source):
-            typer.echo(json.dumps(rec))
+            _out(json.dumps(rec))
 
     _guard(go)
 
@@ -246,6 +283,7 @@ def show_cmd(
 
 def main() -> None:
     """Console-script entry point."""
+    _install_log_handler()
     try:
         app()
     except SystemExit as e:

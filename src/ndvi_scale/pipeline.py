@@ -26,7 +26,7 @@ from . import __version__
 from .composite import EXTRA_OUTPUTS, Period, assign_periods, periods_between
 from .config import RunConfig
 from .errors import InputError
-from .faults import FaultLog, ReadPolicy, clean_href, describe_summary
+from .faults import FaultLog, ReadPolicy, clean_href, describe_summary, scrub_value
 from .fused import cube_layer, fused_cube
 from .items import S2Item
 from .load import choose_epsg, load_stack, with_crs_from_cog
@@ -229,7 +229,7 @@ def provenance_attrs(plan: Plan) -> dict[str, Any]:
         for it in p.items
     ]
     safe_config = cfg.to_dict()
-    return {
+    return scrub_value({  # no URL credentials or query strings (API keys, signatures) in the provenance
         "Conventions": "CF-1.10",
         "title": f"Sentinel-2 L2A NDVI {cfg.method} composites per {cfg.period}",
         "source": f"Sentinel-2 L2A surface reflectance; {plan.search.source}",
@@ -246,7 +246,7 @@ def provenance_attrs(plan: Plan) -> dict[str, Any]:
         "ndvi_scale:skipped": json.dumps([{"id": s.id, "reason": s.reason} for s in plan.search.skipped]),
         "ndvi_scale:search": json.dumps({"source": plan.search.source, "notes": list(plan.search.notes)}),
         "ndvi_scale:versions": json.dumps(versions, sort_keys=True),
-    }
+    })
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import BBox, RunConfig
 from .errors import CatalogError, NoScenesError
+from .faults import scrub
 from .items import S2Item, Skipped, normalize_item, read_items
 
 if TYPE_CHECKING:
@@ -202,6 +203,7 @@ def _api_items(
 
     page_limit = limit or (profile.page_limit if profile else DEFAULT_PAGE_LIMIT)
     notes: list[str] = []
+    shown = scrub(url)  # what messages and notes say: no credentials, no query string (API keys)
     try:
         # The timeout must be given to Client.open too: it resets the StacApiIO's timeout to its own argument.
         client = Client.open(
@@ -235,30 +237,30 @@ def _api_items(
                 new += 1
             if features and not new:
                 raise CatalogError(
-                    f"STAC API {url} sent page {pages} with only items of earlier pages: its 'next' links go "
+                    f"STAC API {shown} sent page {pages} with only items of earlier pages: its 'next' links go "
                     "round in a loop; report it to the provider, or search a shorter period"
                 )
     except APIError as e:
         code = getattr(e, "status_code", None)
         if code is None:  # pystac-client wraps connection errors and timeouts in APIError too
             raise CatalogError(
-                f"cannot search STAC API {url}: {str(e)[:300]}; check the URL and the network (requests were "
+                f"cannot search STAC API {shown}: {scrub(str(e))[:300]}; check the URL and the network (requests were "
                 "retried on timeouts and dropped connections), or pass a local item-collection file"
             ) from None
         raise CatalogError(
-            f"STAC API {url} refused the search HTTP {code}: {str(e)[:300]}; check the URL and the "
+            f"STAC API {shown} refused the search HTTP {code}: {scrub(str(e))[:300]}; check the URL and the "
             "collection (429/5xx answers and timeouts were retried)"
         ) from None
     except CatalogError:
         raise
     except Exception as e:  # connection errors, JSON errors, not an API
         raise CatalogError(
-            f"cannot search STAC API {url}: {type(e).__name__}: {str(e)[:300]}; check the URL (a STAC API "
+            f"cannot search STAC API {shown}: {type(e).__name__}: {scrub(str(e))[:300]}; check the URL (a STAC API "
             "root with /search) or pass a local item-collection file"
         ) from None
     colls = ",".join(profile.collections) if profile else "all"
     notes.append(
-        f"searched {url} ({method} /search, collections {colls}, limit {page_limit}): {len(out)} items in "
+        f"searched {shown} ({method} /search, collections {colls}, limit {page_limit}): {len(out)} items in "
         f"{pages} page(s)"
     )
     if duplicates:
@@ -272,6 +274,7 @@ def search(cfg: RunConfig) -> SearchResult:
     from .profiles import get_profile, profile_for_url
 
     cat = cfg.catalog
+    shown = scrub(cat)  # for messages and provenance: no credentials, no query string (API keys)
     profile_name: str | None = None
     notes: list[str] = []
     if cat in _SAMPLE_NAMES:
@@ -286,18 +289,18 @@ def search(cfg: RunConfig) -> SearchResult:
         if prof is not None:
             profile_name = prof.name
             notes.append(
-                f"{cat} is the API of profile {prof.name}: searching its collections "
+                f"{shown} is the API of profile {prof.name}: searching its collections "
                 f"{', '.join(prof.collections)} (pass --catalog <profile> to choose another, see ndvi-scale "
                 "catalogs)"
             )
         raw, api_notes = _api_items(cat, cfg, prof)
         notes += api_notes
         items, skipped = filter_items(raw, cfg, aliases=prof.assets if prof else None)
-        source = f"STAC API {cat}"
+        source = f"STAC API {shown}"
     elif _is_file_like(cat):
         raw, base = read_items(cat)
         items, skipped = filter_items(raw, cfg, base_href=base)
-        source = f"item collection {cat}"
+        source = f"item collection {shown}"
     else:
         prof = get_profile(cat)
         profile_name = prof.name

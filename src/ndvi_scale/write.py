@@ -55,7 +55,7 @@ from .errors import (
     ReadError,
     exception_chain,
 )
-from .faults import AssetReadError, FaultLog, describe_summary, merge_summaries, summarise
+from .faults import AssetReadError, FaultLog, describe_summary, merge_summaries, scrub_value, summarise
 from .storage import (
     Location,
     LocationSpec,
@@ -386,7 +386,8 @@ def run_fingerprint(ds: xr.Dataset, zarr_format: int) -> str:
     cfg = _json_attr(ds.attrs.get("ndvi_scale:config"))
     if isinstance(cfg, dict):
         flags = ("out", "overwrite", "append", "zarr_format", "skip_bad_assets")
-        cfg = {k: v for k, v in cfg.items() if k not in flags}
+        # URLs as stored (scrubbed): a rotated API key or signature is the same run
+        cfg = scrub_value({k: v for k, v in cfg.items() if k not in flags})
     crs = ds.rio.crs
     payload = {
         "software": _software_version(),
@@ -863,7 +864,7 @@ class _Writer:
             before = _json_attr(attrs.get(SKIPPED_ATTR))
             before = before if isinstance(before, list) else []
             if self.skipped or before:
-                update[SKIPPED_ATTR] = _dumps(merge_summaries(before, self.skipped))
+                update[SKIPPED_ATTR] = _dumps(scrub_value(merge_summaries(before, self.skipped)))
             update[CUBE_ATTR] = _CUBE_LAYOUT
             group.attrs.update(update)
         except NdviScaleError:
@@ -1010,7 +1011,7 @@ class _Writer:
             cube = xr.open_zarr(self._store(), decode_coords="all", zarr_format=_zf(fmt), chunks=None)
         except Exception as exc:
             raise _as_error(exc, self.loc, "reading") from None
-        item = stac_item_dict(cube, self.loc, fmt, fingerprint)
+        item = scrub_value(stac_item_dict(cube, self.loc, fmt, fingerprint))  # no URL credentials, ever
         target = self.loc.sibling(STAC_SUFFIX)
         data = json.dumps(item, indent=2, sort_keys=False).encode()
         try:
@@ -1218,7 +1219,7 @@ def stac_item_dict(cube: xr.Dataset, loc: Location, zarr_format: int, fingerprin
         props["proj:wkt2"] = crs.to_wkt()
     cfg = _json_attr(cube.attrs.get("ndvi_scale:config"))
     if isinstance(cfg, dict):
-        props["ndvi_scale:config"] = _without_secrets(cfg)
+        props["ndvi_scale:config"] = scrub_value(_without_secrets(cfg))
     open_kwargs: dict[str, Any] = {
         "engine": "zarr",
         "chunks": {},
@@ -1259,7 +1260,7 @@ def _skipped_property(attrs: Mapping[str, Any]) -> dict[str, Any]:
     skipped = _json_attr(attrs.get(SKIPPED_ATTR))
     if not isinstance(skipped, list) or not skipped:
         return {}
-    return {SKIPPED_ATTR: [{k: e.get(k) for k in ("item", "band", "href", "error")} for e in skipped]}
+    return {SKIPPED_ATTR: [scrub_value({k: e.get(k) for k in ("item", "band", "href", "error")}) for e in skipped]}
 
 
 def _densified_ring(
@@ -1401,8 +1402,9 @@ def _encoding(tmpl: xr.Dataset, cube_vars: Sequence[str]) -> dict[str, dict[str,
 
 
 def _cf_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
-    """Dataset attributes minus the write bookkeeping (which write_cube owns)."""
-    return {k: v for k, v in attrs.items() if k not in (CUBE_ATTR, WRITE_ATTR, RUNS_ATTR)}
+    """Dataset attributes minus the write bookkeeping (which write_cube owns), every URL in them cleaned (no
+    credentials, no query strings: :func:`ndvi_scale.faults.scrub`)."""
+    return {k: scrub_value(v) for k, v in attrs.items() if k not in (CUBE_ATTR, WRITE_ATTR, RUNS_ATTR)}
 
 
 def _array_dims(arr: Any) -> tuple[str, ...]:
