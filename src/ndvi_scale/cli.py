@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, TypeVar
@@ -75,9 +76,13 @@ T = TypeVar("T")
 
 
 def _err(message: str) -> None:
+    """One ``error:`` line on stderr: URLs cleaned, at most :data:`~ndvi_scale.errors.MAX_LINE` characters
+    (every value quoted in our messages is already cut; this is the guarantee for everything else)."""
+    from .errors import MAX_LINE, cut
     from .faults import scrub
 
-    typer.echo(f"error: {scrub(message)}", err=True)
+    line = re.sub(r"[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]+", " ", scrub(str(message)))  # one line
+    typer.echo(cut(f"error: {line}", MAX_LINE), err=True)
 
 
 def _out(message: str, err: bool = False) -> None:
