@@ -179,6 +179,14 @@ def compute(
             show_default=False,
         ),
     ] = None,
+    allow_local: Annotated[
+        bool | None,
+        typer.Option(
+            "--allow-local/--no-allow-local",
+            help="Read local asset paths from any catalog (default: only inside a local catalog's folder).",
+            show_default=False,
+        ),
+    ] = None,
     cluster: Annotated[
         str | None, typer.Option(help="threads (default), local, tcp://HOST:PORT, gateway or kubernetes.")
     ] = None,
@@ -199,7 +207,7 @@ def compute(
             bbox=bbox, start=start, end=end, window=window, catalog=catalog, out=out, period=period,
             method=method, max_cloud=max_cloud, mask_classes=mask_classes, resolution=resolution, crs=crs,
             chunk=chunk, zarr_format=zarr_format, overwrite=overwrite, append=append,
-            skip_bad_assets=skip_bad_assets, cluster=cluster,
+            skip_bad_assets=skip_bad_assets, allow_local=allow_local, cluster=cluster,
         )
         cfg, merged = run_config_from(config, {k: v for k, v in values.items() if v is not None})
         if cfg.out is None:

@@ -110,7 +110,51 @@ def format_bbox(value: Any) -> BBox:
             f"bbox west {_deg(w)} >= east {_deg(e)}; give W S E N with west < east (is the order swapped?). Areas "
             "crossing the antimeridian are not supported: split them in two runs at 180 degrees"
         )
+    _check_lon_span(w, s, e, n)  # a whole-world bbox: refused before any search
     return BBox(w, s, e, n)
+
+
+#: Widest bbox (degrees of longitude) one output grid may hold: a transverse Mercator (UTM) grid is meaningless
+#: beyond ~30 degrees either side of its zone's meridian (a whole-world bbox projects to a grid that is not one).
+MAX_BBOX_LON_SPAN = 60.0
+#: Largest output grid side in pixels (2**20: 10,486 km at 10 m).
+MAX_GRID_SIDE = 2**20
+
+
+def check_grid_extent(bbox: BBox, epsg: int, resolution: float) -> None:
+    """Refuse (one :class:`InputError`) a bbox that cannot be one projected output grid in ``EPSG:epsg``: wider
+    than :data:`MAX_BBOX_LON_SPAN` degrees, projecting to a non-finite or empty extent, or more than
+    :data:`MAX_GRID_SIDE` pixels a side. Checked before any pixel is read (a whole-world bbox used to end in
+    ``Chunks do not add up to shape``)."""
+    w, s, e, n = bbox.as_tuple()
+    where = f"bbox {_deg(w)} {_deg(s)} {_deg(e)} {_deg(n)}"
+    _check_lon_span(w, s, e, n)
+    from pyproj import Transformer
+
+    try:
+        left, bottom, right, top = Transformer.from_crs(4326, epsg, always_xy=True).transform_bounds(
+            w, s, e, n, densify_pts=21
+        )
+    except Exception as exc:  # pyproj refuses the transformation
+        raise InputError(f"{where} cannot be projected to EPSG:{epsg} ({type(exc).__name__}); give a smaller "
+                         "bbox or another --crs") from None
+    sides = ((right - left) / resolution, (top - bottom) / resolution)
+    if not all(math.isfinite(v) and 0 < v <= MAX_GRID_SIDE for v in sides):
+        size = " x ".join(f"{v:.3g}" if math.isfinite(v) else "inf" for v in sides)
+        raise InputError(
+            f"{where} projects to a {size} px grid in EPSG:{epsg} at {resolution:g} m; expected at most "
+            f"{MAX_GRID_SIDE} px a side: give a smaller bbox (split the area into several runs) or a coarser "
+            "--resolution"
+        )
+
+
+def _check_lon_span(w: float, s: float, e: float, n: float) -> None:
+    if e - w > MAX_BBOX_LON_SPAN:
+        raise InputError(
+            f"bbox {_deg(w)} {_deg(s)} {_deg(e)} {_deg(n)} spans {_deg(e - w)} degrees of longitude; one output "
+            f"grid (a UTM zone's projection) holds at most {MAX_BBOX_LON_SPAN:g}: split the area into several "
+            "runs, e.g. one per 6-degree UTM zone"
+        )
 
 
 def _antimeridian_message(w: float, s: float, e: float, n: float) -> str:
@@ -228,6 +272,8 @@ class RunConfig:
     """Add this run's periods to an existing cube (same grid); periods already written are skipped."""
     skip_bad_assets: bool = False
     """Continue when an asset cannot be read after retries, recording it in the provenance (else fail)."""
+    allow_local: bool = False
+    """Accept local asset paths from any catalog (by default: only from a local catalog, inside its folder)."""
     zarr_format: int | None = None
     """Zarr format of a new output (3, or 2 for old readers); None: 3 for a new output, and an existing cube keeps
     its own. Asking an existing cube for another format is refused (it is never silently ignored)."""
@@ -311,7 +357,7 @@ class RunConfig:
             kw["zarr_format"] = zf
         if "crs" in kw:
             kw["crs"] = normalise_crs(kw["crs"])
-        for flag in ("overwrite", "append", "skip_bad_assets"):
+        for flag in ("overwrite", "append", "skip_bad_assets", "allow_local"):
             if flag in kw:
                 kw[flag] = _flag(kw[flag], flag)
         return cls(**kw)

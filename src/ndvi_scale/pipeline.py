@@ -24,7 +24,7 @@ import xarray as xr
 
 from . import __version__
 from .composite import EXTRA_OUTPUTS, Period, assign_periods, periods_between
-from .config import RunConfig
+from .config import RunConfig, check_grid_extent
 from .errors import InputError
 from .faults import FaultLog, ReadPolicy, clean_href, describe_summary, scrub_value
 from .fused import cube_layer, fused_cube
@@ -81,6 +81,7 @@ def make_plan(cfg: RunConfig, result: SearchResult | None = None) -> Plan:
     items = [it if it.epsg and all(b.epsg or it.epsg for b in it.bands.values()) else with_crs_from_cog(it)
              for it in result.items]
     epsg = choose_epsg(items, cfg.bbox, cfg.crs)
+    check_grid_extent(cfg.bbox, epsg, cfg.resolution)  # a whole-world bbox: one clear error, before any read
     periods = periods_between(cfg.start, cfg.end, cfg.period)
     lon = (cfg.bbox.west + cfg.bbox.east) / 2
     days = [solar_day(it.datetime, lon) for it in items]

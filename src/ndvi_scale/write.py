@@ -385,7 +385,7 @@ def run_fingerprint(ds: xr.Dataset, zarr_format: int) -> str:
     """
     cfg = _json_attr(ds.attrs.get("ndvi_scale:config"))
     if isinstance(cfg, dict):
-        flags = ("out", "overwrite", "append", "zarr_format", "skip_bad_assets")
+        flags = ("out", "overwrite", "append", "zarr_format", "skip_bad_assets", "allow_local")
         # URLs as stored (scrubbed): a rotated API key or signature is the same run
         cfg = scrub_value({k: v for k, v in cfg.items() if k not in flags})
     crs = ds.rio.crs
