@@ -75,14 +75,30 @@ app = typer.Typer(
 T = TypeVar("T")
 
 
-def _err(message: str) -> None:
-    """One ``error:`` line on stderr: URLs cleaned, at most :data:`~ndvi_scale.errors.MAX_LINE` characters
-    (every value quoted in our messages is already cut; this is the guarantee for everything else)."""
-    from .errors import MAX_LINE, cut
+#: Longest error line for errors that are not input errors: a read failure lists every unreadable asset
+#: (item, band, href, error), which does not fit :data:`~ndvi_scale.errors.MAX_LINE`.
+MAX_DETAIL_LINE = 1500
+
+
+def _middle_cut(token: str, limit: int) -> str:
+    """A long word (a path, a URL) cut in its middle: both its start and its file name stay readable."""
+    if len(token) <= limit:
+        return token
+    head = (limit - 1) // 2
+    return token[:head] + "…" + token[len(token) - (limit - 1 - head):]
+
+
+def _err(message: str, limit: int | None = None) -> None:
+    """One ``error:`` line on stderr: URLs cleaned, every word (path, URL, value) at most
+    :data:`~ndvi_scale.errors.MAX_QUOTED` characters, the line at most ``limit`` (default
+    :data:`~ndvi_scale.errors.MAX_LINE`): values quoted in our messages are already cut, this is the guarantee
+    for everything else."""
+    from .errors import MAX_LINE, MAX_QUOTED, cut
     from .faults import scrub
 
     line = re.sub(r"[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]+", " ", scrub(str(message)))  # one line
-    typer.echo(cut(f"error: {line}", MAX_LINE), err=True)
+    line = re.sub(rf"\S{{{MAX_QUOTED + 1},}}", lambda m: _middle_cut(m.group(0), MAX_QUOTED), line)
+    typer.echo(cut(f"error: {line}", limit or MAX_LINE), err=True)
 
 
 def _out(message: str, err: bool = False) -> None:
@@ -124,7 +140,8 @@ def _guard(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except NdviScaleError as e:
-        _err(str(e).replace("\n", " "))
+        # input errors (exit 2) fit MAX_LINE; others may list several assets or paths
+        _err(str(e).replace("\n", " "), None if e.exit_code == 2 else MAX_DETAIL_LINE)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         _err("interrupted; re-run the same command to resume (written regions are kept)")

@@ -78,6 +78,8 @@ __all__ = [
     "WRITE_ATTR",
     "RUNS_ATTR",
     "MARKER_PREFIX",
+    "LEASE_SUFFIX",
+    "WriterLease",
 ]
 
 log = logging.getLogger(__name__)
@@ -193,6 +195,25 @@ def write_cube(
     _refuse_bucket_root(loc)
     ds = prepare_dataset(ds)
     loc.check_access()
+    with WriterLease(loc):  # one writer at a time: a second one is refused naming the holder
+        return _write_cube_leased(ds, loc, overwrite=overwrite, append=append, zarr_format=zarr_format,
+                                  progress=progress, fingerprint=fingerprint, faults=faults,
+                                  asset_labels=asset_labels)
+
+
+def _write_cube_leased(
+    ds: xr.Dataset,
+    loc: Location,
+    *,
+    overwrite: bool,
+    append: bool,
+    zarr_format: int | None,
+    progress: ProgressCallback | None,
+    fingerprint: str | None,
+    faults: FaultLog | None,
+    asset_labels: Mapping[str, tuple[str, str]] | None,
+) -> WriteReport:
+    """:func:`write_cube` once the writer lease is held: everything is inspected again under it."""
     existing = _inspect(loc)
     _refuse_other_format(loc, existing, zarr_format, overwrite=overwrite, append=append)
     new_format = zarr_format or 3
@@ -257,6 +278,7 @@ def check_output(
     loc = out if isinstance(out, Location) else open_location(str(out), storage_options)
     _refuse_bucket_root(loc)
     loc.check_access()
+    WriterLease(loc).refuse_if_held()  # another run writing it now: refused before any search
     existing = _inspect(loc)
     _refuse_other_format(loc, existing, zarr_format, overwrite=overwrite, append=append)
     if existing.kind == "foreign" and not (overwrite and not append):
@@ -403,6 +425,220 @@ def run_fingerprint(ds: xr.Dataset, zarr_format: int) -> str:
         "zarr_format": int(zarr_format),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+# ------------------------------------------------------------------------------------------------- writer lease
+
+#: The lease object beside the cube (``<out>.lease.json``, like the STAC item): outside the store, so it never
+#: changes what the store holds, how it is classified, or what ``--overwrite`` deletes.
+LEASE_SUFFIX = ".lease.json"
+#: Seconds a lease stays valid without a heartbeat (``NDVI_SCALE_LEASE_TTL``); renewed every quarter of it.
+LEASE_TTL = 120.0
+
+
+def _lease_ttl() -> float:
+    raw = os.environ.get("NDVI_SCALE_LEASE_TTL", "").strip()
+    try:
+        return max(2.0, float(raw)) if raw else LEASE_TTL
+    except ValueError:
+        return LEASE_TTL
+
+
+def _iso_time(t: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class WriterLease:
+    """One writer at a time per output: an object ``<out>.lease.json`` holding owner, host, pid, heartbeat and
+    expiry, created exclusively (local: ``O_CREAT|O_EXCL``; S3: conditional put ``If-None-Match: *``; GCS:
+    ``ifGenerationMatch=0``) and renewed by a heartbeat thread while the write runs.
+
+    A second writer is refused with one line naming the holder and when its lease expires. A stale lease (expired,
+    or held by a dead process on this host) is taken over. Limits, documented: an S3-compatible server that
+    ignores ``If-None-Match`` makes the create last-writer-wins (the lease is read back to catch a lost race,
+    not to prevent it), and taking over a stale lease is a delete then an exclusive create, so two writers
+    taking over the same stale lease in the same instant may both proceed on object stores.
+    """
+
+    def __init__(self, loc: Location, ttl: float | None = None) -> None:
+        import socket
+        import uuid
+
+        self.loc = loc
+        self.target = loc.sibling(LEASE_SUFFIX)
+        self.ttl = ttl if ttl is not None else _lease_ttl()
+        self.token = uuid.uuid4().hex
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self._stop: Any = None
+        self._thread: Any = None
+
+    # ------------------------------------------------------------------ the object
+    def _doc(self, started: float | None = None) -> bytes:
+        import getpass
+        import time
+
+        now = time.time()
+        try:
+            owner = getpass.getuser()
+        except Exception:
+            owner = "unknown"
+        return json.dumps({
+            "owner": owner, "host": self.host, "pid": self.pid, "token": self.token,
+            "started": _iso_time(started or now), "heartbeat": _iso_time(now), "expires": now + self.ttl,
+            "expires_at": _iso_time(now + self.ttl), "ttl": self.ttl, "software": _software_version(),
+        }).encode()
+
+    def read(self) -> dict[str, Any] | None:
+        """The lease held now, or None."""
+        try:
+            doc = json.loads(self.target.fs.cat_file(self.target.path))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {"owner": "?", "host": "?", "pid": -1, "expires": 0.0, "token": ""}  # damaged: stale
+        except Exception as exc:
+            raise storage_error(exc, self.target, "reading the writer lease of") from None
+        return doc if isinstance(doc, dict) else None
+
+    def _create(self, data: bytes) -> bool:
+        """Exclusive create; False if a lease exists."""
+        t = self.target
+        try:
+            if t.is_local:
+                os.makedirs(os.path.dirname(t.path) or ".", exist_ok=True)
+                fd = os.open(t.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                return True
+            t.fs.pipe_file(t.path, data, mode="create")
+        except FileExistsError:
+            return False
+        except Exception as exc:
+            text = str(exc)
+            if any(k in text.lower() for k in ("precondition", "pre-condition", "412", "conditionnotmet")):
+                return False
+            raise storage_error(exc, t, "creating the writer lease of") from None
+        held = self.read()  # a server that ignored the condition: whoever wrote last holds it
+        return held is not None and held.get("token") == self.token
+
+    @staticmethod
+    def stale(held: Mapping[str, Any], now: float | None = None) -> bool:
+        import socket
+        import time
+
+        now = time.time() if now is None else now
+        try:
+            if float(held.get("expires", 0)) < now:
+                return True
+        except (TypeError, ValueError):
+            return True
+        if held.get("host") == socket.gethostname():
+            try:
+                pid = int(held.get("pid", -1))
+                if pid <= 0:
+                    return True
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, TypeError, ValueError, OverflowError):
+                return False
+        return False
+
+    def describe(self, held: Mapping[str, Any]) -> str:
+        return (f"{shown_text(held.get('owner'))}@{shown_text(held.get('host'))} pid {shown_text(held.get('pid'))} "
+                f"(since {shown_text(held.get('started'))}, last heartbeat {shown_text(held.get('heartbeat'))}, "
+                f"lease expires {shown_text(held.get('expires_at'))})")
+
+    def refuse_if_held(self) -> None:
+        """The pre-flight: refuse now if another live writer holds the lease (nothing is taken)."""
+        held = self.read()
+        if held is not None and held.get("token") != self.token and not self.stale(held):
+            raise self._refusal(held)
+
+    def _refusal(self, held: Mapping[str, Any]) -> OutputError:
+        return OutputError(
+            f"output {self.loc.url} is being written by {self.describe(held)}; wait for that run to end and "
+            "re-run, or if it is dead elsewhere, re-run after its lease expires"
+        )
+
+    # ------------------------------------------------------------------ acquire / heartbeat / release
+    def acquire(self) -> WriterLease:
+        import time
+
+        started = time.time()
+        for _ in range(3):
+            # Read first: a live lease is refused without writing anything (on a store that would ignore the
+            # create condition, only a truly simultaneous start could then slip through).
+            held = self.read()
+            if held is not None:
+                if not self.stale(held):
+                    raise self._refusal(held)
+                log.warning("taking over the stale writer lease of %s held by %s", self.loc.url,
+                            self.describe(held))
+                self._remove()
+            if self._create(self._doc(started)):
+                self._start_heartbeat(started)
+                return self
+        raise self._refusal(self.read() or {})
+
+    def _remove(self) -> None:
+        try:
+            self.target.fs.rm_file(self.target.path)
+        except FileNotFoundError:
+            pass
+        except Exception as exc:
+            raise storage_error(exc, self.target, "removing the writer lease of") from None
+
+    def _start_heartbeat(self, started: float) -> None:
+        import threading
+
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.ttl / 4):
+                try:
+                    held = self.read()
+                    if held is None or held.get("token") != self.token:
+                        log.error("the writer lease of %s was taken by %s", self.loc.url,
+                                  self.describe(held or {}))
+                        return
+                    self.target.fs.pipe_file(self.target.path, self._doc(started))
+                except Exception as exc:  # a transient storage error: the next beat tries again
+                    log.warning("could not renew the writer lease of %s: %s", self.loc.url, exc)
+
+        self._stop = stop
+        self._thread = threading.Thread(target=beat, name="ndvi-scale-lease", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join(timeout=5)
+            self._stop = None
+        try:
+            held = self.read()
+        except NdviScaleError:
+            return
+        if held is not None and held.get("token") == self.token:
+            try:
+                self._remove()
+            except NdviScaleError as exc:
+                log.warning("could not remove the writer lease of %s: %s", self.loc.url, exc)
+
+    def __enter__(self) -> WriterLease:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def shown_text(value: Any) -> str:
+    from .errors import cut
+
+    return cut(str(value), 40)
 
 
 # ------------------------------------------------------------------------------------------------- inspection
