@@ -119,6 +119,16 @@ def test_lease_object_is_created_exclusively(where: str, request) -> None:
     assert _lease_doc(url)["token"] == first.token
 
 
+def test_preflight_removes_a_stale_lease_even_when_nothing_is_written(local_url: str) -> None:
+    """A run killed after its cube was finished leaves its lease; the same command then refuses ("already
+    exists") without writing, and must not leave that lease behind either."""
+    write_cube(make_cube(PERIODS), local_url)
+    _put_lease(local_url, expires=time.time() - 1)
+    with pytest.raises(OutputError, match="already exists"):
+        check_output(local_url)
+    assert _lease_doc(local_url) is None
+
+
 def test_heartbeat_renews_the_lease(local_url: str) -> None:
     lease = WriterLease(open_location(local_url), ttl=2.0).acquire()
     try:

@@ -553,10 +553,15 @@ class WriterLease:
                 f"lease expires {shown_text(held.get('expires_at'))})")
 
     def refuse_if_held(self) -> None:
-        """The pre-flight: refuse now if another live writer holds the lease (nothing is taken)."""
+        """The pre-flight: refuse now if another live writer holds the lease (nothing is taken). A stale one
+        (a killed run's) is removed, so that it is not left behind when the run then writes nothing."""
         held = self.read()
-        if held is not None and held.get("token") != self.token and not self.stale(held):
+        if held is None or held.get("token") == self.token:
+            return
+        if not self.stale(held):
             raise self._refusal(held)
+        log.info("removing the stale writer lease of %s held by %s", self.loc.url, self.describe(held))
+        self._remove()
 
     def _refusal(self, held: Mapping[str, Any]) -> OutputError:
         return OutputError(
