@@ -143,6 +143,19 @@ def test_no_secret_in_streams_attributes_stac_item_or_records(
     assert leaks == []
 
 
+def test_no_secret_from_local_cluster_workers(api: str, broken: str, tmp_path: Path) -> None:
+    """The reads run in LocalCluster worker processes (their own logging, GDAL messages, fault records)."""
+    out = str(tmp_path / "cluster.zarr")
+    failed = _compute(api, out, "--cluster", "local")
+    assert failed.returncode == 10, failed.stderr
+    leaks = _leaks("stdout", failed.stdout) + _leaks("stderr", failed.stderr) + _store_leaks(out)
+    done = _compute(api, out, "--cluster", "local", "--skip-bad-assets")
+    assert done.returncode == 0, done.stderr
+    assert clean_href(broken) in done.stdout
+    leaks += _leaks("stdout", done.stdout) + _leaks("stderr", done.stderr) + _store_leaks(out)
+    assert leaks == []
+
+
 def test_errors_and_inspect_output_carry_no_secret(api: str, cog_server: Server, tmp_path: Path) -> None:
     bad_api = api.replace("/?subscription", "/nothing-here/?subscription")
     r = _compute(bad_api, str(tmp_path / "x.zarr"))
