@@ -116,6 +116,22 @@ def test_existing_cube_without_flags_is_refused_untouched(catalog, local_out):
     assert _chunks(local_out) == before
 
 
+def test_append_asking_another_zarr_format_is_refused_in_one_line(catalog, local_out):
+    _run(catalog, local_out, "2024-04-01", "2024-04-30")
+    before = _chunks(local_out)
+    meta = open_location(local_out).fs.cat_file(os.path.join(local_out, "zarr.json"))
+    r = _cli("compute", "--bbox", *(f"{v:.5f}" for v in SPEC.bbox_lonlat()), "--start", "2024-05-01",
+             "--end", "2024-05-31", "--catalog", catalog, "--out", local_out, "--chunk", "64", "--append",
+             "--zarr-format", "2")
+    assert r.returncode == 8, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Zarr v3 cube but --zarr-format 2" in lines[0]
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert _chunks(local_out) == before
+    assert open_location(local_out).fs.cat_file(os.path.join(local_out, "zarr.json")) == meta
+    _run(catalog, local_out, "2024-05-01", "2024-05-31", "--append", "--zarr-format", "3")  # its own: fine
+
+
 def test_grid_mismatch_on_append_is_a_clear_error(catalog, local_out):
     _run(catalog, local_out, "2024-04-01", "2024-04-30")
     r = _cli("compute", "--bbox", *(f"{v:.5f}" for v in SPEC.bbox_lonlat()), "--start", "2024-05-01",

@@ -258,7 +258,8 @@ def test_chunked_and_unchunked_runs_are_identical(zones: Path, crs: str) -> None
 def _subset(zones: Path, tmp_path: Path, epsg: int) -> Path:
     doc = json.loads(zones.read_text())
     doc["features"] = [f for f in doc["features"] if f["properties"]["proj:epsg"] == epsg]
-    path = tmp_path / f"only-{epsg}.json"
+    # beside the full catalog: a local catalog's local hrefs must stay inside its folder (href policy)
+    path = zones.parent / f"only-{epsg}-{tmp_path.name}.json"
     path.write_text(json.dumps(doc))
     return path
 

@@ -119,7 +119,8 @@ def test_cli_end_to_end_equals_numpy_reference(tmp_path, reference):
     env = {k: v for k, v in os.environ.items() if k != "NDVI_SCALE_DEBUG"}
     r = subprocess.run(
         [sys.executable, "-m", "ndvi_scale", "compute", "--bbox", *map(str, bbox), "--start", START,
-         "--end", END, "--catalog", str(items), "--resolution", "100", "--out", str(out)],
+         "--end", END, "--catalog", str(items), "--resolution", "100", "--out", str(out),
+         "--allow-local"],  # the items file (tmp_path) points at the fixture's COGs outside its folder
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert r.returncode == 0, r.stderr
@@ -138,7 +139,8 @@ def test_wrong_footprint_metadata_loses_no_pixel(tmp_path, reference, caplog):
     item["assets"]["scl"]["proj:shape"] = [2745, 2745]
     items = _write_items(tmp_path, item)
     with caplog.at_level(logging.WARNING, logger="ndvi_scale.load"):
-        ds = compute(item["bbox"], START, END, catalog=str(items), resolution=100, chunk=256).compute()
+        ds = compute(item["bbox"], START, END, catalog=str(items), resolution=100, chunk=256,
+                     allow_local=True).compute()  # the items file (tmp_path) points at the fixture COGs
     _assert_matches(ds, reference)
     assert "does not contain the item bbox" in caplog.text
 

@@ -426,7 +426,12 @@ def test_cli_compute_from_a_stac_api_equals_the_items_file(sample_api, tmp_path)
         "--max-cloud",
         "60",
     ]
-    from_api = _cli(*common, "--catalog", url, "--out", str(tmp_path / "api.zarr"))
+    # rustac serves the sample's items with their local file hrefs: a remote catalog may not point at local
+    # files (issue K: href policy) unless --allow-local says so.
+    refused = _cli(*common, "--catalog", url, "--out", str(tmp_path / "refused.zarr"))
+    assert refused.returncode == 4 and "asset href not allowed" in refused.stderr, refused.stderr
+    assert not (tmp_path / "refused.zarr").exists()
+    from_api = _cli(*common, "--catalog", url, "--out", str(tmp_path / "api.zarr"), "--allow-local")
     assert from_api.returncode == 0, from_api.stderr
     from_file = _cli(*common, "--catalog", str(items_json), "--out", str(tmp_path / "file.zarr"))
     assert from_file.returncode == 0, from_file.stderr

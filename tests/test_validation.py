@@ -38,7 +38,7 @@ from ndvi_scale.config import (
     normalise_period,
     parse_date,
 )
-from ndvi_scale.errors import InputError
+from ndvi_scale.errors import MAX_LINE, MAX_QUOTED, InputError, shown
 from ndvi_scale.runfile import VALID_KEYS, load_run_file, run_config_from
 
 OK: dict[str, Any] = dict(bbox=(1.4, 48.1, 1.6, 48.3), start="2024-01-01", end="2024-02-29")
@@ -114,7 +114,7 @@ def test_dates_are_valid_or_named(name: str, value: Any) -> None:
     try:
         d = parse_date(value, name=name)
     except InputError as e:
-        _check_message(e, f"{name} {value!r}", "YYYY-MM-DD")
+        _check_message(e, f"{name} {shown(value)}", "YYYY-MM-DD")
         return
     assert type(d) is dt.date
     if isinstance(value, str):
@@ -127,7 +127,7 @@ def test_periods(value: Any) -> None:
     try:
         p = normalise_period(value)
     except InputError as e:
-        _check_message(e, f"period {value!r}", "one of day, week")
+        _check_message(e, f"period {shown(value)}", "one of day, week")
         return
     assert p in PERIODS
 
@@ -147,7 +147,7 @@ def test_methods(value: Any) -> None:
     try:
         m = normalise_method(value)
     except InputError as e:
-        _check_message(e, f"method {value!r}", "percentile like q25")
+        _check_message(e, f"method {shown(value)}", "percentile like q25")
         assert not (m_ and 1 <= int(m_.group(1)) <= 99)
         return
     if m_:
@@ -216,7 +216,7 @@ def test_crs(value: Any) -> None:
     try:
         crs = normalise_crs(value)
     except InputError as e:
-        _check_message(e, f"crs {value!r}", "EPSG:32631")
+        _check_message(e, f"crs {shown(value)}", "EPSG:32631")
         return
     assert crs == "auto" or re.fullmatch(r"EPSG:\d{4,5}", crs)
     if crs != "auto":
@@ -234,16 +234,85 @@ def test_out_empty_or_not_text(value: Any) -> None:
     _check_message(e.value, "out ", "give a local path")
 
 
+huge = st.one_of(
+    st.integers(81, 10**5).map(lambda n: "m" * n),
+    st.integers(81, 10**4).map(lambda n: [1.5] * n),
+    st.integers(2, 12).map(lambda depth: __import__("functools").reduce(lambda v, _: [v] * 10, range(depth), 7)),
+    st.integers(81, 3000).map(lambda n: {str(i): i for i in range(n)}),
+    st.just(10**4000),
+)
+
+
 @SETTINGS
-@given(st.sampled_from([f for f in VALID_KEYS if f not in ("window", "cluster")]), anything)
+@given(st.sampled_from([f for f in VALID_KEYS if f not in ("window", "cluster")]), st.one_of(anything, huge))
 def test_any_field_any_value(field: str, value: Any) -> None:
-    """Whatever goes into any field: a RunConfig, or an InputError naming that field (never another exception)."""
+    """Whatever goes into any field: a RunConfig, or an InputError naming that field (never another exception),
+    short whatever the size of the value (a quoted value is cut to 80 characters)."""
     try:
         RunConfig.create(**{**OK, field: value})
     except InputError as e:
         msg = str(e)
         assert field in msg or field.replace("_", " ") in msg, msg
         assert FIX.search(msg), msg
+        assert len(msg) <= MAX_LINE, msg
+
+
+def test_quoted_values_are_cut_with_an_ellipsis() -> None:
+    with pytest.raises(InputError) as e:
+        RunConfig.create(**OK, method="z" * 20_000_000)
+    msg = str(e.value)
+    assert "'" + "z" * 70 in msg and "z" * 90 not in msg and "…" in msg and len(msg) < 200, msg
+    assert shown("a" * 500) == shown("a" * 10**7) and len(shown("a" * 500)) == MAX_QUOTED
+    assert len(shown([[list(range(10**4))] * 10**3] * 10**3)) <= MAX_QUOTED  # nested: bounded cost and length
+
+
+def alias_bomb(field: str) -> str:
+    """A "billion laughs" as the value of ``field``: 9 levels of 9 aliases, 9**9 = 387 million leaves from
+    ~300 bytes."""
+    lines = [f"{field}:", '  - &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"  - &a{i} [{','.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("field", list(VALID_KEYS))
+def test_yaml_alias_bomb_is_refused_fast_and_small(yaml_dir: Path, field: str) -> None:
+    import time
+    import tracemalloc
+
+    path = yaml_dir / f"bomb-{field}.yaml"
+    path.write_text(alias_bomb(field), encoding="utf-8")
+    assert len(path.read_bytes()) < 512
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(InputError) as e:
+            run_config_from(path, dict(OK))
+    finally:
+        took = time.perf_counter() - t0
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert took < 1.0 and peak < 100 * 2**20, (took, peak)
+    msg = str(e.value)
+    assert "line 3: YAML alias *a0 is not allowed in a run file" in msg and len(msg) <= MAX_LINE, msg
+    assert FIX.search(msg), msg
+
+
+def test_long_config_path_is_one_line(tmp_path: Path) -> None:
+    for path in ("/tmp/" + "p" * 5000 + ".yaml", str(tmp_path / ("d" * 300)) + "/run.yaml", "nul\x00byte.yaml"):
+        with pytest.raises(InputError) as e:
+            load_run_file(path)
+        msg = str(e.value)
+        assert msg.startswith("config file ") and "…" in msg or len(path) < 80, msg
+        assert len(msg) <= MAX_LINE and FIX.search(msg), msg
+    big = tmp_path / "big.yaml"
+    big.write_text("method: " + "m" * 300_000 + "\n")
+    with pytest.raises(InputError, match="larger than 256 KiB"):
+        load_run_file(big)
+    long_value = tmp_path / "long-value.yaml"
+    long_value.write_text("method: " + "m" * 100_000 + "\n")
+    with pytest.raises(InputError) as e:
+        run_config_from(long_value, dict(OK))
+    assert "method 'mmm" in str(e.value) and len(str(e.value)) <= MAX_LINE
 
 
 # ------------------------------------------------------------------------------------------------ run files
@@ -334,8 +403,17 @@ def taken_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+# Values of any length: long ones must still give a short line (every quoted value is cut, issue K).
+long_text = st.one_of(
+    st.text(max_size=12),
+    st.tuples(st.text(min_size=1, max_size=6), st.integers(20, 4000)).map(lambda t: t[0] * t[1]),
+    st.integers(50, 3000).map(lambda n: "9" * n),
+    st.integers(50, 3000).map(lambda n: "https://user:pw@h/" + "a" * n + "?k=SECRET"),
+)
+
+
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(flag=st.sampled_from(FLAGS), value=st.text(max_size=12), extra=st.lists(st.text(max_size=8), max_size=3))
+@given(flag=st.sampled_from(FLAGS), value=long_text, extra=st.lists(st.text(max_size=8), max_size=3))
 def test_cli_any_option_value_is_one_line(taken_out: Path, flag: str, value: str, extra: list[str]) -> None:
     assume("\x00" not in value and all("\x00" not in x for x in extra))
     args = {"--bbox": ["1.4", "48.1", "1.6", "48.3"], "--start": ["2024-01-01"], "--end": ["2024-01-31"],
@@ -350,6 +428,7 @@ def test_cli_any_option_value_is_one_line(taken_out: Path, flag: str, value: str
     assert len(lines) == 1 and lines[0].startswith("error: "), (argv, r.output)
     assert "Traceback" not in r.output and r.stdout == ""
     msg = lines[0]
+    assert len(msg) <= MAX_LINE and "SECRET" not in msg, msg
     if r.exit_code == 2 and "--help" not in msg:  # our validation (not click's parser): names the field
         field = flag[2:].replace("-", "_")
         assert any(n in msg for n in (field, field.replace("_", " "), flag, "window")), (argv, msg)
@@ -372,6 +451,10 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "max-cloud": (["--max-cloud", "lots"], ["max_cloud 'lots' is not a number", "percentage 0-100"]),
     "config-bad-date": (["--config", "CONFIG"], ["config file", "line 2 ('2024-13-01')", "YYYY-MM-DD"]),
     "unknown-option": (["--bogus", "1"], ["No such option: --bogus", "compute --help"]),
+    "config-path-5000": (["--config", "/tmp/" + "c" * 5000 + ".yaml"], ["config file /tmp/ccc", "…", "YAML run file"]),
+    "config-alias-bomb": (["--config", "BOMB"], ["line 3: YAML alias *a0 is not allowed in a run file",
+                                                 "give the value itself"]),
+    "method-huge": (["--method", "q" * 100_000], ["method 'qqq", "…", "percentile like q25"]),
 }
 
 
@@ -381,6 +464,8 @@ def cli_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[sub
     base = tmp_path_factory.mktemp("cli-cases")
     config = base / "run.yaml"
     config.write_text("period: month\nend: 2024-13-01\n", encoding="utf-8")
+    bomb = base / "bomb.yaml"
+    bomb.write_text(alias_bomb("method"), encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if k != "NDVI_SCALE_DEBUG"}
 
     def one(name: str) -> tuple[subprocess.CompletedProcess[str], Path]:
@@ -389,7 +474,7 @@ def cli_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[sub
         args = {"--bbox": ["1.7", "48.3", "1.9", "48.4"], "--start": ["2024-04-20"], "--end": ["2024-05-15"],
                 "--catalog": [str(base / "no-such-items.json")], "--out": ["out.zarr"]}
         bad, _ = CASES[name]
-        args[bad[0]] = [str(config) if a == "CONFIG" else a for a in bad[1:]]
+        args[bad[0]] = [str(config) if a == "CONFIG" else str(bomb) if a == "BOMB" else a for a in bad[1:]]
         if bad[0] == "--config":
             del args["--end"]
         argv = [a for k, v in args.items() for a in (k, *v)]
@@ -407,7 +492,7 @@ def test_cli_bad_invocation(cli_results: dict[str, tuple[subprocess.CompletedPro
     assert r.returncode == 2, (r.returncode, r.stderr)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert "Traceback" not in r.stdout + r.stderr and r.stdout == ""
+    assert "Traceback" not in r.stdout + r.stderr and r.stdout == "" and len(lines[0]) <= MAX_LINE, lines[0]
     for needle in CASES[name][1]:
         assert needle in lines[0], (needle, lines[0])
     assert list(cwd.iterdir()) == []  # nothing written

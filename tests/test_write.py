@@ -431,6 +431,43 @@ def test_zarr_format_2(tmp_path: Path) -> None:
     assert back["valid_count"].dtype == np.uint16 and back.rio.crs.to_epsg() == 32631
 
 
+@pytest.mark.parametrize(("first", "asked"), [(2, 3), (3, 2)])
+def test_resume_or_append_in_another_zarr_format_is_refused_untouched(
+    first: int, asked: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ndvi_scale import write as write_module
+
+    url = str(tmp_path / "c.zarr")
+
+    def die(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:  # an unfinished write: template done, no region
+        patched.setattr(write_module._Writer, "_regions_and_finish", die)
+        with pytest.raises(KeyboardInterrupt):
+            write_cube(make_cube(PERIODS), url, zarr_format=first)
+    before = store_bytes(url)
+    for call in (lambda: check_output(url, zarr_format=asked),
+                 lambda: write_cube(make_cube(PERIODS), url, zarr_format=asked),
+                 lambda: write_cube(make_cube(PERIODS), url, zarr_format=asked, append=True)):
+        with pytest.raises(GridMismatchError) as err:
+            call()
+        msg = str(err.value)
+        assert f"Zarr v{first} cube but --zarr-format {asked}" in msg and "\n" not in msg and len(msg) < 300
+    assert "finish its unfinished write" in msg
+    assert store_bytes(url) == before, "a refused resume wrote something"
+
+    report = write_cube(make_cube(PERIODS), url, zarr_format=first)  # the same format: resumed
+    assert report.resumed and report.zarr_format == first
+    with pytest.raises(GridMismatchError, match="append to it"):
+        write_cube(make_cube(APPENDED), url, zarr_format=asked, append=True)
+    report = write_cube(make_cube(APPENDED), url, append=True)  # no format asked: the cube's own
+    assert report.zarr_format == first and report.periods_written == tuple(APPENDED)
+    report = write_cube(make_cube(PERIODS), url, zarr_format=asked, overwrite=True)  # replaced: may change
+    assert report.zarr_format == asked
+    assert ("zarr.json" if asked == 3 else ".zgroup") in store_bytes(url)
+
+
 def test_unfinished_write_of_another_run_is_refused(tmp_path: Path) -> None:
     import zarr
 
@@ -484,12 +521,12 @@ APPENDED = ["2024-03-01", "2024-04-01"]
 TOTAL_REGIONS = 2 * 3 * 3  # both the fresh write and the append write 2 periods of 3 x 3 blocks
 
 
-def _spawn_writer(url: str, mode: str, sleep: float) -> subprocess.Popen[bytes]:
+def _spawn_writer(url: str, mode: str, sleep: float, *extra: str) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), str(TESTS), env.get("PYTHONPATH", "")])
     env["DASK_NUM_WORKERS"] = "2"
     return subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "writer", url, mode, str(sleep)],
+        [sys.executable, str(Path(__file__).resolve()), "writer", url, mode, str(sleep), *extra],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -586,9 +623,135 @@ def test_crash_while_writing_metadata_is_resumed(
     assert store_bytes(url) == store_bytes(reference)
 
 
+def _die_inside_chunk_writes(after: int) -> None:
+    """Make this process SIGKILL itself in the middle of writing its ``after + 1``-th ndvi chunk file: half the
+    bytes are in zarr's temporary ``<chunk>.<uuid>.partial`` file, exactly what an OOM kill can leave."""
+    import contextlib
+    import threading
+
+    import zarr.storage._local as zlocal
+
+    original = zlocal._atomic_write
+    lock = threading.Lock()
+    seen = [0]
+    chunk_dir = f"{os.sep}ndvi{os.sep}c{os.sep}"
+
+    class _HalfThenDie:
+        def __init__(self, f: Any) -> None:
+            self._f = f
+
+        def write(self, view: Any) -> int:
+            data = bytes(view)
+            self._f.write(data[: len(data) // 2])
+            self._f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+            return len(data)  # pragma: no cover
+
+    @contextlib.contextmanager
+    def atomic_write(path: Path, mode: Any, exclusive: bool = False) -> Any:
+        with original(path, mode, exclusive=exclusive) as f:
+            with lock:
+                seen[0] += chunk_dir in str(path)
+                die = chunk_dir in str(path) and seen[0] > after
+            yield _HalfThenDie(f) if die else f
+
+    zlocal._atomic_write = atomic_write
+
+
+@pytest.mark.parametrize("mode", ["new", "append"])
+def test_sigkill_inside_a_chunk_write_leaves_a_partial_file_that_the_resume_removes(
+    mode: str, tmp_path: Path
+) -> None:
+    """The flaky SIGKILL resume: a kill while zarr writes a chunk leaves ``<chunk>.<uuid>.partial``; the resume
+    must remove it (else the store differs from a clean run's and keeps the garbage forever)."""
+    url, reference = str(tmp_path / "killed.zarr"), str(tmp_path / "reference.zarr")
+    if mode == "append":
+        write_cube(make_cube(PERIODS), url)
+        write_cube(make_cube(PERIODS), reference)
+    _write_run(reference, mode)
+    proc = _spawn_writer(url, mode, 0.0, "kill-in-chunk", "3")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, out.decode(errors="replace")
+    leftovers = sorted(Path(url).rglob("*.partial"))
+    assert leftovers, "the kill inside a chunk write left no temporary file: the test no longer reproduces"
+    assert all(p.relative_to(url).parts[:2] == ("ndvi", "c") for p in leftovers)
+
+    report = _write_run(url, mode)
+    assert report.resumed and 0 < report.regions_written < TOTAL_REGIONS
+    assert not list(Path(url).rglob("*.partial"))
+    assert store_bytes(url) == store_bytes(reference)
+
+
+def test_folder_holding_only_temporary_files_is_a_new_output(tmp_path: Path) -> None:
+    """A new cube killed while its very first metadata file was written: nothing but a temporary file."""
+    url = tmp_path / "c.zarr"
+    url.mkdir()
+    (url / f"zarr.{uuid.uuid4().hex}.partial").write_bytes(b'{"zarr_fo')
+    check_output(str(url))
+    write_cube(make_cube(PERIODS), str(url))
+    assert not list(url.rglob("*.partial"))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / f"zarr.{uuid.uuid4().hex}.partial").write_bytes(b"x")
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="non-empty folder"):
+        write_cube(make_cube(PERIODS), str(other))
+    assert (other / "notes.txt").exists()
+
+
+@pytest.mark.parametrize("phase", ["_consolidate", "_write_stac"])
+@pytest.mark.parametrize("mode", ["new", "append"])
+def test_run_stopped_after_marking_complete_is_finished_by_the_same_command(
+    mode: str, phase: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed between "complete" and the end (consolidation, STAC item): the same command finishes the cube
+    (consolidated, STAC item, no markers) instead of refusing it as existing forever."""
+    from ndvi_scale import write as write_module
+    from ndvi_scale.storage import open_location
+
+    url, reference = str(tmp_path / "c.zarr"), str(tmp_path / "ref.zarr")
+    if mode == "append":
+        write_cube(make_cube(PERIODS), url)
+        write_cube(make_cube(PERIODS), reference)
+    _write_run(reference, mode)
+
+    def die(self: Any, *args: Any) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(write_module._Writer, phase, die)
+        with pytest.raises(KeyboardInterrupt):
+            _write_run(url, mode)
+    assert json.loads(json.loads((Path(url) / "zarr.json").read_text())["attributes"][WRITE_ATTR])[
+        "state"] == "complete"
+    item_path = Path(url + ".stac-item.json")
+    if mode == "new":
+        assert not item_path.exists()
+    else:  # the item of the cube before the append: stale
+        assert json.loads(item_path.read_text())["properties"]["ndvi_scale:periods"] == len(PERIODS)
+    check_output(url, append=mode == "append")  # passes: the same command may finish it
+
+    report = _write_run(url, mode)
+    assert report.resumed and report.regions_written == 0 and report.stac_item_url
+    item = json.loads(item_path.read_text())
+    assert item["type"] == "Feature"
+    assert item["properties"]["ndvi_scale:periods"] == len(PERIODS) + (len(APPENDED) if mode == "append" else 0)
+    assert json.loads((Path(url) / "zarr.json").read_text()).get("consolidated_metadata")
+    assert store_bytes(url) == store_bytes(reference)
+    xr.open_zarr(open_location(url).store, consolidated=True)
+    with pytest.raises(OutputExistsError, match="already exists"):  # finished: refused again as before
+        write_cube(make_cube(PERIODS if mode == "new" else APPENDED), url)
+    other = make_cube(["2024-09-01"])
+    write_module.check_output(url, append=True)
+    write_cube(other, url, append=True)
+
+
 def _writer_main(argv: list[str]) -> None:
-    """Subprocess entry point: the slow run of argv[1] ("new" or "append") to argv[0], killed by the test."""
+    """Subprocess entry point: the slow run of argv[1] ("new" or "append") to argv[0], killed by the test
+    (``kill-in-chunk N`` after them: killed by itself inside its N+1-th chunk write)."""
     url, mode, sleep = argv[0], argv[1], float(argv[2])
+    if argv[3:4] == ["kill-in-chunk"]:
+        _die_inside_chunk_writes(int(argv[4]))
     _write_run(url, mode, sleep=sleep)
     print("finished", flush=True)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, TypeVar
@@ -73,8 +75,64 @@ app = typer.Typer(
 T = TypeVar("T")
 
 
-def _err(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
+#: Longest error line for errors that are not input errors: a read failure lists every unreadable asset
+#: (item, band, href, error), which does not fit :data:`~ndvi_scale.errors.MAX_LINE`.
+MAX_DETAIL_LINE = 1500
+
+
+def _middle_cut(token: str, limit: int) -> str:
+    """A long word (a path, a URL) cut in its middle: both its start and its file name stay readable."""
+    if len(token) <= limit:
+        return token
+    head = (limit - 1) // 2
+    return token[:head] + "…" + token[len(token) - (limit - 1 - head):]
+
+
+def _err(message: str, limit: int | None = None) -> None:
+    """One ``error:`` line on stderr: URLs cleaned, every word (path, URL, value) at most
+    :data:`~ndvi_scale.errors.MAX_QUOTED` characters, the line at most ``limit`` (default
+    :data:`~ndvi_scale.errors.MAX_LINE`): values quoted in our messages are already cut, this is the guarantee
+    for everything else."""
+    from .errors import MAX_LINE, MAX_QUOTED, cut
+    from .faults import scrub
+
+    line = re.sub(r"[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]+", " ", scrub(str(message)))  # one line
+    line = re.sub(rf"\S{{{MAX_QUOTED + 1},}}", lambda m: _middle_cut(m.group(0), MAX_QUOTED), line)
+    typer.echo(cut(f"error: {line}", limit or MAX_LINE), err=True)
+
+
+def _out(message: str, err: bool = False) -> None:
+    """Echo ``message`` with every URL in it cleaned (no credentials, no query strings)."""
+    from .faults import scrub
+
+    typer.echo(scrub(message), err=err)
+
+
+class _ScrubbingFilter(logging.Filter):
+    """Cleans every URL in a log record (GDAL/rasterio, botocore, ndvi-scale) before it is printed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from .faults import scrub
+
+        try:
+            text = record.getMessage()
+        except Exception:  # a record whose arguments do not fit its format: printed as given
+            return True
+        record.msg, record.args = scrub(text), None
+        return True
+
+
+def _install_log_handler() -> None:
+    """Warnings and errors of every logger go to stderr through :class:`_ScrubbingFilter` (Python's own
+    last-resort handler would print them as they are, signed URLs included)."""
+    root = logging.getLogger()
+    if any(isinstance(f, _ScrubbingFilter) for h in root.handlers for f in h.filters):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(message)s"))  # as Python's last-resort handler prints them
+    handler.addFilter(_ScrubbingFilter())
+    root.addHandler(handler)
 
 
 def _guard(fn: Callable[[], T]) -> T:
@@ -82,7 +140,8 @@ def _guard(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except NdviScaleError as e:
-        _err(str(e).replace("\n", " "))
+        # input errors (exit 2) fit MAX_LINE; others may list several assets or paths
+        _err(str(e).replace("\n", " "), None if e.exit_code == 2 else MAX_DETAIL_LINE)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         _err("interrupted; re-run the same command to resume (written regions are kept)")
@@ -140,6 +199,14 @@ def compute(
             show_default=False,
         ),
     ] = None,
+    allow_local: Annotated[
+        bool | None,
+        typer.Option(
+            "--allow-local/--no-allow-local",
+            help="Read local asset paths from any catalog (default: only inside a local catalog's folder).",
+            show_default=False,
+        ),
+    ] = None,
     cluster: Annotated[
         str | None, typer.Option(help="threads (default), local, tcp://HOST:PORT, gateway or kubernetes.")
     ] = None,
@@ -160,7 +227,7 @@ def compute(
             bbox=bbox, start=start, end=end, window=window, catalog=catalog, out=out, period=period,
             method=method, max_cloud=max_cloud, mask_classes=mask_classes, resolution=resolution, crs=crs,
             chunk=chunk, zarr_format=zarr_format, codec=codec, overwrite=overwrite, append=append,
-            skip_bad_assets=skip_bad_assets, cluster=cluster,
+            skip_bad_assets=skip_bad_assets, allow_local=allow_local, cluster=cluster,
         )
         cfg, merged = run_config_from(config, {k: v for k, v in values.items() if v is not None})
         if cfg.out is None:
@@ -178,9 +245,9 @@ def compute(
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SkippedAssetWarning)  # listed in the summary, once per asset
-            report = run(cfg, cluster=merged.get("cluster"), echo=lambda msg: typer.echo(msg, err=True),
+            report = run(cfg, cluster=merged.get("cluster"), echo=lambda msg: _out(msg, err=True),
                          show_progress=True)
-        typer.echo(report.describe())
+        _out(report.describe())
         if quicklook is not None:
             from .viz import quicklook_png
 
@@ -221,7 +288,7 @@ def inspect_cmd(
         from .items import inspect
 
         for rec in inspect(source):
-            typer.echo(json.dumps(rec))
+            _out(json.dumps(rec))
 
     _guard(go)
 
@@ -249,6 +316,7 @@ def show_cmd(
 
 def main() -> None:
     """Console-script entry point."""
+    _install_log_handler()
     try:
         app()
     except SystemExit as e:

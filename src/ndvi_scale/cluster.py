@@ -49,7 +49,7 @@ from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.system import MEMORY_LIMIT
 
-from .errors import ClusterError, InputError
+from .errors import ClusterError, InputError, shown
 
 #: Retries per task for ``client.compute(..., retries=DEFAULT_RETRIES)``. Three covers the transient
 #: failures of object storage (HTTP 429/5xx, connection resets, a bucket throttled for a few seconds) that
@@ -100,7 +100,7 @@ def parse_spec(spec: str | None) -> str:
     if spec is None:
         return "threads"
     if not isinstance(spec, str):
-        raise InputError(f"cluster {spec!r} is not text; expected one of {', '.join(SPECS)}")
+        raise InputError(f"cluster {shown(spec)} is not text; expected one of {', '.join(SPECS)}")
     s = spec.strip()
     if s.lower() in ("threads", "local", "gateway", "kubernetes"):
         return s.lower()
@@ -108,21 +108,21 @@ def parse_spec(spec: str | None) -> str:
         m = _TCP_RE.match(s)
         if not m:
             raise InputError(
-                f"cluster {spec!r} is not a scheduler address; expected tcp://HOST:PORT, e.g. tcp://127.0.0.1:8786"
+                f"cluster {shown(spec)} is not a scheduler address; expected tcp://HOST:PORT, e.g. tcp://127.0.0.1:8786"
             )
         port = int(m.group("port"))
         if not 0 < port < 65536:
-            raise InputError(f"cluster {spec!r} has port {port}; expected a TCP port 1-65535, e.g. 8786")
+            raise InputError(f"cluster {shown(spec)} has port {port}; expected a TCP port 1-65535, e.g. 8786")
         return f"tcp://{m.group('host')}:{port}"
     raise InputError(
-        f"cluster {spec!r} is unknown; expected threads (no cluster), local (processes on this machine), "
+        f"cluster {shown(spec)} is unknown; expected threads (no cluster), local (processes on this machine), "
         "tcp://HOST:PORT (a running `dask scheduler`), gateway (Dask Gateway) or kubernetes (dask-kubernetes)"
     )
 
 
 def _check_count(name: str, value: int | None) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise InputError(f"{name} {value!r} is invalid; expected a whole number >= 1")
+        raise InputError(f"{name} {shown(value)} is invalid; expected a whole number >= 1")
 
 
 @contextlib.contextmanager
@@ -153,7 +153,9 @@ def connect(
     _check_count("threads_per_worker", threads_per_worker)
     if adapt is not None:
         if len(adapt) != 2 or not 0 <= adapt[0] <= adapt[1] or adapt[1] < 1:
-            raise InputError(f"adapt {adapt!r} is invalid; expected (minimum, maximum) with 0 <= minimum <= maximum")
+            raise InputError(
+                f"adapt {shown(adapt)} is invalid; expected (minimum, maximum) with 0 <= minimum <= maximum"
+            )
         if n_workers is not None:
             raise InputError("n_workers and adapt are both given; give n_workers for a fixed size or adapt, not both")
     if gateway_options and kind != "gateway":
@@ -320,13 +322,13 @@ def _gateway(
         for key, value in options_in.items():
             if key not in options:
                 raise InputError(
-                    f"gateway option {key!r} is not offered by the gateway at {address}; expected one of "
+                    f"gateway option {shown(key)} is not offered by the gateway at {address}; expected one of "
                     f"{', '.join(options) or '(none)'}"
                 )
             try:
                 options[key] = value
             except (TypeError, ValueError) as exc:
-                raise InputError(f"gateway option {key}={value!r} is invalid: {exc}") from None
+                raise InputError(f"gateway option {key}={shown(value)} is invalid: {exc}") from None
         try:
             cluster = gateway.new_cluster(options, shutdown_on_close=True)
         except Exception as exc:

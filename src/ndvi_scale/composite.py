@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import bottleneck as bn
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, shown
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def _period_of(day: dt.date, period: str) -> Period:
         return Period(s, dt.date(ey, em, calendar.monthrange(ey, em)[1]))
     if period == "year":
         return Period(dt.date(day.year, 1, 1), dt.date(day.year, 12, 31))
-    raise InputError(f"period {period!r} is unknown; expected day, week, dekad, month, season or year")
+    raise InputError(f"period {shown(period)} is unknown; expected day, week, dekad, month, season or year")
 
 
 def periods_between(start: dt.date, end: dt.date, period: str) -> list[Period]:
@@ -118,7 +118,7 @@ def reduce_days(days: np.ndarray, method: str, day_numbers: np.ndarray | None = 
     elif method.startswith("q"):
         value = nanquantile(days, int(method[1:]) / 100.0, count)
     else:
-        raise InputError(f"method {method!r} is unknown")
+        raise InputError(f"method {shown(method)} is unknown")
     value = np.asarray(value, dtype=np.float32)
     value[count == 0] = np.nan
     return [value, count.astype(np.float32), *extra]

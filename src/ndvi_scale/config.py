@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, shown
 
 #: Composite reducers understood by :mod:`ndvi_scale.composite`. ``max`` is the max-NDVI ("quality mosaic") composite
 #: and also writes the date of the maximum. ``qNN`` is the NN-th percentile (e.g. ``q25``).
@@ -70,16 +70,18 @@ def format_bbox(value: Any) -> BBox:
     if isinstance(value, str):
         parts = [p for p in re.split(r"[,\s]+", value.strip()) if p]
     elif isinstance(value, Mapping):
-        raise InputError(f"bbox {raw!r} is a mapping; expected 4 numbers W S E N (degrees), e.g. 1.4 48.1 1.6 48.3")
+        raise InputError(
+            f"bbox {shown(raw)} is a mapping; expected 4 numbers W S E N (degrees), e.g. 1.4 48.1 1.6 48.3"
+        )
     elif isinstance(value, Iterable):
         parts = list(value)
     else:
         raise InputError(
-            f"bbox {raw!r} is not 4 numbers; expected W S E N in degrees, e.g. --bbox 1.4 48.1 1.6 48.3"
+            f"bbox {shown(raw)} is not 4 numbers; expected W S E N in degrees, e.g. --bbox 1.4 48.1 1.6 48.3"
         )
     if len(parts) != 4:
         raise InputError(
-            f"bbox {raw!r} has {len(parts)} values; expected 4 numbers W S E N in degrees, "
+            f"bbox {shown(raw)} has {len(parts)} values; expected 4 numbers W S E N in degrees, "
             "e.g. --bbox 1.4 48.1 1.6 48.3"
         )
     try:
@@ -88,7 +90,7 @@ def format_bbox(value: Any) -> BBox:
         option = next((p for p in parts if isinstance(p, str) and p.startswith("--")), None)
         took = f" (it took the option {option} as a value: --bbox needs exactly 4 numbers)" if option else ""
         raise InputError(
-            f"bbox {raw!r} holds a non-number{took}; expected 4 numbers W S E N in degrees, "
+            f"bbox {shown(raw)} holds a non-number{took}; expected 4 numbers W S E N in degrees, "
             "e.g. --bbox 1.4 48.1 1.6 48.3"
         ) from None
     for name, v, lim in (("west", w, 180), ("east", e, 180), ("south", s, 90), ("north", n, 90)):
@@ -108,7 +110,51 @@ def format_bbox(value: Any) -> BBox:
             f"bbox west {_deg(w)} >= east {_deg(e)}; give W S E N with west < east (is the order swapped?). Areas "
             "crossing the antimeridian are not supported: split them in two runs at 180 degrees"
         )
+    _check_lon_span(w, s, e, n)  # a whole-world bbox: refused before any search
     return BBox(w, s, e, n)
+
+
+#: Widest bbox (degrees of longitude) one output grid may hold: a transverse Mercator (UTM) grid is meaningless
+#: beyond ~30 degrees either side of its zone's meridian (a whole-world bbox projects to a grid that is not one).
+MAX_BBOX_LON_SPAN = 60.0
+#: Largest output grid side in pixels (2**20: 10,486 km at 10 m).
+MAX_GRID_SIDE = 2**20
+
+
+def check_grid_extent(bbox: BBox, epsg: int, resolution: float) -> None:
+    """Refuse (one :class:`InputError`) a bbox that cannot be one projected output grid in ``EPSG:epsg``: wider
+    than :data:`MAX_BBOX_LON_SPAN` degrees, projecting to a non-finite or empty extent, or more than
+    :data:`MAX_GRID_SIDE` pixels a side. Checked before any pixel is read (a whole-world bbox used to end in
+    ``Chunks do not add up to shape``)."""
+    w, s, e, n = bbox.as_tuple()
+    where = f"bbox {_deg(w)} {_deg(s)} {_deg(e)} {_deg(n)}"
+    _check_lon_span(w, s, e, n)
+    from pyproj import Transformer
+
+    try:
+        left, bottom, right, top = Transformer.from_crs(4326, epsg, always_xy=True).transform_bounds(
+            w, s, e, n, densify_pts=21
+        )
+    except Exception as exc:  # pyproj refuses the transformation
+        raise InputError(f"{where} cannot be projected to EPSG:{epsg} ({type(exc).__name__}); give a smaller "
+                         "bbox or another --crs") from None
+    sides = ((right - left) / resolution, (top - bottom) / resolution)
+    if not all(math.isfinite(v) and 0 < v <= MAX_GRID_SIDE for v in sides):
+        size = " x ".join(f"{v:.3g}" if math.isfinite(v) else "inf" for v in sides)
+        raise InputError(
+            f"{where} projects to a {size} px grid in EPSG:{epsg} at {resolution:g} m; expected at most "
+            f"{MAX_GRID_SIDE} px a side: give a smaller bbox (split the area into several runs) or a coarser "
+            "--resolution"
+        )
+
+
+def _check_lon_span(w: float, s: float, e: float, n: float) -> None:
+    if e - w > MAX_BBOX_LON_SPAN:
+        raise InputError(
+            f"bbox {_deg(w)} {_deg(s)} {_deg(e)} {_deg(n)} spans {_deg(e - w)} degrees of longitude; one output "
+            f"grid (a UTM zone's projection) holds at most {MAX_BBOX_LON_SPAN:g}: split the area into several "
+            "runs, e.g. one per 6-degree UTM zone"
+        )
 
 
 def _antimeridian_message(w: float, s: float, e: float, n: float) -> str:
@@ -140,24 +186,38 @@ def parse_date(value: Any, *, name: str) -> dt.date:
             return dt.date.fromisoformat(value.strip())
         except ValueError:
             pass
-    raise InputError(f"{name} {value!r} is not a date; expected YYYY-MM-DD, e.g. 2024-01-31")
+    raise InputError(f"{name} {shown(value)} is not a date; expected YYYY-MM-DD, e.g. 2024-01-31")
+
+
+def _short_text(value: Any, *, lower: bool = True) -> str:
+    """``str(value)`` stripped (and lower-cased) for a name-like option, without ever building the text of a
+    huge or deeply nested value (``str()`` of an alias-bomb list never ends): such values become ``""``, which
+    no name matches, so the caller's message (quoting the value with :func:`shown`) applies."""
+    if isinstance(value, str):
+        text = value if len(value) <= 1000 else ""
+    elif isinstance(value, bool | int | float) and not (isinstance(value, int) and abs(value) > 10**100):
+        text = str(value)
+    else:
+        text = ""
+    text = text.strip()
+    return text.lower() if lower else text
 
 
 def normalise_method(value: str) -> str:
     """Check a composite method name (``median``, ``mean``, ``max``, ``min`` or ``qNN``)."""
-    v = str(value).strip().lower()
+    v = _short_text(value)
     if v in METHODS:
         return v
     m = _QUANTILE_RE.match(v)
     if m and 0 < int(m.group(1)) < 100:
         return f"q{int(m.group(1)):02d}"
-    raise InputError(f"method {value!r} is unknown; expected one of {', '.join(METHODS)} or a percentile like q25")
+    raise InputError(f"method {shown(value)} is unknown; expected one of {', '.join(METHODS)} or a percentile like q25")
 
 
 def normalise_period(value: str) -> str:
-    v = str(value).strip().lower()
+    v = _short_text(value)
     if v not in PERIODS:
-        raise InputError(f"period {value!r} is unknown; expected one of {', '.join(PERIODS)}")
+        raise InputError(f"period {shown(value)} is unknown; expected one of {', '.join(PERIODS)}")
     return v
 
 
@@ -169,11 +229,11 @@ def normalise_mask_classes(value: Any) -> tuple[int, ...]:
         classes = tuple(sorted({_integer_value(v) for v in value}))
     except (TypeError, ValueError, OverflowError):
         raise InputError(
-            f"mask classes {raw!r} are not integers; expected SCL classes 0-11, e.g. 0,3,8,9,10"
+            f"mask classes {shown(raw)} are not integers; expected SCL classes 0-11, e.g. 0,3,8,9,10"
         ) from None
     bad = [c for c in classes if not 0 <= c <= 11]
     if bad:
-        raise InputError(f"mask classes {bad} are not SCL classes; expected integers 0-11, e.g. 0,3,8,9,10")
+        raise InputError(f"mask classes {shown(bad)} are not SCL classes; expected integers 0-11, e.g. 0,3,8,9,10")
     return classes
 
 
@@ -212,8 +272,11 @@ class RunConfig:
     """Add this run's periods to an existing cube (same grid); periods already written are skipped."""
     skip_bad_assets: bool = False
     """Continue when an asset cannot be read after retries, recording it in the provenance (else fail)."""
-    zarr_format: int = 3
-    """Zarr format of a new output (3, or 2 for old readers)."""
+    allow_local: bool = False
+    """Accept local asset paths from any catalog (by default: only from a local catalog, inside its folder)."""
+    zarr_format: int | None = None
+    """Zarr format of a new output (3, or 2 for old readers); None: 3 for a new output, and an existing cube keeps
+    its own. Asking an existing cube for another format is refused (it is never silently ignored)."""
     codec: str = "zstd"
     """Compression of a new output's chunks: zstd, zlib (for GDAL builds without zstd), lz4 (blosc) or none."""
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -251,24 +314,25 @@ class RunConfig:
             cat = kw["catalog"]
             if not isinstance(cat, str | os.PathLike):
                 raise InputError(
-                    f"catalog {cat!r} is not text; give 'sample', a profile name (ndvi-scale catalogs), a URL or a "
-                    "path"
+                    f"catalog {shown(cat)} is not text; give 'sample', a profile name (ndvi-scale catalogs), a URL "
+                    "or a path"
                 )
             if not os.fspath(cat).strip():
                 raise InputError(
-                    f"catalog is empty ({cat!r}); give 'sample', a profile name (ndvi-scale catalogs), a URL or a path"
+                    f"catalog is empty ({shown(cat)}); give 'sample', a profile name (ndvi-scale catalogs), a URL "
+                    "or a path"
                 )
             kw["catalog"] = os.fspath(cat).strip()
         if kw.get("out") is not None:
             out_value = kw["out"]
             if not isinstance(out_value, str | os.PathLike):
                 raise InputError(
-                    f"out {out_value!r} is not text; give a local path, gs://bucket/path or s3://bucket/path"
+                    f"out {shown(out_value)} is not text; give a local path, gs://bucket/path or s3://bucket/path"
                 )
             out = os.fspath(out_value).strip()
             if not out:
                 raise InputError(
-                    f"out is empty ({out_value!r}); give a local path, gs://bucket/path or s3://bucket/path"
+                    f"out is empty ({shown(out_value)}); give a local path, gs://bucket/path or s3://bucket/path"
                 )
             kw["out"] = out
         if "max_cloud" in kw:
@@ -285,13 +349,13 @@ class RunConfig:
             ch = _integer(kw["chunk"], "chunk", f"pixels 64-{MAX_CHUNK} and a multiple of 16, e.g. 2048")
             if not 64 <= ch <= MAX_CHUNK or ch % 16:
                 raise InputError(
-                    f"chunk {ch} is invalid; expected pixels {64}-{MAX_CHUNK} and a multiple of 16, e.g. 2048"
+                    f"chunk {shown(ch)} is invalid; expected pixels {64}-{MAX_CHUNK} and a multiple of 16, e.g. 2048"
                 )
             kw["chunk"] = ch
         if "zarr_format" in kw:
             zf = _integer(kw["zarr_format"], "zarr_format", "2 or 3")
             if zf not in (2, 3):
-                raise InputError(f"zarr_format {zf} is invalid; expected 2 or 3")
+                raise InputError(f"zarr_format {shown(zf)} is invalid; expected 2 or 3")
             kw["zarr_format"] = zf
         if "crs" in kw:
             kw["crs"] = normalise_crs(kw["crs"])
@@ -301,7 +365,7 @@ class RunConfig:
             if codec not in ("zstd", "zlib", "lz4", "none"):
                 raise InputError(f"codec {kw['codec']!r} is unknown; expected zstd, zlib, lz4 or none")
             kw["codec"] = codec
-        for flag in ("overwrite", "append", "skip_bad_assets"):
+        for flag in ("overwrite", "append", "skip_bad_assets", "allow_local"):
             if flag in kw:
                 kw[flag] = _flag(kw[flag], flag)
         return cls(**kw)
@@ -328,12 +392,12 @@ class RunConfig:
 
 def normalise_crs(value: Any) -> str:
     """``auto`` or ``EPSG:XXXX`` of a known projected CRS in metres (the resolution is given in metres)."""
-    v = str(value).strip()
+    v = _short_text(value, lower=False)
     if v.lower() == "auto":
         return "auto"
     m = re.fullmatch(r"(?i)(?:epsg:)?(\d{4,5})", v)
     if not m:
-        raise InputError(f"crs {value!r} is invalid; expected 'auto' or EPSG:XXXX, e.g. EPSG:32631")
+        raise InputError(f"crs {shown(value)} is invalid; expected 'auto' or EPSG:XXXX, e.g. EPSG:32631")
     code = f"EPSG:{int(m.group(1))}"
     from pyproj import CRS
     from pyproj.exceptions import CRSError
@@ -342,13 +406,14 @@ def normalise_crs(value: Any) -> str:
         crs = CRS.from_user_input(code)
     except CRSError:
         raise InputError(
-            f"crs {value!r} is not a known EPSG code; expected 'auto' or a projected CRS, e.g. EPSG:32631 (UTM 31N)"
+            f"crs {shown(value)} is not a known EPSG code; expected 'auto' or a projected CRS, e.g. EPSG:32631 "
+            "(UTM 31N)"
         ) from None
     units = {(a.unit_name or "").lower() for a in crs.axis_info[:2]}
     if not crs.is_projected or not units <= {"metre", "meter"}:
         kind = "geographic (degrees)" if crs.is_geographic else f"not a projected CRS in metres ({', '.join(units)})"
         raise InputError(
-            f"crs {value!r} is {kind}; --resolution is in metres: give 'auto' or a projected CRS in metres, "
+            f"crs {shown(value)} is {kind}; --resolution is in metres: give 'auto' or a projected CRS in metres, "
             "e.g. EPSG:32631 (UTM 31N)"
         )
     return code
@@ -359,18 +424,18 @@ def _flag(value: Any, name: str) -> bool:
         return value
     if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "false", "no", "0"):
         return value.strip().lower() in ("true", "yes", "1")
-    raise InputError(f"{name} {value!r} is not a boolean; expected true or false")
+    raise InputError(f"{name} {shown(value)} is not a boolean; expected true or false")
 
 
 def _number(value: Any, name: str, expected: str) -> float:
     if isinstance(value, bool):
-        raise InputError(f"{name} {value!r} is not a number; expected {expected}")
+        raise InputError(f"{name} {shown(value)} is not a number; expected {expected}")
     try:
         v = float(value)
     except (TypeError, ValueError, OverflowError):
-        raise InputError(f"{name} {value!r} is not a number; expected {expected}") from None
+        raise InputError(f"{name} {shown(value)} is not a number; expected {expected}") from None
     if not math.isfinite(v):
-        raise InputError(f"{name} {value!r} is not a finite number; expected {expected}")
+        raise InputError(f"{name} {shown(value)} is not a finite number; expected {expected}")
     return v
 
 
@@ -384,7 +449,7 @@ def _integer_value(value: Any) -> int:
         return int(value.strip())
     v = float(value)
     if not v.is_integer():
-        raise ValueError(f"{value!r} is not a whole number")
+        raise ValueError(f"{shown(value)} is not a whole number")
     return int(v)
 
 
@@ -396,9 +461,9 @@ def _integer(value: Any, name: str, expected: str) -> int:
     try:  # "2048.0" or 2048.0 are fine, 2048.5 is not
         v = _number(value, name, expected)
     except InputError:
-        raise InputError(f"{name} {value!r} is not an integer; expected {expected}") from None
+        raise InputError(f"{name} {shown(value)} is not an integer; expected {expected}") from None
     if not v.is_integer():
-        raise InputError(f"{name} {value!r} is not an integer; expected {expected}")
+        raise InputError(f"{name} {shown(value)} is not an integer; expected {expected}")
     return int(v)
 
 

@@ -7,6 +7,37 @@ and exits with :attr:`NdviScaleError.exit_code`; it never prints a traceback for
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
+#: Longest user value (characters) quoted in a message: a 20 MB --method must not give a 20 MB error line.
+MAX_QUOTED = 80
+#: Longest error line the CLI prints (the last resort: every quoted value is already cut to MAX_QUOTED).
+MAX_LINE = 300
+
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = _repr.maxlong = MAX_QUOTED
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = _repr.maxfrozenset = 8
+_repr.maxlevel = 3
+
+
+def cut(text: str, limit: int = MAX_QUOTED) -> str:
+    """``text`` cut to ``limit`` characters, the cut marked with an ellipsis."""
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def shown(value: Any, limit: int = MAX_QUOTED) -> str:
+    """A user value as quoted in a message (``repr``-like), at most ``limit`` characters: whatever its size or
+    nesting (an alias-bomb list, a 20 MB string), the cost and the length are bounded."""
+    if isinstance(value, str):
+        return cut(repr(value[: limit + 2]), limit) if len(value) > limit else cut(repr(value), limit)
+    try:
+        text = _repr.repr(value)
+    except Exception:  # a repr that fails: its type is enough
+        text = f"<{type(value).__name__}>"
+    return cut(text, limit)
+
 
 def exception_chain(exc: BaseException, limit: int = 10) -> list[BaseException]:
     """``exc`` and its causes/contexts, outermost first (cycles cut, at most ``limit``)."""

@@ -51,6 +51,8 @@ __all__ = [
     "describe_summary",
     "error_text",
     "merge_summaries",
+    "scrub",
+    "scrub_value",
     "summarise",
 ]
 
@@ -65,20 +67,48 @@ READ_BACKOFF = 2.0
 #: Cap of one wait between attempts (seconds).
 READ_BACKOFF_MAX = 30.0
 
-_QUERY = re.compile(r"\?[^\s'\"]*")
+# A URL's credentials: ``user:password@`` right after ``scheme://``.
+_USERINFO = re.compile(r"(?<=://)[^/\s@'\"<>]*@")
+# A URL's query string and fragment (signatures, tokens, API keys): from ``?`` or ``#`` after ``scheme://host``
+# to the end of the URL (whitespace, a quote or an angle bracket end it, as in messages and JSON).
+_URL_QUERY = re.compile(r"(://[^\s'\"<>?#]*)[?#][^\s'\"<>]*")
 
 
 def clean_href(url: str) -> str:
-    """``url`` without its query string (signatures, tokens): safe to print and to store."""
-    return url.split("?", 1)[0]
+    """``url`` without its credentials (``user:password@``), query string and fragment (signatures, tokens,
+    subscription keys): safe to print, to log and to store. THE one function for this: every URL that can reach
+    a message, a log, a cube attribute, a STAC item or a fault record goes through it (or :func:`scrub`)."""
+    url = str(url)
+    if "://" in url:
+        url = _USERINFO.sub("", url, count=1)
+    return re.split(r"[?#]", url, maxsplit=1)[0]
+
+
+def scrub(text: str) -> str:
+    """``text`` with every URL in it cleaned as by :func:`clean_href` (free text: messages, JSON strings)."""
+    text = str(text)
+    if "://" not in text:
+        return text
+    return _URL_QUERY.sub(r"\1", _USERINFO.sub("", text))
+
+
+def scrub_value(value: Any) -> Any:
+    """A copy of a JSON-like value (dicts, lists, strings) with every string passed through :func:`scrub`."""
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, Mapping):
+        return {k: scrub_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [scrub_value(v) for v in value]
+    return value
 
 
 def error_text(exc: BaseException) -> str:
-    """The innermost cause of ``exc`` on one line, with query strings (signatures) removed."""
+    """The innermost cause of ``exc`` on one line, without URL credentials or query strings (signatures)."""
     root = exception_chain(exc)[-1]
     text = " ".join(str(root).split()) or type(root).__name__
     text = text.replace("See previous exception for details.", "").strip()
-    return _QUERY.sub("?…", f"{type(root).__name__}: {text}")
+    return scrub(f"{type(root).__name__}: {text}")
 
 
 def _env_number(name: str, default: float, minimum: float) -> float:
@@ -108,8 +138,8 @@ class AssetFault:
         return hashlib.sha1(f"{self.href}|{self.window}".encode()).hexdigest()[:20]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"href": self.href, "window": list(self.window), "error": self.error, "attempts": self.attempts,
-                "skipped": self.skipped}
+        return {"href": clean_href(self.href), "window": list(self.window), "error": scrub(self.error),
+                "attempts": self.attempts, "skipped": self.skipped}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> AssetFault:
@@ -118,7 +148,8 @@ class AssetFault:
                    bool(d["skipped"]))
 
     def describe(self) -> str:
-        return f"{self.href}: {self.error} (after {self.attempts} attempt{'s' if self.attempts != 1 else ''})"
+        plural = "s" if self.attempts != 1 else ""
+        return f"{clean_href(self.href)}: {scrub(self.error)} (after {self.attempts} attempt{plural})"
 
 
 class SkippedAssetWarning(UserWarning):
@@ -252,5 +283,5 @@ def describe_summary(entry: Mapping[str, Any]) -> str:
     """One line per asset for messages and the CLI summary."""
     who = f"{entry['item']} {entry['band']} " if entry.get("item") else ""
     n = len(entry.get("windows", []))
-    return (f"{who}({entry['href']}): {entry['error']} after {entry['attempts']} attempt(s), "
-            f"{n} chunk{'s' if n != 1 else ''}")
+    return scrub(f"{who}({entry['href']}): {entry['error']} after {entry['attempts']} attempt(s), "
+                 f"{n} chunk{'s' if n != 1 else ''}")

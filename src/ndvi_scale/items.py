@@ -33,7 +33,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from .errors import CatalogError, InputError, ItemError
+from .errors import CatalogError, InputError, ItemError, shown
 
 __all__ = [
     "BANDS",
@@ -292,7 +292,7 @@ def processing_baseline(item: Mapping[str, Any]) -> str | None:
     granule/tile/datastrip/datatake ids and the item id. None if nothing gives it.
     """
     if not isinstance(item, Mapping):
-        raise ItemError(f"item {item!r} is not a STAC item mapping; expected a dict with 'properties'")
+        raise ItemError(f"item {shown(item)} is not a STAC item mapping; expected a dict with 'properties'")
     found = _baseline_candidates(item)
     return found[0][1] if found else None
 
@@ -301,7 +301,7 @@ def _baseline_tuple(baseline: str) -> tuple[int, int]:
     norm = _normalize_baseline(baseline)
     if norm is None:
         raise InputError(
-            f"processing baseline {baseline!r} is not a baseline; expected 'NN.NN' like '05.10' (or 'N0510')"
+            f"processing baseline {shown(baseline)} is not a baseline; expected 'NN.NN' like '05.10' (or 'N0510')"
         )
     major, minor = norm.split(".")
     return int(major), int(minor)
@@ -455,11 +455,11 @@ def epsg_from_mgrs(tile: str) -> int:
     t = _normalize_tile(tile)
     if t is None:
         raise InputError(
-            f"MGRS tile {tile!r} is not a tile id; expected e.g. '13TDE' (zone, latitude band, square)"
+            f"MGRS tile {shown(tile)} is not a tile id; expected e.g. '13TDE' (zone, latitude band, square)"
         )
     zone, band = int(t[:2]), t[2]
     if not 1 <= zone <= 60:
-        raise InputError(f"MGRS tile {tile!r} has UTM zone {zone}; expected 1-60")
+        raise InputError(f"MGRS tile {shown(tile)} has UTM zone {zone}; expected 1-60")
     return (32600 if band >= "N" else 32700) + zone
 
 
@@ -632,11 +632,11 @@ def _skip_reason(item: Mapping[str, Any], props: Mapping[str, Any]) -> str | Non
         )
     if platform and not platform.startswith("sentinel-2"):
         return (
-            f"platform {props.get('platform')!r} is not Sentinel-2; expected sentinel-2a/2b/2c/2d L2A items"
+            f"platform {shown(props.get('platform'))} is not Sentinel-2; expected sentinel-2a/2b/2c/2d L2A items"
         )
     if constellation and not constellation.startswith("sentinel-2") and not platform:
         return (
-            f"constellation {props.get('constellation')!r} is not Sentinel-2; expected Sentinel-2 L2A items"
+            f"constellation {shown(props.get('constellation'))} is not Sentinel-2; expected Sentinel-2 L2A items"
         )
 
     product_types = [str(props.get(k)).upper() for k in _PRODUCT_TYPE_KEYS if isinstance(props.get(k), str)]
@@ -723,7 +723,7 @@ def _item_to_dict(item: Any) -> Mapping[str, Any]:
             d = to_dict()
         if isinstance(d, Mapping):
             return d
-    raise ItemError(f"item {item!r} is not a STAC item; expected a dict (parsed JSON) or a pystac.Item")
+    raise ItemError(f"item {shown(item)} is not a STAC item; expected a dict (parsed JSON) or a pystac.Item")
 
 
 def normalize_item(
@@ -748,7 +748,7 @@ def normalize_item(
     item_type = d.get("type")
     if item_type not in (None, "Feature"):
         raise ItemError(
-            f"item {d.get('id')!r} has type {item_type!r}; expected a STAC Item (type 'Feature'). "
+            f"item {shown(d.get('id'))} has type {shown(item_type)}; expected a STAC Item (type 'Feature'). "
             "Pass the items of an item collection, not the collection itself"
         )
     item_id = d.get("id")
@@ -781,7 +781,7 @@ def normalize_item(
     if when is None:
         return Skipped(
             item_id,
-            f"no acquisition time: properties.datetime is {props.get('datetime')!r}; expected an RFC 3339 "
+            f"no acquisition time: properties.datetime is {shown(props.get('datetime'))}; expected an RFC 3339 "
             "datetime such as 2024-04-22T17:53:02Z",
         )
 
@@ -936,7 +936,7 @@ def normalize_items(
 def _describe(doc: Any) -> str:
     if isinstance(doc, Mapping):
         keys = ", ".join(list(map(str, doc.keys()))[:8])
-        return f"a JSON object with type {doc.get('type')!r} and keys {keys}"
+        return f"a JSON object with type {shown(doc.get('type'))} and keys {keys}"
     return f"a JSON {type(doc).__name__}"
 
 
@@ -1081,7 +1081,7 @@ def read_items(
         source = os.fspath(source)
     if not isinstance(source, str) or not source.strip():
         raise InputError(
-            f"catalog source {source!r} is not a path, URL or STAC document; give an item-collection JSON "
+            f"catalog source {shown(source)} is not a path, URL or STAC document; give an item-collection JSON "
             "path, a file:// or http(s):// URL"
         )
     src = source.strip()

@@ -25,12 +25,12 @@ import xarray as xr
 
 from . import cf
 from .composite import EXTRA_OUTPUTS, Period, assign_periods, periods_between
-from .config import RunConfig
+from .config import RunConfig, check_grid_extent
 from .engine.graph import PeriodSources, composite_cube, cube_layer
 from .engine.grid import OutputGrid, output_grid
 from .engine.sources import asset_source, item_source
 from .errors import InputError
-from .faults import FaultLog, ReadPolicy, clean_href, describe_summary
+from .faults import FaultLog, ReadPolicy, clean_href, describe_summary, scrub_value
 from .items import S2Item
 from .load import choose_epsg, sign_items, signers, with_crs_from_cog
 from .mask import SCL_CLASSES
@@ -86,6 +86,7 @@ def make_plan(cfg: RunConfig, result: SearchResult | None = None) -> Plan:
     items = [it if it.epsg and all(b.epsg or it.epsg for b in it.bands.values()) else with_crs_from_cog(it)
              for it in result.items]
     epsg = choose_epsg(items, cfg.bbox, cfg.crs)
+    check_grid_extent(cfg.bbox, epsg, cfg.resolution)  # a whole-world bbox: one clear error, before any read
     periods = periods_between(cfg.start, cfg.end, cfg.period)
     lon = (cfg.bbox.west + cfg.bbox.east) / 2
     days = [solar_day(it.datetime, lon) for it in items]
@@ -278,7 +279,7 @@ def provenance_attrs(plan: Plan) -> dict[str, Any]:
     ]
     safe_config = cfg.to_dict()
     name = cf.attr_name  # ndvi_scale_<key>: CF attribute names allow no ":"
-    return {
+    return scrub_value({  # no URL credentials or query strings (API keys, signatures) in the provenance
         "Conventions": cf.CONVENTIONS,
         "title": f"Sentinel-2 L2A NDVI {cf.method_text(cfg.method)} composites per {cfg.period}",
         "source": f"Sentinel-2 L2A surface reflectance; {plan.search.source}",
@@ -295,7 +296,7 @@ def provenance_attrs(plan: Plan) -> dict[str, Any]:
         name("skipped"): json.dumps([{"id": s.id, "reason": s.reason} for s in plan.search.skipped]),
         name("search"): json.dumps({"source": plan.search.source, "notes": list(plan.search.notes)}),
         name("versions"): json.dumps(versions, sort_keys=True),
-    }
+    })
 
 
 @dataclass(frozen=True)
@@ -347,7 +348,8 @@ def run(
     from .write import check_output, write_cube
 
     say = echo or (lambda msg: None)
-    loc = check_output(cfg.out, cfg.overwrite, append=cfg.append) if cfg.out is not None else None
+    loc = (check_output(cfg.out, cfg.overwrite, append=cfg.append, zarr_format=cfg.zarr_format)
+           if cfg.out is not None else None)
     plan = make_plan(cfg)
     say(plan.search.summary())
     faults = FaultLog(loc.spec()) if loc is not None else None

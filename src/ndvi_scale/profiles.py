@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from .errors import CatalogError
+from .errors import CatalogError, shown
 from .items import BANDS, DEFAULT_ASSET_ALIASES, NOT_NIR_KEYS
 
 __all__ = ["SIGNING_METHODS", "Profile", "get_profile", "list_profiles", "profile_for_url", "sign_href"]
@@ -97,7 +97,7 @@ def _merge_aliases(own: Mapping[str, Iterable[str]]) -> Mapping[str, tuple[str, 
 
 def _bad(where: str, field: str, value: Any, expected: str) -> CatalogError:
     return CatalogError(
-        f"catalog profile {where}: {field} {value!r} is invalid; expected {expected}. Fix the YAML file"
+        f"catalog profile {where}: {field} {shown(value)} is invalid; expected {expected}. Fix the YAML file"
     )
 
 
@@ -123,7 +123,7 @@ def _profile_from_yaml(text: str, where: str, stem: str) -> Profile:
 
     name = data["name"]
     if not isinstance(name, str) or name != stem:
-        raise _bad(where, "name", name, f"the file name without .yaml ({stem!r})")
+        raise _bad(where, "name", name, f"the file name without .yaml ({shown(stem)})")
     url = data["url"]
     if not isinstance(url, str) or not url.startswith(("https://", "http://")):
         raise _bad(where, "url", url, "the STAC API root URL (https://...)")
@@ -217,7 +217,7 @@ def get_profile(name: str) -> Profile:
             return p
     names = ", ".join(p.name for p in profiles)
     raise CatalogError(
-        f"catalog {name!r} is unknown; expected 'sample', one of {names}, a STAC API URL (http...) or a "
+        f"catalog {shown(name)} is unknown; expected 'sample', one of {names}, a STAC API URL (http...) or a "
         "path to an item collection JSON"
     )
 
@@ -269,7 +269,7 @@ def sign_href(profile: Profile | str | None, href: str) -> str:
             )
         return signed
     raise CatalogError(
-        f"catalog {p.name} has signing {p.signing!r}; expected null or one of {SIGNING_METHODS}"
+        f"catalog {p.name} has signing {shown(p.signing)}; expected null or one of {SIGNING_METHODS}"
     )
 
 

@@ -51,7 +51,7 @@ from typing import Any
 import yaml
 
 from .config import PERIODS, RunConfig
-from .errors import InputError
+from .errors import InputError, cut, shown
 
 #: RunConfig fields a run file may set. ``extra`` is left out: it is free-form provenance, not a user setting.
 RUN_CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in fields(RunConfig) if f.name != "extra")
@@ -75,7 +75,7 @@ def normalise_window(value: Any) -> str:
     """Check a window expression and return its canonical spelling (lower case, dashes)."""
     if not isinstance(value, str) or not value.strip():
         raise InputError(
-            f"window {value!r} is not a window name; expected one of {', '.join(FIXED_WINDOWS)} or "
+            f"window {shown(value)} is not a window name; expected one of {', '.join(FIXED_WINDOWS)} or "
             "last-N-days, e.g. window: previous-month"
         )
     w = re.sub(r"[\s_]+", "-", value.strip().lower())
@@ -86,14 +86,14 @@ def normalise_window(value: Any) -> str:
         n = int(m.group(1))
         if not 1 <= n <= MAX_LAST_DAYS:
             raise InputError(
-                f"window {value!r} asks for {n} days; expected last-N-days with 1 <= N <= {MAX_LAST_DAYS} "
+                f"window {shown(value)} asks for {n} days; expected last-N-days with 1 <= N <= {MAX_LAST_DAYS} "
                 "(use explicit start/end for longer backfills)"
             )
         return f"last-{n}-days"
     hint = difflib.get_close_matches(w, [*FIXED_WINDOWS, "last-N-days"], n=1, cutoff=0.6)
-    did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+    did_you_mean = f" (did you mean {shown(hint[0])}?)" if hint else ""
     raise InputError(
-        f"window {value!r} is unknown{did_you_mean}; expected one of {', '.join(FIXED_WINDOWS)} or "
+        f"window {shown(value)} is unknown{did_you_mean}; expected one of {', '.join(FIXED_WINDOWS)} or "
         "last-N-days (e.g. last-30-days)"
     )
 
@@ -163,8 +163,25 @@ def resolve_window(window: str, today: dt.date | None = None) -> tuple[dt.date, 
 
 
 # ----------------------------------------------------------------------------------------------- run files
+#: Largest run file read (characters): a run file is a dozen lines.
+MAX_RUN_FILE = 256 * 1024
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one, hiding an override)."""
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one, hiding an override) and
+    aliases (``*name``): a run file is flat, and nested aliases make a 512-byte "billion laughs" document whose
+    value expands to billions of elements in whatever walks or prints it. Refused while composing, before any
+    value is built: in microseconds and bytes of memory."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasRefused(None, None, f"alias *{cut(str(event.anchor), 40)}", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+class _AliasRefused(yaml.composer.ComposerError):
+    """A YAML alias in a run file (see :class:`_UniqueKeyLoader`)."""
 
 
 def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -179,7 +196,7 @@ def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, 
             raise yaml.constructor.ConstructorError(
                 None,
                 None,
-                f"key {key!r} is given twice (first on line {seen[key]})",
+                f"key {shown(key)} is given twice (first on line {seen[key]})",
                 key_node.start_mark,
             )
         seen[key] = key_node.start_mark.line + 1
@@ -207,7 +224,7 @@ def _bad_timestamp(text: str) -> str:
             try:
                 constructor.construct_yaml_timestamp(node)
             except (ValueError, OverflowError):
-                return f" line {node.start_mark.line + 1} ({node.value!r})"
+                return f" line {node.start_mark.line + 1} ({shown(node.value)})"
     return ""
 
 
@@ -218,7 +235,7 @@ def canonical_key(key: str) -> str:
 
 def _suggest(key: str) -> str:
     hint = difflib.get_close_matches(key, VALID_KEYS, n=1, cutoff=0.6)
-    return f"{key!r} (did you mean {hint[0]!r}?)" if hint else repr(key)
+    return f"{shown(key)} (did you mean {shown(hint[0])}?)" if hint else repr(key)
 
 
 def load_run_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -230,10 +247,10 @@ def load_run_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     :meth:`RunConfig.create` once merged with the CLI flags (:func:`merge`, :func:`to_run_config`). ``null``
     values are dropped (= not set).
     """
-    where = f"config file {os.fspath(path)}"
+    where = f"config file {cut(os.fspath(path))}"
     try:
         with open(path, encoding="utf-8") as fh:
-            text = fh.read()
+            text = fh.read(MAX_RUN_FILE + 1)
     except FileNotFoundError:
         raise InputError(f"{where} does not exist; give --config the path of a YAML run file") from None
     except IsADirectoryError:
@@ -242,8 +259,22 @@ def load_run_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise InputError(f"{where} cannot be read (permission denied); make it readable or copy it") from None
     except UnicodeDecodeError as exc:
         raise InputError(f"{where} is not UTF-8 text ({exc.reason}); save it as UTF-8 YAML") from None
+    except (OSError, ValueError) as exc:  # name too long, a loop of links, an embedded NUL, ...
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise InputError(f"{where} cannot be opened ({why}); give --config the path of a YAML run file") from None
+    if len(text) > MAX_RUN_FILE:
+        raise InputError(
+            f"{where} is larger than {MAX_RUN_FILE // 1024} KiB; expected a short YAML run file of 'field: value' "
+            "lines (is it the right file?)"
+        )
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary objects
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no objects, no aliases
+    except _AliasRefused as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark is not None else "?"
+        raise InputError(
+            f"{where} line {line}: YAML {exc.problem} is not allowed in a run file (aliases can expand to billions "
+            "of values); give the value itself, e.g. 'bbox: [1.4, 48.1, 1.6, 48.3]'"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         at = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
@@ -267,7 +298,7 @@ def load_run_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         )
     if not isinstance(data, Mapping):
         raise InputError(
-            f"{where} holds a {type(data).__name__} ({str(data)[:60]!r}), not a mapping; expected one "
+            f"{where} holds a {type(data).__name__} ({shown(str(data)[:60])}), not a mapping; expected one "
             "'field: value' per line, e.g. 'period: month'"
         )
 
@@ -277,7 +308,8 @@ def load_run_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     for raw_key, value in data.items():
         if not isinstance(raw_key, str):
             raise InputError(
-                f"{where}: field name {raw_key!r} is not text; expected field names such as {', '.join(VALID_KEYS[:4])}"
+                f"{where}: field name {shown(raw_key)} is not text; expected field names such as "
+                f"{', '.join(VALID_KEYS[:4])}"
             )
         key = canonical_key(raw_key)
         if key not in VALID_KEYS:
@@ -285,7 +317,7 @@ def load_run_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             continue
         if key in spelled:
             raise InputError(
-                f"{where}: field {key} is given twice (as {spelled[key]!r} and {raw_key!r}); keep one of them"
+                f"{where}: field {key} is given twice (as {shown(spelled[key])} and {shown(raw_key)}); keep one of them"
             )
         spelled[key] = raw_key
         if value is not None:
@@ -308,7 +340,7 @@ def load_run_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             )
     if "cluster" in values and not isinstance(values["cluster"], str):
         raise InputError(
-            f"{where}: cluster {values['cluster']!r} is not text; expected threads, local, tcp://host:port, "
+            f"{where}: cluster {shown(values['cluster'])} is not text; expected threads, local, tcp://host:port, "
             "gateway or kubernetes"
         )
     return values

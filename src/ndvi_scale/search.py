@@ -20,14 +20,18 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import math
 import os
 import re
+import urllib.parse
+import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .config import BBox, RunConfig
-from .errors import CatalogError, NoScenesError
+from .errors import CatalogError, NoScenesError, shown
+from .faults import clean_href, scrub
 from .items import S2Item, Skipped, normalize_item, read_items
 
 if TYPE_CHECKING:
@@ -97,6 +101,131 @@ class SearchResult:
         return text
 
 
+# ---------------------------------------------------------------------------------------- hostile input
+
+#: Widest footprint (degrees of longitude or latitude) accepted for one item. A Sentinel-2 granule is 110 km
+#: square: under 10 degrees of longitude up to 84 N. Wider is a whole-world or antimeridian footprint.
+MAX_FOOTPRINT_DEG = 20.0
+#: Coordinates of an item's geometry looked at (a granule's footprint has a few dozen).
+_MAX_GEOMETRY_NUMBERS = 200_000
+#: Schemes an asset href may use (any catalog). Everything else (file://, /vsi..., ftp://, ...) is refused,
+#: local paths follow :class:`HrefPolicy`.
+REMOTE_SCHEMES = ("http", "https", "s3", "gs")
+_HREF_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def _finite_numbers(values: Any) -> list[float] | None:
+    if not isinstance(values, list | tuple):
+        return None
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            return None
+        out.append(float(v))
+    return out
+
+
+def _extent_problem(w: float, s: float, e: float, n: float, what: str) -> str | None:
+    if not (-180 <= w <= 180 and -180 <= e <= 180 and -90 <= s <= 90 and -90 <= n <= 90):
+        return f"invalid footprint ({what} out of range: {w:g} {s:g} {e:g} {n:g})"
+    if w > e:
+        return f"invalid footprint ({what} crosses the antimeridian: west {w:g} > east {e:g})"
+    if e - w > MAX_FOOTPRINT_DEG or n - s > MAX_FOOTPRINT_DEG:
+        return (f"invalid footprint ({what} spans {e - w:g} x {n - s:g} degrees, not one granule: a whole-world "
+                "or antimeridian item)")
+    return None
+
+
+def footprint_problem(item: Mapping[str, Any]) -> str | None:
+    """Why the bbox or geometry of a raw STAC item cannot be used (NaN/inf or non-numbers, out of range, across
+    the antimeridian, wider than :data:`MAX_FOOTPRINT_DEG`), or None. Absent ones are fine (the files say)."""
+    bbox = item.get("bbox")
+    if bbox is not None:
+        nums = _finite_numbers(bbox)
+        if nums is None or len(nums) not in (4, 6):
+            return f"invalid footprint (bbox {shown(bbox, 60)} is not 4 or 6 finite numbers)"
+        if len(nums) == 6:
+            nums = [nums[0], nums[1], nums[3], nums[4]]
+        problem = _extent_problem(nums[0], nums[1], nums[2], nums[3], "bbox")
+        if problem:
+            return problem
+    geometry = item.get("geometry")
+    if geometry is None:
+        return None
+    if not isinstance(geometry, Mapping) or "coordinates" not in geometry:
+        return f"invalid footprint (geometry {shown(geometry, 60)} has no coordinates)"
+    lons: list[float] = []
+    lats: list[float] = []
+    todo = [geometry["coordinates"]]
+    seen = 0
+    while todo:  # iterative, bounded: no recursion on deep or huge documents
+        node = todo.pop()
+        seen += 1
+        if seen > _MAX_GEOMETRY_NUMBERS:
+            return "invalid footprint (geometry has too many coordinates for a granule)"
+        if isinstance(node, list | tuple) and node and not isinstance(node[0], list | tuple):
+            pos = _finite_numbers(node)
+            if pos is None or len(pos) < 2:
+                return f"invalid footprint (geometry position {shown(node, 40)} is not finite numbers)"
+            lons.append(pos[0])
+            lats.append(pos[1])
+        elif isinstance(node, list | tuple):
+            todo.extend(node)
+        else:
+            return f"invalid footprint (geometry coordinate {shown(node, 40)} is not a position)"
+    if not lons:
+        return "invalid footprint (geometry has no position)"
+    return _extent_problem(min(lons), min(lats), max(lons), max(lats), "geometry")
+
+
+@dataclass(frozen=True)
+class HrefPolicy:
+    """Which asset hrefs a catalog may point at (checked per item before anything is opened).
+
+    * http(s)://, s3:// and gs:// from any catalog;
+    * GDAL virtual file systems (``/vsicurl/``, ``/vsizip/``, ...) and other schemes never;
+    * local paths (and file:// URLs): from a local catalog only inside its folder tree (``..`` and symlinks
+      resolved), from a remote catalog never; ``allow_local`` (``--allow-local``) lifts both restrictions.
+    """
+
+    remote: bool
+    """The catalog was read over the network (STAC API, profile, http(s) item collection)."""
+    root: str | None = None
+    """Folder of a local catalog (resolved), inside which its local hrefs must stay."""
+    allow_local: bool = False
+
+    def problem(self, href: str) -> str | None:
+        h = str(href).strip()
+        shown_href = shown(clean_href(h), 60)
+        if h.lower().startswith(("/vsi", "\\vsi")) or "/vsi" in h.lower()[:6]:
+            return f"asset href not allowed ({shown_href}: GDAL virtual file systems are refused)"
+        m = _HREF_SCHEME.match(h)
+        scheme = m.group(1).lower() if m else ""
+        if scheme in REMOTE_SCHEMES:
+            return None
+        if scheme and scheme != "file":
+            return f"asset href not allowed ({shown_href}: expected http(s)://, s3:// or gs://)"
+        if self.allow_local:
+            return None
+        if self.remote:
+            return (f"asset href not allowed ({shown_href}: a local file in a remote catalog; pass --allow-local "
+                    "to read it)")
+        path = urllib.request.url2pathname(urllib.parse.urlsplit(h).path) if scheme == "file" else h
+        real = os.path.realpath(path)
+        root = self.root
+        if root and (real == root or real.startswith(root.rstrip(os.sep) + os.sep)):
+            return None
+        return (f"asset href not allowed ({shown_href}: outside the catalog's folder; pass --allow-local to read "
+                "it)")
+
+    def item_problem(self, item: S2Item) -> str | None:
+        for name, band in item.bands.items():
+            problem = self.problem(band.href)
+            if problem:
+                return problem.replace("asset href not allowed (", f"asset href not allowed ({name} ", 1)
+        return None
+
+
 def _intersects(a: Sequence[float] | None, b: BBox) -> bool:
     if not a or len(a) < 4:
         return True  # items without bbox are kept: the loader finds out
@@ -115,12 +244,14 @@ def filter_items(
     *,
     base_href: str | None = None,
     aliases: Mapping[str, Iterable[str]] | None = None,
+    hrefs: HrefPolicy | None = None,
 ) -> tuple[list[S2Item], list[Skipped]]:
     """Normalise raw item dicts and keep those inside bbox/dates/cloud limit (client-side filtering).
 
     ``aliases`` is the asset-key table of the provider profile (default table when None). Items outside the
-    bbox or dates are dropped silently (not asked for); unusable items and items above ``max_cloud`` are
-    returned as :class:`Skipped` with the reason. Items without ``eo:cloud_cover`` are kept.
+    bbox or dates are dropped silently (not asked for); unusable items (a NaN, out-of-range or whole-world
+    footprint, an asset href ``hrefs`` refuses, ...) and items above ``max_cloud`` are returned as
+    :class:`Skipped` with the reason. Items without ``eo:cloud_cover`` are kept.
     """
     keep: list[S2Item] = []
     skipped: list[Skipped] = []
@@ -128,6 +259,12 @@ def filter_items(
         it = normalize_item(obj, base_href=base_href, aliases=aliases)
         if isinstance(it, Skipped):
             skipped.append(it)
+            continue
+        bad = footprint_problem(obj) if isinstance(obj, Mapping) else None
+        if bad is None and hrefs is not None:
+            bad = hrefs.item_problem(it)
+        if bad is not None:
+            skipped.append(Skipped(it.id, bad))
             continue
         if not _in_dates(it.datetime, cfg.start, cfg.end) or not _intersects(it.bbox, cfg.bbox):
             continue  # outside the request: not "skipped", simply not matched
@@ -203,6 +340,7 @@ def _api_items(
 
     page_limit = limit or (profile.page_limit if profile else DEFAULT_PAGE_LIMIT)
     notes: list[str] = []
+    shown = scrub(url)  # what messages and notes say: no credentials, no query string (API keys)
     try:
         # The timeout must be given to Client.open too: it resets the StacApiIO's timeout to its own argument.
         client = Client.open(
@@ -236,30 +374,30 @@ def _api_items(
                 new += 1
             if features and not new:
                 raise CatalogError(
-                    f"STAC API {url} sent page {pages} with only items of earlier pages: its 'next' links go "
+                    f"STAC API {shown} sent page {pages} with only items of earlier pages: its 'next' links go "
                     "round in a loop; report it to the provider, or search a shorter period"
                 )
     except APIError as e:
         code = getattr(e, "status_code", None)
         if code is None:  # pystac-client wraps connection errors and timeouts in APIError too
             raise CatalogError(
-                f"cannot search STAC API {url}: {str(e)[:300]}; check the URL and the network (requests were "
+                f"cannot search STAC API {shown}: {scrub(str(e))[:300]}; check the URL and the network (requests were "
                 "retried on timeouts and dropped connections), or pass a local item-collection file"
             ) from None
         raise CatalogError(
-            f"STAC API {url} refused the search HTTP {code}: {str(e)[:300]}; check the URL and the "
+            f"STAC API {shown} refused the search HTTP {code}: {scrub(str(e))[:300]}; check the URL and the "
             "collection (429/5xx answers and timeouts were retried)"
         ) from None
     except CatalogError:
         raise
     except Exception as e:  # connection errors, JSON errors, not an API
         raise CatalogError(
-            f"cannot search STAC API {url}: {type(e).__name__}: {str(e)[:300]}; check the URL (a STAC API "
+            f"cannot search STAC API {shown}: {type(e).__name__}: {scrub(str(e))[:300]}; check the URL (a STAC API "
             "root with /search) or pass a local item-collection file"
         ) from None
     colls = ",".join(profile.collections) if profile else "all"
     notes.append(
-        f"searched {url} ({method} /search, collections {colls}, limit {page_limit}): {len(out)} items in "
+        f"searched {shown} ({method} /search, collections {colls}, limit {page_limit}): {len(out)} items in "
         f"{pages} page(s)"
     )
     if duplicates:
@@ -268,11 +406,19 @@ def _api_items(
     return out, notes
 
 
+def _local_policy(catalog: str, cfg: RunConfig) -> HrefPolicy:
+    """The href policy of a local catalog file: local hrefs inside its folder tree."""
+    path = urllib.request.url2pathname(urllib.parse.urlsplit(catalog).path) if catalog.startswith("file://") \
+        else os.path.expanduser(catalog)
+    return HrefPolicy(remote=False, root=os.path.dirname(os.path.realpath(path)), allow_local=cfg.allow_local)
+
+
 def search(cfg: RunConfig) -> SearchResult:
     """Find the usable scenes for ``cfg``; raise :class:`NoScenesError` if there are none."""
     from .profiles import get_profile, profile_for_url
 
     cat = cfg.catalog
+    shown = scrub(cat)  # for messages and provenance: no credentials, no query string (API keys)
     profile_name: str | None = None
     notes: list[str] = []
     if cat in _SAMPLE_NAMES:
@@ -280,31 +426,35 @@ def search(cfg: RunConfig) -> SearchResult:
 
         path = str(sample_catalog())
         raw, base = read_items(path)
-        items, skipped = filter_items(raw, cfg, base_href=base)
+        items, skipped = filter_items(raw, cfg, base_href=base, hrefs=_local_policy(path, cfg))
         source = f"sample catalog ({path})"
     elif _is_url(cat) and not cat.lower().endswith(".json"):
         prof = profile_for_url(cat)
         if prof is not None:
             profile_name = prof.name
             notes.append(
-                f"{cat} is the API of profile {prof.name}: searching its collections "
+                f"{shown} is the API of profile {prof.name}: searching its collections "
                 f"{', '.join(prof.collections)} (pass --catalog <profile> to choose another, see ndvi-scale "
                 "catalogs)"
             )
         raw, api_notes = _api_items(cat, cfg, prof)
         notes += api_notes
-        items, skipped = filter_items(raw, cfg, aliases=prof.assets if prof else None)
-        source = f"STAC API {cat}"
+        items, skipped = filter_items(raw, cfg, aliases=prof.assets if prof else None,
+                                      hrefs=HrefPolicy(remote=True, allow_local=cfg.allow_local))
+        source = f"STAC API {shown}"
     elif _is_file_like(cat):
         raw, base = read_items(cat)
-        items, skipped = filter_items(raw, cfg, base_href=base)
-        source = f"item collection {cat}"
+        policy = (HrefPolicy(remote=True, allow_local=cfg.allow_local) if _is_url(cat)
+                  else _local_policy(cat, cfg))
+        items, skipped = filter_items(raw, cfg, base_href=base, hrefs=policy)
+        source = f"item collection {shown}"
     else:
         prof = get_profile(cat)
         profile_name = prof.name
         raw, api_notes = _api_items(prof.url, cfg, prof)
         notes += api_notes
-        items, skipped = filter_items(raw, cfg, aliases=prof.assets)
+        items, skipped = filter_items(raw, cfg, aliases=prof.assets,
+                                      hrefs=HrefPolicy(remote=True, allow_local=cfg.allow_local))
         source = f"{prof.title} ({prof.url})"
     result = SearchResult(
         tuple(items), tuple(skipped), source=source, profile=profile_name, notes=tuple(notes)

@@ -43,7 +43,7 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 import fsspec  # noqa: E402  (must come after the environment default above)
 from fsspec.asyn import sync  # noqa: E402
 
-from .errors import InputError, NdviScaleError, StorageError, exception_chain  # noqa: E402
+from .errors import InputError, NdviScaleError, StorageError, exception_chain, shown  # noqa: E402
 
 __all__ = [
     "Location",
@@ -339,7 +339,7 @@ def open_location(url: str, storage_options: Mapping[str, Any] | None = None) ->
         scheme = ""
     if scheme not in _SCHEMES:
         raise InputError(
-            f"out scheme {scheme + '://'!r} is not supported; expected a local path, gs://bucket/path or "
+            f"out scheme {shown(scheme + '://')} is not supported; expected a local path, gs://bucket/path or "
             "s3://bucket/path"
         )
     protocol = _SCHEMES[scheme]
@@ -360,10 +360,10 @@ def open_location(url: str, storage_options: Mapping[str, Any] | None = None) ->
     bucket = parts.netloc
     key = parts.path.strip("/")
     if not bucket:
-        raise InputError(f"out {raw!r} has no bucket; expected {protocol}://bucket/path")
+        raise InputError(f"out {shown(raw)} has no bucket; expected {protocol}://bucket/path")
     if not _BUCKET_RE.match(bucket):
         raise InputError(
-            f"out bucket {bucket!r} is not a valid bucket name; expected 3-222 lowercase letters, digits, "
+            f"out bucket {shown(bucket)} is not a valid bucket name; expected 3-222 lowercase letters, digits, "
             f"'.', '-' or '_', e.g. {protocol}://my-bucket/ndvi.zarr"
         )
     path = f"{bucket}/{key}" if key else bucket

@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from .errors import InputError, NdviScaleError, OutputError
+from .errors import InputError, NdviScaleError, OutputError, shown
 
 __all__ = [
     "DEFAULT_DPI",
@@ -159,7 +159,7 @@ def _ndvi_array(obj: xr.Dataset | xr.DataArray, var: str = "ndvi") -> xr.DataArr
     if isinstance(obj, xr.Dataset):
         if var not in obj.data_vars:
             raise InputError(
-                f"the dataset has no {var!r} variable "
+                f"the dataset has no {shown(var)} variable "
                 f"(variables: {', '.join(map(str, obj.data_vars)) or 'none'});"
                 " expected an ndvi-scale cube from ndvi_scale.compute or ndvi-scale compute"
             )
@@ -251,7 +251,7 @@ def select_periods(arr: xr.DataArray, time: Any = None) -> list[int]:
             when = when.tz_convert("UTC").tz_localize(None)
     except (TypeError, ValueError):
         raise InputError(
-            f"time {time!r} is not a period index, 'last' or a date; give e.g. 0, -1, last or 2024-06-15"
+            f"time {shown(time)} is not a period index, 'last' or a date; give e.g. 0, -1, last or 2024-06-15"
         ) from None
     starts = pd.DatetimeIndex(arr["time"].values)
     if "time_end" in arr.coords:
@@ -261,7 +261,7 @@ def select_periods(arr: xr.DataArray, time: Any = None) -> list[int]:
         hit = np.flatnonzero(starts.normalize() == when.normalize())
     if not hit.size:
         raise InputError(
-            f"time {time!r} is in no period of the cube ({listing}); give a date inside one of them"
+            f"time {shown(time)} is in no period of the cube ({listing}); give a date inside one of them"
         )
     return [int(hit[0])]
 
@@ -550,7 +550,7 @@ def open_cube(url: str | os.PathLike[str], storage_options: Mapping[str, Any] | 
     try:
         loc = open_location(os.fspath(url), storage_options)
     except InputError as exc:
-        raise InputError(f"cannot open zarr store {os.fspath(url)!r}: {exc}") from None
+        raise InputError(f"cannot open zarr store {shown(os.fspath(url))}: {exc}") from None
     if not loc.exists():
         raise InputError(
             f"zarr store {loc.url} does not exist; give the --out of a previous ndvi-scale compute"
@@ -689,7 +689,7 @@ def _check_size(width: Any, dpi: Any) -> tuple[int, int]:
         w, d = int(width), int(dpi)
     except (TypeError, ValueError):
         raise InputError(
-            f"width {width!r} / dpi {dpi!r} are not integers; give e.g. width=1200, dpi=100"
+            f"width {shown(width)} / dpi {shown(dpi)} are not integers; give e.g. width=1200, dpi=100"
         ) from None
     if not 100 <= w <= 20000:
         raise InputError(f"width {w} px is out of range; expected 100..20000 pixels, e.g. 1200")
@@ -705,7 +705,7 @@ def check_png_path(png_path: Any) -> Path:
     folder).
     """
     if not isinstance(png_path, str | os.PathLike) or not os.fspath(png_path).strip():
-        raise InputError(f"png path {png_path!r} is empty; give a file name ending in .png")
+        raise InputError(f"png path {shown(png_path)} is empty; give a file name ending in .png")
     raw = os.fspath(png_path)
     if "://" in raw:
         raise InputError(

@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -56,7 +57,7 @@ from .errors import (
     ReadError,
     exception_chain,
 )
-from .faults import AssetReadError, FaultLog, describe_summary, merge_summaries, summarise
+from .faults import AssetReadError, FaultLog, describe_summary, merge_summaries, scrub_value, summarise
 from .storage import (
     Location,
     LocationSpec,
@@ -79,6 +80,8 @@ __all__ = [
     "WRITE_ATTR",
     "RUNS_ATTR",
     "MARKER_PREFIX",
+    "LEASE_SUFFIX",
+    "WriterLease",
 ]
 
 log = logging.getLogger(__name__)
@@ -168,7 +171,7 @@ def write_cube(
     *,
     overwrite: bool = False,
     append: bool = False,
-    zarr_format: int = 3,
+    zarr_format: int | None = None,
     progress: ProgressCallback | None = None,
     storage_options: Mapping[str, Any] | None = None,
     fingerprint: str | None = None,
@@ -178,7 +181,9 @@ def write_cube(
 ) -> WriteReport:
     """Write the lazy composite ``ds`` (dims time, y, x) as a Zarr cube at ``location_or_url``.
 
-    * New output: written from scratch (Zarr ``zarr_format`` 3 by default, or 2).
+    * New output: written from scratch (Zarr ``zarr_format`` 3 by default, or 2). An existing cube keeps its
+      format: a ``zarr_format`` other than the cube's is refused (:class:`GridMismatchError`) unless the cube
+      is replaced (``overwrite`` without ``append``).
     * Unfinished output of the same run (same fingerprint): resumed, computing only the missing regions.
     * Existing finished output: :class:`~ndvi_scale.errors.OutputExistsError` unless ``append`` (add new
       periods, skip existing ones) or ``overwrite`` (replace the store; with ``append``: recompute existing
@@ -193,8 +198,8 @@ def write_cube(
     config in ``ds``'s attributes, else :data:`DEFAULT_CODEC`); an existing cube keeps its own.
     Returns a :class:`WriteReport`. Storage failures raise one :class:`~ndvi_scale.errors.StorageError`.
     """
-    if zarr_format not in (2, 3):
-        raise InputError(f"zarr_format {zarr_format!r} is invalid; expected 2 or 3")
+    if zarr_format is not None and zarr_format not in (2, 3):
+        raise InputError(f"zarr_format {str(zarr_format)[:20]!r} is invalid; expected 2 or 3")
     codec = _codec_of(ds, codec)
     _quiet_marker_warnings()
     loc = (
@@ -205,15 +210,37 @@ def write_cube(
     _refuse_bucket_root(loc)
     ds = prepare_dataset(ds)
     loc.check_access()
+    with WriterLease(loc):  # one writer at a time: a second one is refused naming the holder
+        return _write_cube_leased(ds, loc, overwrite=overwrite, append=append, zarr_format=zarr_format,
+                                  progress=progress, fingerprint=fingerprint, faults=faults,
+                                  asset_labels=asset_labels, codec=codec)
+
+
+def _write_cube_leased(
+    ds: xr.Dataset,
+    loc: Location,
+    *,
+    overwrite: bool,
+    append: bool,
+    zarr_format: int | None,
+    progress: ProgressCallback | None,
+    fingerprint: str | None,
+    faults: FaultLog | None,
+    asset_labels: Mapping[str, tuple[str, str]] | None,
+    codec: str,
+) -> WriteReport:
+    """:func:`write_cube` once the writer lease is held: everything is inspected again under it."""
     existing = _inspect(loc)
+    _refuse_other_format(loc, existing, zarr_format, overwrite=overwrite, append=append)
+    new_format = zarr_format or 3
     writer = _Writer(loc, ds, progress, fingerprint, faults, asset_labels, codec)
 
     if existing.kind == "absent":
-        return writer.new(zarr_format)
+        return writer.new(new_format)
     if existing.kind == "foreign":
         if overwrite and not append:
             loc.delete()
-            return writer.new(zarr_format)
+            return writer.new(new_format)
         fix = (
             "pass --overwrite without --append to replace it" if append else "pass --overwrite to replace it"
         )
@@ -230,7 +257,7 @@ def write_cube(
             return writer.resume(existing)
         if overwrite and not append:
             loc.delete()
-            return writer.new(zarr_format)
+            return writer.new(new_format)
         raise OutputExistsError(
             f"output {loc.url} holds an unfinished write of another run (periods "
             f"{', '.join(state.get('periods', [])) or '?'}); rerun that exact command to finish it, or pass "
@@ -238,9 +265,11 @@ def write_cube(
         )
     if overwrite and not append:
         loc.delete()
-        return writer.new(zarr_format)
+        return writer.new(new_format)
     if append:
         return writer.append(existing, recompute=overwrite)
+    if _finish_pending(loc, existing) and state.get("fingerprint") == writer.fingerprint(fmt):
+        return writer.finish_pending(existing)  # the same run, stopped after its cube was complete
     raise OutputExistsError(
         f"output {loc.url} already exists; pass --append to add new periods, --overwrite to replace it, or "
         "choose another --out"
@@ -253,28 +282,51 @@ def check_output(
     *,
     append: bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    zarr_format: int | None = None,
 ) -> Location:
     """Cheap pre-flight before any computation: resolve ``out``, probe access, refuse what write_cube would.
 
     Raises :class:`~ndvi_scale.errors.OutputExistsError` for an existing finished cube (without
-    append/overwrite) or a non-cube path (without overwrite). An unfinished cube passes: :func:`write_cube`
-    decides to resume it.
+    append/overwrite) or a non-cube path (without overwrite), :class:`~ndvi_scale.errors.GridMismatchError` for
+    a cube of another ``zarr_format`` than asked. An unfinished cube passes: :func:`write_cube` decides to
+    resume it.
     """
     loc = out if isinstance(out, Location) else open_location(str(out), storage_options)
     _refuse_bucket_root(loc)
     loc.check_access()
+    WriterLease(loc).refuse_if_held()  # another run writing it now: refused before any search
     existing = _inspect(loc)
+    _refuse_other_format(loc, existing, zarr_format, overwrite=overwrite, append=append)
     if existing.kind == "foreign" and not (overwrite and not append):
         raise OutputExistsError(
             f"output {loc.url} already exists and is {existing.what}, not an ndvi-scale cube; pass "
             "--overwrite to replace it, or choose another --out"
         )
-    if existing.kind == "cube" and existing.write.get("state") == "complete" and not (overwrite or append):
+    if (existing.kind == "cube" and existing.write.get("state") == "complete" and not (overwrite or append)
+            and not _finish_pending(loc, existing)):  # else write_cube finishes it if it is the same run
         raise OutputExistsError(
             f"output {loc.url} already exists; pass --append to add new periods, --overwrite to replace it, "
             "or choose another --out"
         )
     return loc
+
+
+def _refuse_other_format(
+    loc: Location, existing: _Existing, zarr_format: int | None, *, overwrite: bool, append: bool
+) -> None:
+    """An existing cube is resumed and appended to in its own Zarr format: asking for another is refused (one
+    line, nothing written) instead of being silently ignored; only a replacement may change it."""
+    if existing.kind != "cube" or zarr_format is None or zarr_format == existing.zarr_format:
+        return
+    if overwrite and not append:
+        return
+    unfinished = existing.write.get("state") != "complete"
+    doing = "finish its unfinished write" if unfinished else ("append to it" if append else "write into it")
+    raise GridMismatchError(
+        f"output {loc.url} is a Zarr v{existing.zarr_format} cube but --zarr-format {zarr_format} asks for "
+        f"v{zarr_format}; a cube keeps its format: drop --zarr-format (or give {existing.zarr_format}) to "
+        f"{doing}, or pass --overwrite without --append to rewrite it as v{zarr_format}"
+    )
 
 
 def write_zarr(
@@ -283,7 +335,7 @@ def write_zarr(
     *,
     overwrite: bool = False,
     append: bool = False,
-    zarr_format: int = 3,
+    zarr_format: int | None = None,
     progress: ProgressCallback | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> WriteReport:
@@ -372,8 +424,9 @@ def run_fingerprint(ds: xr.Dataset, zarr_format: int) -> str:
     cfg = _json_attr(get_attr(ds.attrs, "config"))
     if isinstance(cfg, dict):
         # codec: how chunks are compressed, not what they hold (each array keeps the codec it was created with)
-        flags = ("out", "overwrite", "append", "zarr_format", "skip_bad_assets", "codec")
-        cfg = {k: v for k, v in cfg.items() if k not in flags}
+        flags = ("out", "overwrite", "append", "zarr_format", "skip_bad_assets", "codec", "allow_local")
+        # URLs as stored (scrubbed): a rotated API key or signature is the same run
+        cfg = scrub_value({k: v for k, v in cfg.items() if k not in flags})
     crs = ds.rio.crs
     payload = {
         "software": _software_version(),
@@ -389,6 +442,225 @@ def run_fingerprint(ds: xr.Dataset, zarr_format: int) -> str:
         "zarr_format": int(zarr_format),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+# ------------------------------------------------------------------------------------------------- writer lease
+
+#: The lease object beside the cube (``<out>.lease.json``, like the STAC item): outside the store, so it never
+#: changes what the store holds, how it is classified, or what ``--overwrite`` deletes.
+LEASE_SUFFIX = ".lease.json"
+#: Seconds a lease stays valid without a heartbeat (``NDVI_SCALE_LEASE_TTL``); renewed every quarter of it.
+LEASE_TTL = 120.0
+
+
+def _lease_ttl() -> float:
+    raw = os.environ.get("NDVI_SCALE_LEASE_TTL", "").strip()
+    try:
+        return max(2.0, float(raw)) if raw else LEASE_TTL
+    except ValueError:
+        return LEASE_TTL
+
+
+def _iso_time(t: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class WriterLease:
+    """One writer at a time per output: an object ``<out>.lease.json`` holding owner, host, pid, heartbeat and
+    expiry, created exclusively (local: ``O_CREAT|O_EXCL``; S3: conditional put ``If-None-Match: *``; GCS:
+    ``ifGenerationMatch=0``) and renewed by a heartbeat thread while the write runs.
+
+    A second writer is refused with one line naming the holder and when its lease expires. A stale lease (expired,
+    or held by a dead process on this host) is taken over. Limits, documented: an S3-compatible server that
+    ignores ``If-None-Match`` makes the create last-writer-wins (the lease is read back to catch a lost race,
+    not to prevent it), and taking over a stale lease is a delete then an exclusive create, so two writers
+    taking over the same stale lease in the same instant may both proceed on object stores.
+    """
+
+    def __init__(self, loc: Location, ttl: float | None = None) -> None:
+        import socket
+        import uuid
+
+        self.loc = loc
+        self.target = loc.sibling(LEASE_SUFFIX)
+        self.ttl = ttl if ttl is not None else _lease_ttl()
+        self.token = uuid.uuid4().hex
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self._stop: Any = None
+        self._thread: Any = None
+
+    # ------------------------------------------------------------------ the object
+    def _doc(self, started: float | None = None) -> bytes:
+        import getpass
+        import time
+
+        now = time.time()
+        try:
+            owner = getpass.getuser()
+        except Exception:
+            owner = "unknown"
+        return json.dumps({
+            "owner": owner, "host": self.host, "pid": self.pid, "token": self.token,
+            "started": _iso_time(started or now), "heartbeat": _iso_time(now), "expires": now + self.ttl,
+            "expires_at": _iso_time(now + self.ttl), "ttl": self.ttl, "software": _software_version(),
+        }).encode()
+
+    def read(self) -> dict[str, Any] | None:
+        """The lease held now, or None."""
+        try:
+            doc = json.loads(self.target.fs.cat_file(self.target.path))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {"owner": "?", "host": "?", "pid": -1, "expires": 0.0, "token": ""}  # damaged: stale
+        except Exception as exc:
+            raise storage_error(exc, self.target, "reading the writer lease of") from None
+        return doc if isinstance(doc, dict) else None
+
+    def _create(self, data: bytes) -> bool:
+        """Exclusive create; False if a lease exists."""
+        t = self.target
+        try:
+            if t.is_local:
+                os.makedirs(os.path.dirname(t.path) or ".", exist_ok=True)
+                fd = os.open(t.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                return True
+            t.fs.pipe_file(t.path, data, mode="create")
+        except FileExistsError:
+            return False
+        except Exception as exc:
+            text = str(exc)
+            if any(k in text.lower() for k in ("precondition", "pre-condition", "412", "conditionnotmet")):
+                return False
+            raise storage_error(exc, t, "creating the writer lease of") from None
+        held = self.read()  # a server that ignored the condition: whoever wrote last holds it
+        return held is not None and held.get("token") == self.token
+
+    @staticmethod
+    def stale(held: Mapping[str, Any], now: float | None = None) -> bool:
+        import socket
+        import time
+
+        now = time.time() if now is None else now
+        try:
+            if float(held.get("expires", 0)) < now:
+                return True
+        except (TypeError, ValueError):
+            return True
+        if held.get("host") == socket.gethostname():
+            try:
+                pid = int(held.get("pid", -1))
+                if pid <= 0:
+                    return True
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, TypeError, ValueError, OverflowError):
+                return False
+        return False
+
+    def describe(self, held: Mapping[str, Any]) -> str:
+        return (f"{shown_text(held.get('owner'))}@{shown_text(held.get('host'))} pid {shown_text(held.get('pid'))} "
+                f"(since {shown_text(held.get('started'))}, last heartbeat {shown_text(held.get('heartbeat'))}, "
+                f"lease expires {shown_text(held.get('expires_at'))})")
+
+    def refuse_if_held(self) -> None:
+        """The pre-flight: refuse now if another live writer holds the lease (nothing is taken). A stale one
+        (a killed run's) is removed, so that it is not left behind when the run then writes nothing."""
+        held = self.read()
+        if held is None or held.get("token") == self.token:
+            return
+        if not self.stale(held):
+            raise self._refusal(held)
+        log.info("removing the stale writer lease of %s held by %s", self.loc.url, self.describe(held))
+        self._remove()
+
+    def _refusal(self, held: Mapping[str, Any]) -> OutputError:
+        return OutputError(
+            f"output {self.loc.url} is being written by {self.describe(held)}; wait for that run to end and "
+            "re-run, or if it is dead elsewhere, re-run after its lease expires"
+        )
+
+    # ------------------------------------------------------------------ acquire / heartbeat / release
+    def acquire(self) -> WriterLease:
+        import time
+
+        started = time.time()
+        for _ in range(3):
+            # Read first: a live lease is refused without writing anything (on a store that would ignore the
+            # create condition, only a truly simultaneous start could then slip through).
+            held = self.read()
+            if held is not None:
+                if not self.stale(held):
+                    raise self._refusal(held)
+                log.warning("taking over the stale writer lease of %s held by %s", self.loc.url,
+                            self.describe(held))
+                self._remove()
+            if self._create(self._doc(started)):
+                self._start_heartbeat(started)
+                return self
+        raise self._refusal(self.read() or {})
+
+    def _remove(self) -> None:
+        try:
+            self.target.fs.rm_file(self.target.path)
+        except FileNotFoundError:
+            pass
+        except Exception as exc:
+            raise storage_error(exc, self.target, "removing the writer lease of") from None
+
+    def _start_heartbeat(self, started: float) -> None:
+        import threading
+
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.ttl / 4):
+                try:
+                    held = self.read()
+                    if held is None or held.get("token") != self.token:
+                        log.error("the writer lease of %s was taken by %s", self.loc.url,
+                                  self.describe(held or {}))
+                        return
+                    self.target.fs.pipe_file(self.target.path, self._doc(started))
+                except Exception as exc:  # a transient storage error: the next beat tries again
+                    log.warning("could not renew the writer lease of %s: %s", self.loc.url, exc)
+
+        self._stop = stop
+        self._thread = threading.Thread(target=beat, name="ndvi-scale-lease", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join(timeout=5)
+            self._stop = None
+        try:
+            held = self.read()
+        except NdviScaleError:
+            return
+        if held is not None and held.get("token") == self.token:
+            try:
+                self._remove()
+            except NdviScaleError as exc:
+                log.warning("could not remove the writer lease of %s: %s", self.loc.url, exc)
+
+    def __enter__(self) -> WriterLease:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def shown_text(value: Any) -> str:
+    from .errors import cut
+
+    return cut(str(value), 40)
 
 
 # ------------------------------------------------------------------------------------------------- inspection
@@ -435,6 +707,8 @@ def _inspect(loc: Location) -> _Existing:
             return _Existing("foreign", "an unreadable Zarr store")
     if attrs is None:
         if loc.is_local:
+            if _only_partial_files(loc.path):  # a new cube killed while its first metadata file was written
+                return _Existing("absent")
             return _Existing("foreign", "a non-empty folder")
         try:
             is_file = bool(loc.fs.isfile(loc.path))
@@ -448,6 +722,37 @@ def _inspect(loc: Location) -> _Existing:
     if not isinstance(write, dict):
         return _Existing("foreign", "a damaged ndvi-scale cube (no write state)")
     return _Existing("cube", "an ndvi-scale cube", fmt, attrs, write)
+
+
+def _finish_pending(loc: Location, existing: _Existing) -> bool:
+    """True if the complete cube ``existing`` lacks what the end of a write adds after marking it complete:
+    markers removed, metadata consolidated, STAC item written (a run killed in between leaves such a cube)."""
+    if existing.kind != "cube" or existing.write.get("state") != "complete":
+        return False
+    try:
+        if loc.is_local:
+            if os.path.exists(loc.join(MARKER_PREFIX)) or _partial_files(loc.path):
+                return True
+        elif loc.fs.find(loc.join(MARKER_PREFIX)):
+            return True
+        if existing.zarr_format == 2:
+            if loc.read_bytes(".zmetadata") is None:
+                return True
+        else:
+            doc = json.loads(loc.read_bytes("zarr.json") or b"{}")
+            if not doc.get("consolidated_metadata"):
+                return True
+        item = loc.sibling(STAC_SUFFIX)
+        try:
+            props = json.loads(item.fs.cat_file(item.path)).get("properties") or {}
+        except (FileNotFoundError, ValueError, AttributeError):
+            return True  # no item, or not one we can read
+        # an append killed before its item was written leaves the item of the cube before it
+        return bool(props.get("ndvi_scale:fingerprint") != existing.write.get("fingerprint"))
+    except NdviScaleError:
+        raise
+    except Exception as exc:
+        raise storage_error(exc, loc, "checking") from None
 
 
 # ------------------------------------------------------------------------------------------------- the writer
@@ -506,6 +811,7 @@ class _Writer:
                 "compute; rerun the command that started it, or pass --overwrite to replace the cube"
             )
         log.info("resuming the unfinished write of %s (periods %s)", self.loc.url, ", ".join(periods))
+        _remove_partial_files(self.loc)  # temporary files of chunk writes the killed run left behind
         if state.get("state") == "template":
             if int(state.get("n_before", 0)) == 0:
                 # Interrupted while writing metadata of a new cube: no data yet, start that cube again.
@@ -518,6 +824,7 @@ class _Writer:
 
     def append(self, existing: _Existing, *, recompute: bool) -> WriteReport:
         fmt = existing.zarr_format
+        _remove_partial_files(self.loc)  # e.g. of a run killed while it consolidated the metadata
         store = self._store()
         try:
             cube = xr.open_zarr(store, consolidated=False, decode_coords="all", zarr_format=_zf(fmt))
@@ -540,6 +847,8 @@ class _Writer:
         skipped = tuple(p for p in self.labels if p not in todo)
         fp = self.fingerprint(fmt)
         if not todo:
+            if _finish_pending(self.loc, existing):
+                return self.finish_pending(existing)
             log.info("all periods of this run are already in %s: nothing to write", self.loc.url)
             total = len(self.labels) * self.regions_per_period
             if self.progress:
@@ -822,7 +1131,7 @@ class _Writer:
             before = _json_attr(attrs.get(SKIPPED_ATTR))
             before = before if isinstance(before, list) else []
             if self.skipped or before:
-                update[SKIPPED_ATTR] = _dumps(merge_summaries(before, self.skipped))
+                update[SKIPPED_ATTR] = _dumps(scrub_value(merge_summaries(before, self.skipped)))
             update[CUBE_ATTR] = _CUBE_LAYOUT
             history = merge_history(self.ds.attrs.get("history"), attrs.get("history"))
             if history:
@@ -842,13 +1151,34 @@ class _Writer:
         except Exception as exc:
             raise _as_error(exc, self.loc, "finishing") from None
         self._rm(MARKER_PREFIX)
+        self._consolidate(fmt)
+
+    def _consolidate(self, fmt: int) -> None:
+        import zarr
+
         try:
             with warnings.catch_warnings():
                 # zarr notes that consolidated metadata is not (yet) in the v3 spec; xarray uses it anyway
                 warnings.simplefilter("ignore", category=UserWarning)
-                zarr.consolidate_metadata(store, zarr_format=_zf(fmt))
+                zarr.consolidate_metadata(self._store(), zarr_format=_zf(fmt))
         except Exception as exc:
             raise _as_error(exc, self.loc, "consolidating") from None
+
+    def finish_pending(self, existing: _Existing) -> WriteReport:
+        """Redo the last steps of a write whose cube is complete but that was stopped before they ended
+        (markers left, metadata not consolidated, no STAC item: :func:`_finish_pending`). Idempotent."""
+        fmt = existing.zarr_format
+        fp = str(existing.write.get("fingerprint", ""))
+        log.info("finishing the complete cube %s (markers, consolidated metadata, STAC item)", self.loc.url)
+        _remove_partial_files(self.loc)
+        self._rm(MARKER_PREFIX)
+        self._consolidate(fmt)
+        item_url = self._write_stac(fmt, fp)
+        total = len(self.labels) * self.regions_per_period
+        if self.progress:
+            self.progress(0, 0)
+        return WriteReport(self.loc.url, item_url, _zf(fmt), total, 0, total, (), tuple(self.labels),
+                           resumed=True, fingerprint=fp)
 
     # ---------------------------------------------------------------- checks
 
@@ -960,7 +1290,7 @@ class _Writer:
             cube = xr.open_zarr(self._store(), decode_coords="all", zarr_format=_zf(fmt), chunks=None)
         except Exception as exc:
             raise _as_error(exc, self.loc, "reading") from None
-        item = stac_item_dict(cube, self.loc, fmt, fingerprint)
+        item = scrub_value(stac_item_dict(cube, self.loc, fmt, fingerprint))  # no URL credentials, ever
         target = self.loc.sibling(STAC_SUFFIX)
         data = json.dumps(item, indent=2, sort_keys=False).encode()
         try:
@@ -1189,7 +1519,7 @@ def stac_item_dict(
         props["proj:code"] = None
         props["proj:wkt2"] = crs.to_wkt()
     if isinstance(cfg, dict):
-        props["ndvi_scale:config"] = _without_secrets(cfg)
+        props["ndvi_scale:config"] = scrub_value(_without_secrets(cfg))
     open_kwargs: dict[str, Any] = {
         "engine": "zarr",
         "chunks": {},
@@ -1230,7 +1560,8 @@ def _skipped_property(attrs: Mapping[str, Any]) -> dict[str, Any]:
     skipped = _json_attr(get_attr(attrs, "skipped_assets"))
     if not isinstance(skipped, list) or not skipped:
         return {}
-    return {STAC_SKIPPED_PROP: [{k: e.get(k) for k in ("item", "band", "href", "error")} for e in skipped]}
+    return {STAC_SKIPPED_PROP: [scrub_value({k: e.get(k) for k in ("item", "band", "href", "error")})
+                                for e in skipped]}
 
 
 def _densified_ring(
@@ -1261,6 +1592,50 @@ def _quiet_marker_warnings() -> None:
     warnings.filterwarnings(
         "ignore", message=r"Object at \.ndvi-scale is not recognized", category=UserWarning
     )
+
+
+#: Temporary file of zarr's LocalStore (``<key>.<uuid4 hex>.partial``): every chunk and metadata file is written
+#: to one and then renamed over the key, so a process killed mid-write (SIGKILL, OOM kill) leaves one behind.
+_PARTIAL_RE = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+def _partial_files(root: str) -> list[str]:
+    """Paths of zarr LocalStore temporary files below the local folder ``root``."""
+    found: list[str] = []
+    for folder, _dirs, files in os.walk(root):
+        found.extend(os.path.join(folder, f) for f in files if _PARTIAL_RE.search(f))
+    return sorted(found)
+
+
+def _only_partial_files(root: str) -> bool:
+    """True if the local folder ``root`` holds nothing but folders and zarr temporary files (at least one)."""
+    seen = False
+    for _folder, _dirs, files in os.walk(root):
+        for f in files:
+            if not _PARTIAL_RE.search(f):
+                return False
+            seen = True
+    return seen
+
+
+def _remove_partial_files(loc: Location) -> int:
+    """Delete the temporary files a killed write left in the local cube ``loc`` (object stores write each
+    object atomically and leave none). They are never part of the cube: the chunk they were meant for has no
+    marker, so its region is written again. Returns how many were removed."""
+    if not loc.is_local or not os.path.isdir(loc.path):
+        return 0
+    removed = 0
+    for path in _partial_files(loc.path):
+        try:
+            os.remove(path)
+            removed += 1
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise storage_error(exc, loc, "cleaning up") from None
+    if removed:
+        log.info("removed %d temporary file(s) of an interrupted write from %s", removed, loc.url)
+    return removed
 
 
 def _refuse_bucket_root(loc: Location) -> None:
@@ -1395,8 +1770,9 @@ def _renamed(attrs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _cf_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
-    """Dataset attributes minus the write bookkeeping (which write_cube owns)."""
-    return {k: v for k, v in attrs.items() if k not in (CUBE_ATTR, WRITE_ATTR, RUNS_ATTR)}
+    """Dataset attributes minus the write bookkeeping (which write_cube owns), every URL in them cleaned (no
+    credentials, no query strings: :func:`ndvi_scale.faults.scrub`)."""
+    return {k: scrub_value(v) for k, v in attrs.items() if k not in (CUBE_ATTR, WRITE_ATTR, RUNS_ATTR)}
 
 
 def _array_dims(arr: Any) -> tuple[str, ...]:
