@@ -15,10 +15,10 @@ Rule (stated once, tested against an independent computation):
 Computation: one Dask task per spatial chunk computes the coverage weights of the zones that intersect the chunk
 (exactextract on a raster of the chunk's extent: the weight of a pixel does not depend on the extent, so a zone
 split across chunks gets exactly the weights it would get whole), and one task per (time block, spatial chunk)
-reduces the chunk's pixels to per-zone partial sums (sum w, sum w v, sum w v^2, min, max, count; the (value,
-weight) pairs only if ``median`` is asked). The partials of a zone are merged on the client by exact sums, so a
-zone across chunk boundaries equals the same zone on an unchunked cube. Memory: one block of the cube per
-running task plus the weights of one chunk; never the whole cube.
+reduces the chunk's pixels to per-zone partials (sum w, weighted mean, sum w (v - mean)^2, min, max, count; the
+(value, weight) pairs only if ``median`` is asked). The partials of a zone are merged on the client (sums; means and
+variances by Chan's parallel formula), so a zone across chunk boundaries equals the same zone on an unchunked cube.
+Memory: one block of the cube per running task plus the weights of one chunk; never the whole cube.
 """
 
 from __future__ import annotations
@@ -98,8 +98,8 @@ class _Partial:
     zone: np.ndarray  # unique global zone indices of this chunk
     t0: int  # first period of the block
     sw: np.ndarray  # (nt, nz) sum of w over clear pixels
-    swv: np.ndarray
-    swv2: np.ndarray
+    mean: np.ndarray  # weighted mean over the chunk's clear pixels (0 where none)
+    m2: np.ndarray  # sum of w (v - mean)^2: merged by Chan's parallel formula (no E[v^2] - mean^2 cancellation)
     vmin: np.ndarray
     vmax: np.ndarray
     count: np.ndarray  # clear pixels with w > 0
@@ -112,8 +112,8 @@ def _block_stats(ndvi: np.ndarray, weights: _Weights, t0: int, want_pairs: bool)
     nt = ndvi.shape[0]
     flat = np.asarray(ndvi).reshape(nt, -1)
     sw = np.zeros((nt, nz))
-    swv = np.zeros((nt, nz))
-    swv2 = np.zeros((nt, nz))
+    mean = np.zeros((nt, nz))
+    m2 = np.zeros((nt, nz))
     vmin = np.full((nt, nz), np.inf)
     vmax = np.full((nt, nz), -np.inf)
     count = np.zeros((nt, nz), dtype=np.int64)
@@ -125,8 +125,10 @@ def _block_stats(ndvi: np.ndarray, weights: _Weights, t0: int, want_pairs: bool)
         w = np.where(ok, weights.w, 0.0)
         vz = np.where(ok, v, 0.0)
         sw[t] = np.bincount(local, w, nz)
-        swv[t] = np.bincount(local, w * vz, nz)
-        swv2[t] = np.bincount(local, w * vz * vz, nz)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean[t] = np.where(sw[t] > 0, np.bincount(local, w * vz, nz) / sw[t], 0.0)
+        dev = np.where(ok, vz - mean[t][local], 0.0)
+        m2[t] = np.bincount(local, w * dev * dev, nz)
         count[t] = np.bincount(local, ok, nz).astype(np.int64)
         if len(order):
             lo = np.where(ok, v, np.inf)[order]
@@ -136,7 +138,7 @@ def _block_stats(ndvi: np.ndarray, weights: _Weights, t0: int, want_pairs: bool)
             vmax[t] = np.maximum.reduceat(hi, starts)
         if pairs is not None:
             pairs.append((zones[local[ok]], v[ok], weights.w[ok]))
-    return _Partial(zones, t0, sw, swv, swv2, vmin, vmax, count, pairs)
+    return _Partial(zones, t0, sw, mean, m2, vmin, vmax, count, pairs)
 
 
 def _weighted_median(zone: np.ndarray, value: np.ndarray, weight: np.ndarray, nzones: int) -> np.ndarray:
@@ -223,17 +225,22 @@ def _merge(results: Sequence[_Partial], ids: np.ndarray, geoms: np.ndarray, grid
            nt: int, wanted: tuple[str, ...], want_pairs: bool) -> pd.DataFrame:
     nz = len(ids)
     sw = np.zeros((nt, nz))
-    swv = np.zeros((nt, nz))
-    swv2 = np.zeros((nt, nz))
+    mean = np.zeros((nt, nz))
+    m2 = np.zeros((nt, nz))
     vmin = np.full((nt, nz), np.inf)
     vmax = np.full((nt, nz), -np.inf)
     count = np.zeros((nt, nz), dtype=np.int64)
     pairs: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in range(nt)]
     for p in results:
         ts = slice(p.t0, p.t0 + p.sw.shape[0])
-        sw[ts, p.zone] += p.sw
-        swv[ts, p.zone] += p.swv
-        swv2[ts, p.zone] += p.swv2
+        wa, wb = sw[ts, p.zone], p.sw
+        tot = wa + wb
+        with np.errstate(invalid="ignore", divide="ignore"):
+            frac = np.where(tot > 0, wb / tot, 0.0)
+        delta = p.mean - mean[ts, p.zone]
+        mean[ts, p.zone] = mean[ts, p.zone] + delta * frac
+        m2[ts, p.zone] = m2[ts, p.zone] + p.m2 + delta * delta * wa * frac
+        sw[ts, p.zone] = tot
         vmin[ts, p.zone] = np.minimum(vmin[ts, p.zone], p.vmin)
         vmax[ts, p.zone] = np.maximum(vmax[ts, p.zone], p.vmax)
         count[ts, p.zone] += p.count
@@ -242,8 +249,8 @@ def _merge(results: Sequence[_Partial], ids: np.ndarray, geoms: np.ndarray, grid
                 pairs[p.t0 + k].append(pr)
     area_px = shapely.area(geoms) / (grid.res * grid.res)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(sw > 0, swv / sw, np.nan)
-        var = np.where(sw > 0, np.maximum(swv2 / sw - mean * mean, 0.0), np.nan)
+        var = np.where(sw > 0, m2 / sw, np.nan)
+        mean = np.where(sw > 0, mean, np.nan)
     cols: dict[str, Any] = {
         "zone": np.tile(ids, nt),
         "time": np.repeat(times, nz),
