@@ -61,6 +61,51 @@ class _Weights:
     w: np.ndarray  # float64 coverage fraction in (0, 1]
 
 
+def _wkb_features(geoms: Sequence[Any]) -> Any:
+    """An exactextract feature source handing over WKB (no GeoJSON text round trip per feature)."""
+    from exactextract.feature import Feature, FeatureSource
+
+    class _Feature(Feature):  # type: ignore[misc]
+        def __init__(self, k: int = -1, wkb: bytes = b"") -> None:
+            Feature.__init__(self)
+            self.k, self.wkb = k, wkb
+
+        def geometry(self) -> bytes:
+            return self.wkb
+
+        def set_geometry(self, wkb: bytes) -> None:
+            self.wkb = wkb
+
+        def set_geometry_format(self) -> str:
+            return "wkb"
+
+        def get(self, name: str) -> int:
+            return self.k
+
+        def set(self, name: str, value: Any) -> None:
+            self.k = int(value)
+
+        def fields(self) -> list[str]:
+            return ["k"]
+
+    class _Source(FeatureSource):  # type: ignore[misc]
+        def __init__(self, wkbs: Sequence[bytes]) -> None:
+            super().__init__()
+            self.wkbs = wkbs
+
+        def count(self) -> int:
+            return len(self.wkbs)
+
+        def __iter__(self) -> Any:
+            for k, w in enumerate(self.wkbs):
+                yield _Feature(k, w)
+
+        def srs_wkt(self) -> None:
+            return None
+
+    return _Source(list(shapely.to_wkb(np.asarray(geoms, dtype=object))))
+
+
 def coverage_weights(
     geoms: Sequence[Any], bounds: tuple[float, float, float, float], shape: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -72,9 +117,7 @@ def coverage_weights(
     if len(geoms) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
     rast = NumPyRasterSource(np.zeros(shape, dtype=np.uint8), *bounds)
-    feats = [{"type": "Feature", "properties": {"k": k}, "geometry": shapely.geometry.mapping(g)}
-             for k, g in enumerate(geoms)]
-    res = exact_extract(rast, feats, ["cell_id", "coverage"], include_cols=["k"], output="pandas")
+    res = exact_extract(rast, _wkb_features(geoms), ["cell_id", "coverage"], include_cols=["k"], output="pandas")
     cells = [np.asarray(c, dtype=np.int64) for c in res["cell_id"]]
     covs = [np.asarray(c, dtype=np.float64) for c in res["coverage"]]
     feat = np.repeat(res["k"].to_numpy(dtype=np.int64), [len(c) for c in cells])
