@@ -65,7 +65,7 @@ def _wkb_features(geoms: Sequence[Any]) -> Any:
     """An exactextract feature source handing over WKB (no GeoJSON text round trip per feature)."""
     from exactextract.feature import Feature, FeatureSource
 
-    class _Feature(Feature):  # type: ignore[misc]
+    class _Feature(Feature):
         def __init__(self, k: int = -1, wkb: bytes = b"") -> None:
             Feature.__init__(self)
             self.k, self.wkb = k, wkb
@@ -88,7 +88,7 @@ def _wkb_features(geoms: Sequence[Any]) -> Any:
         def fields(self) -> list[str]:
             return ["k"]
 
-    class _Source(FeatureSource):  # type: ignore[misc]
+    class _Source(FeatureSource):
         def __init__(self, wkbs: Sequence[bytes]) -> None:
             super().__init__()
             self.wkbs = wkbs
