@@ -238,3 +238,25 @@ def test_bad_id_field_and_stats(ds, tmp_path):
         ndvi_scale.zonal(ds, zones, id_field="nope")
     with pytest.raises(InputError, match="not known"):
         ndvi_scale.zonal(ds, zones, stats="mean,mode")
+
+
+def test_geoparquet_zones_and_zone_outside(ds, tmp_path):
+    """GeoParquet (WKB + 'geo' metadata, CRS84 by default) reads like GeoJSON; a zone outside the cube gets
+    count 0, NaN mean and valid_fraction 0 rather than an error."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rects = [r for _, _, r in _parcel_rects()[:4]]
+    polys = [_rect_ll(*r) for r in rects] + [shapely.box(10.0, 50.0, 10.01, 50.01)]
+    table = pa.table({"pid": [f"a{k}" for k in range(5)],
+                      "geometry": [shapely.to_wkb(p) for p in polys]})
+    geo = {"version": "1.0.0", "primary_column": "geometry",
+           "columns": {"geometry": {"encoding": "WKB", "geometry_types": ["Polygon"]}}}
+    table = table.replace_schema_metadata({b"geo": json.dumps(geo).encode()})
+    path = tmp_path / "z.parquet"
+    pq.write_table(table, path)
+    got = ndvi_scale.zonal(ds, str(path), id_field="pid", stats="mean,count,valid_fraction")
+    ref = ndvi_scale.zonal(ds, polys, stats="mean,count,valid_fraction")
+    np.testing.assert_allclose(got["mean"], ref["mean"], rtol=1e-12)
+    out = got[got.zone == "a4"]
+    assert (out["count"] == 0).all() and out["mean"].isna().all() and (out["valid_fraction"] == 0).all()
