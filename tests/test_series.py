@@ -1,6 +1,6 @@
 """ndvi_scale.series / ``ndvi-scale series``: the values are the cube's own pixels (the pixel containing each
 lon/lat point), window means equal a numpy computation, points outside fail with one line naming them; the same
-on a cube in s3:// (SeaweedFS on 127.0.0.1)."""
+on a cube in s3:// (SeaweedFS) and gs:// (GCS emulator), both on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -104,21 +104,36 @@ def test_cli_points_file(ds, cube, tmp_path):
         np.testing.assert_array_equal(one.ndvi.to_numpy(), nd[:, rows[k], cols[k]].astype(np.float64))
 
 
-def test_series_and_zonal_on_s3(ds, cube, s3_env, s3_bucket):
-    import s3fs
+@pytest.fixture
+def remote_cube(request, cube) -> str:
+    """The test cube copied into a fresh bucket of a real S3 (SeaweedFS) or GCS (emulator) server."""
+    if request.param == "s3":
+        import s3fs
+
+        from servers import S3_ACCESS_KEY, S3_SECRET_KEY
+
+        env, bucket = request.getfixturevalue("s3_env"), request.getfixturevalue("s3_bucket")
+        fs = s3fs.S3FileSystem(key=S3_ACCESS_KEY, secret=S3_SECRET_KEY, endpoint_url=env.endpoint,
+                               skip_instance_cache=True)
+    else:
+        import gcsfs
+
+        env, bucket = request.getfixturevalue("gcs_env"), request.getfixturevalue("gcs_bucket")
+        fs = gcsfs.GCSFileSystem(token="anon", endpoint_url=env.endpoint, skip_instance_cache=True)
+    fs.put(cube, f"{bucket}/c/cube.zarr", recursive=True)
+    return f"{request.param}://{bucket}/c/cube.zarr"
+
+
+@pytest.mark.parametrize("remote_cube", ["s3", "gs"], indirect=True)
+def test_series_and_zonal_on_object_storage(ds, remote_cube):
     import shapely
 
-    from servers import S3_ACCESS_KEY, S3_SECRET_KEY
-
-    fs = s3fs.S3FileSystem(key=S3_ACCESS_KEY, secret=S3_SECRET_KEY, endpoint_url=s3_env.endpoint,
-                           skip_instance_cache=True)
-    fs.put(cube, f"{s3_bucket}/c/cube.zarr", recursive=True)
-    url = f"s3://{s3_bucket}/c/cube.zarr"
     rows, cols, pts = _points(ds, n=5, seed=13)
-    got = ndvi_scale.series(url, pts)
-    np.testing.assert_array_equal(got[got.point == "p0"].ndvi.to_numpy(),
-                                  ds.ndvi.values[:, rows[0], cols[0]].astype(np.float64))
+    got = ndvi_scale.series(remote_cube, pts)
+    for k in range(5):
+        np.testing.assert_array_equal(got[got.point == f"p{k}"].ndvi.to_numpy(),
+                                      ds.ndvi.values[:, rows[k], cols[k]].astype(np.float64))
     poly = shapely.Point(TO_LL.transform(SPEC.x0 + 1300, SPEC.y0 - 900)).buffer(0.003)
-    remote = ndvi_scale.zonal(url, [poly], stats="mean,count,valid_fraction")
+    remote = ndvi_scale.zonal(remote_cube, [poly], stats="mean,count,valid_fraction")
     local = ndvi_scale.zonal(ds, [poly], stats="mean,count,valid_fraction")
     pd.testing.assert_frame_equal(remote, local)
