@@ -127,7 +127,7 @@ def coverage_weights(
     return feat[keep], cell[keep], cov[keep]
 
 
-def _chunk_weights(wkb: list[bytes], zone_index: np.ndarray, bounds: tuple[float, float, float, float],
+def _chunk_weights(wkb: np.ndarray, zone_index: np.ndarray, bounds: tuple[float, float, float, float],
                    shape: tuple[int, int]) -> _Weights:
     feat, cell, cov = coverage_weights(shapely.from_wkb(wkb), bounds, shape)
     return _Weights(zone=zone_index[feat], pixel=cell, w=cov)
@@ -245,7 +245,7 @@ def _graph(ndvi: da.Array, grid: CubeGrid, geoms: np.ndarray, want_pairs: bool) 
     ystarts = np.r_[0, np.cumsum(ndvi.chunks[1])]
     xstarts = np.r_[0, np.cumsum(ndvi.chunks[2])]
     tstarts = np.r_[0, np.cumsum(ndvi.chunks[0])]
-    wkb = shapely.to_wkb(geoms)
+    wkb = shapely.to_wkb(geoms)  # an object array: dask passes it as one value (a list it would walk item by item)
     out = []
     for iy in range(len(ndvi.chunks[1])):
         for ix in range(len(ndvi.chunks[2])):
@@ -256,7 +256,7 @@ def _graph(ndvi: da.Array, grid: CubeGrid, geoms: np.ndarray, want_pairs: bool) 
                 continue
             hit = np.sort(hit)
             weights = dask.delayed(_chunk_weights, pure=True)(
-                list(wkb[hit]), hit.astype(np.int64), bounds, (int(r1 - r0), int(c1 - c0))
+                wkb[hit], hit.astype(np.int64), bounds, (int(r1 - r0), int(c1 - c0))
             )
             for it in range(len(ndvi.chunks[0])):
                 out.append(dask.delayed(_block_stats, pure=True)(blocks[it, iy, ix], weights, int(tstarts[it]),
