@@ -17,6 +17,10 @@ def __getattr__(name: str):  # lazy: `import ndvi_scale` stays cheap for the CLI
         from . import pipeline
 
         return getattr(pipeline, name)
+    if name in ("series", "zonal"):
+        from . import analytics
+
+        return getattr(analytics, name)
     if name in ("SAMPLE_BBOX", "SAMPLE_START", "SAMPLE_END"):
         from . import sample
 
@@ -24,4 +28,7 @@ def __getattr__(name: str):  # lazy: `import ndvi_scale` stays cheap for the CLI
     raise AttributeError(name)
 
 
-__all__ = ["BBox", "NdviScaleError", "RunConfig", "__version__", "compute", "build", "run", "make_plan", "stack"]
+__all__ = [
+    "BBox", "NdviScaleError", "RunConfig", "__version__", "compute", "build", "run", "make_plan", "stack", "series",
+    "zonal",
+]

@@ -314,6 +314,72 @@ def show_cmd(
     _guard(go)
 
 
+def _write_table(df: Any, out: str, overwrite: bool) -> str:
+    """Write ``df`` as CSV or Parquet (by the extension of ``out``); never over an existing file without
+    ``overwrite``."""
+    from .errors import InputError, OutputError, OutputExistsError
+
+    low = out.lower()
+    if not low.endswith((".csv", ".parquet")):
+        raise InputError(f"out {out!r} has no known extension; give a .csv or .parquet file")
+    if os.path.exists(out) and not overwrite:
+        raise OutputExistsError(f"{out} exists; give --overwrite to replace it, or another --out")
+    try:
+        if low.endswith(".csv"):
+            df.to_csv(out, index=False)
+        else:
+            df.to_parquet(out, index=False)
+    except OSError as exc:
+        raise OutputError(f"cannot write {out} ({exc.strerror or exc}); give a writable --out path") from None
+    return f"wrote {out} ({len(df)} rows)"
+
+
+@app.command("series")
+def series_cmd(
+    cube: Annotated[str, typer.Argument(help="Cube written by compute: path, gs://bucket/path or s3://bucket/path.")],
+    points: Annotated[
+        list[str],
+        typer.Option("--points", help="LON,LAT (repeatable) or a file: CSV (lon,lat[,id]) or GeoJSON/GPKG points."),
+    ],
+    out: Annotated[str, typer.Option("--out", help="series.csv or series.parquet")],
+    window: Annotated[int, typer.Option(help="Odd window in pixels: mean of the clear pixels around each point.")] = 1,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+) -> None:
+    """Per-point time series of ndvi and valid_count (pixel containing each point, or an odd window mean)."""
+
+    def go() -> None:
+        from .analytics.series import series
+
+        pts: Any = points[0] if len(points) == 1 and os.path.exists(points[0]) else points
+        typer.echo(_write_table(series(cube, pts, window=window), out, overwrite))
+
+    _guard(go)
+
+
+@app.command("zonal")
+def zonal_cmd(
+    cube: Annotated[str, typer.Argument(help="Cube written by compute: path, gs://bucket/path or s3://bucket/path.")],
+    zones: Annotated[str, typer.Option("--zones", help="Polygons: GeoJSON, GeoPackage, GeoParquet or Shapefile.")],
+    out: Annotated[str, typer.Option("--out", help="stats.parquet or stats.csv")],
+    id_field: Annotated[
+        str | None, typer.Option("--id", help="Field naming each zone (default: feature index).")
+    ] = None,
+    stats: Annotated[
+        str, typer.Option(help="Comma list of mean,median,std,min,max,count,valid_fraction.")
+    ] = "mean,std,min,max,count,valid_fraction",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+) -> None:
+    """Zonal statistics per (zone, period) with exact fractional pixel coverage, chunk by chunk."""
+
+    def go() -> None:
+        from .analytics.zonal import parse_stats, zonal
+
+        wanted = parse_stats(stats)  # refuse a bad --stats before reading anything
+        typer.echo(_write_table(zonal(cube, zones, id_field=id_field, stats=wanted), out, overwrite))
+
+    _guard(go)
+
+
 def main() -> None:
     """Console-script entry point."""
     _install_log_handler()
