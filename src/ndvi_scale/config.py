@@ -360,10 +360,10 @@ class RunConfig:
         if "crs" in kw:
             kw["crs"] = normalise_crs(kw["crs"])
         if "codec" in kw:
-            codec = str(kw["codec"]).strip().lower()
+            codec = _short_text(kw["codec"])  # never str() of a huge or nested value
             codec = {"gzip": "zlib", "deflate": "zlib", "blosc-lz4": "lz4"}.get(codec, codec)
             if codec not in ("zstd", "zlib", "lz4", "none"):
-                raise InputError(f"codec {kw['codec']!r} is unknown; expected zstd, zlib, lz4 or none")
+                raise InputError(f"codec {shown(kw['codec'])} is unknown; expected zstd, zlib, lz4 or none")
             kw["codec"] = codec
         for flag in ("overwrite", "append", "skip_bad_assets", "allow_local"):
             if flag in kw:

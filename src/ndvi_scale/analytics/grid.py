@@ -10,7 +10,7 @@ import numpy as np
 import xarray as xr
 from pyproj import CRS
 
-from ..errors import InputError
+from ..errors import InputError, shown
 
 __all__ = ["CubeGrid", "as_cube", "cube_grid"]
 
@@ -40,7 +40,7 @@ def as_cube(cube: Any, storage_options: Any = None) -> xr.Dataset:
         from ..viz import open_cube
 
         return open_cube(cube, storage_options)
-    raise InputError(f"cube {cube!r} is neither an xarray Dataset nor a path/URL; give the --out of compute")
+    raise InputError(f"cube {shown(cube)} is neither an xarray Dataset nor a path/URL; give the --out of compute")
 
 
 def cube_grid(ds: xr.Dataset) -> CubeGrid:

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from ..errors import InputError
+from ..errors import InputError, shown
 from .grid import as_cube, cube_grid
 from .vectors import parse_points, to_crs
 
@@ -29,7 +29,7 @@ def series(
     points are read. Points outside the cube raise :class:`InputError` naming them.
     """
     if not isinstance(window, int | np.integer) or window < 1 or window % 2 == 0:
-        raise InputError(f"window {window!r} is invalid; expected an odd number of pixels >= 1, e.g. 1 or 3")
+        raise InputError(f"window {shown(window)} is invalid; expected an odd number of pixels >= 1, e.g. 1 or 3")
     ds = as_cube(cube, storage_options)
     grid = cube_grid(ds)
     ids, px, py, pcrs = parse_points(points, crs)

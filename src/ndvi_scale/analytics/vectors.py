@@ -18,7 +18,7 @@ import numpy as np
 import shapely
 from pyproj import CRS, Transformer
 
-from ..errors import InputError
+from ..errors import InputError, shown
 
 __all__ = ["Zones", "read_zones", "parse_points", "to_crs"]
 
@@ -131,10 +131,10 @@ def read_zones(
     if id_field is not None:
         if id_field not in fields:
             have = ", ".join(sorted(fields)) or "none"
-            raise InputError(f"zones {source} has no field {id_field!r} (fields: {have}); give --id one of them")
+            raise InputError(f"zones {source} has no field {shown(id_field)} (fields: {have}); give --id one of them")
         ids = fields[id_field]
         if len(set(ids.tolist())) != len(ids):
-            raise InputError(f"zones {source}: field {id_field!r} has duplicate values; give a unique --id field")
+            raise InputError(f"zones {source}: field {shown(id_field)} has duplicate values; give a unique --id field")
     else:
         ids = np.arange(len(geoms))
     if polygons:
@@ -203,7 +203,8 @@ def parse_points(points: Any, crs: Any = None) -> tuple[np.ndarray, np.ndarray, 
                 x, y = float(parts[0]), float(parts[1])
             except ValueError:
                 raise InputError(
-                    f"point {p!r} is neither an existing file nor LON,LAT; give e.g. 1.79,48.34 or a CSV/GeoJSON file"
+                    f"point {shown(p)} is neither an existing file nor LON,LAT; give e.g. 1.79,48.34 or a "
+                    "CSV/GeoJSON file"
                 ) from None
         elif isinstance(p, shapely.Point):
             x, y = p.x, p.y
@@ -211,7 +212,7 @@ def parse_points(points: Any, crs: Any = None) -> tuple[np.ndarray, np.ndarray, 
             try:
                 x, y = (float(v) for v in p)
             except (TypeError, ValueError):
-                raise InputError(f"point {p!r} is not a (lon, lat) pair; give e.g. (1.79, 48.34)") from None
+                raise InputError(f"point {shown(p)} is not a (lon, lat) pair; give e.g. (1.79, 48.34)") from None
         ids.append(f"p{k}")
         xs.append(x)
         ys.append(y)
