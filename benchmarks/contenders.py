@@ -333,6 +333,7 @@ def floor_median(params: dict[str, Any]) -> dict[str, Any]:
         catalog=str(local),
         chunk=params["chunk"],
         mask_classes=params["mask_classes"],
+        allow_local=True,  # the items file lies in the work folder, the COGs in the data cache
     )
     plan = make_plan(cfg)
     live = [p for p in plan.plans if p]
