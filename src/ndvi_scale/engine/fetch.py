@@ -35,11 +35,11 @@ def _env_int(name: str, default: int, minimum: int) -> int:
         return default
 
 
-#: Reads in flight per process (``NDVI_SCALE_READ_CONCURRENCY``): 8 per core, at least 16, at most 64. Requests in
+#: Reads in flight per process (``NDVI_SCALE_READ_CONCURRENCY``): 4 per core, at least 8, at most 64. Requests in
 #: flight needed to keep the cores decoding ~ reads decoded per second x latency: a 2048-px window of four 1024-px
-#: tiles decodes in ~40 ms, so 2 cores at 100 ms need ~5 and 16 are ample (cross-cloud 200 ms included); threads
-#: waiting on a socket cost no CPU. More threads than that only decode at once, for memory and no speed.
-READ_CONCURRENCY = _env_int("NDVI_SCALE_READ_CONCURRENCY", min(64, max(16, 8 * (os.cpu_count() or 2))), 1)
+#: tiles decodes in ~40 ms, so 2 cores at 100 ms need ~5; threads waiting on a socket cost no CPU. More threads
+#: than that decode at once, which costs CPU (16 on 2 cores: +15 % CPU at 0 ms, measured) and memory.
+READ_CONCURRENCY = _env_int("NDVI_SCALE_READ_CONCURRENCY", min(64, max(8, 4 * (os.cpu_count() or 2))), 1)
 
 #: Bytes of read-but-not-yet-folded pixels one task may hold (``NDVI_SCALE_READ_AHEAD_MB``). 64 MB: 8 windows of a
 #: 2048-px chunk (8 MB of uint16 each), i.e. 8 requests in flight per task, 16 for two tasks on 2 cores: enough
@@ -50,22 +50,19 @@ READ_AHEAD_BYTES = _env_int("NDVI_SCALE_READ_AHEAD_MB", 64, 1) * 2**20
 
 #: glibc's arena count for a process that runs the I/O pool (``NDVI_SCALE_MALLOC_ARENAS``; 0 leaves malloc alone).
 #: glibc gives each new thread its own arena (up to 8 per core), and memory freed in an arena stays with the
-#: process: with a pool of I/O threads, each decoding tiles through GDAL, that held ~350 MB more at the benchmark's
-#: peak (1.78 instead of 2.13 GB with 2 arenas and a 64 kB trim threshold, measured). Dask's nanny sets the trim
-#: threshold for its workers the same way (``MALLOC_TRIM_THRESHOLD_``); the environment variables win when set.
+#: process: with a pool of I/O threads decoding tiles through GDAL that held ~200-350 MB more at the benchmark's
+#: peak. Only the arena count is capped: also trimming freed memory (M_TRIM_THRESHOLD) fixes glibc's mmap threshold
+#: at 128 kB, so every tile-sized buffer became fresh zeroed pages: +30 % CPU (measured). ``MALLOC_ARENA_MAX`` in the
+#: environment wins.
 MALLOC_ARENAS = _env_int("NDVI_SCALE_MALLOC_ARENAS", 2, 0)
 
 
 def _tame_malloc() -> None:
-    """Cap glibc's arenas and trim freed memory back to the OS (no-op elsewhere than glibc, or when configured)."""
-    if MALLOC_ARENAS <= 0 or not sys.platform.startswith("linux"):
+    """Cap glibc's arenas (no-op elsewhere than glibc, when configured, or when the environment sets it)."""
+    if MALLOC_ARENAS <= 0 or not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ:
         return
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        if "MALLOC_ARENA_MAX" not in os.environ:
-            libc.mallopt(-8, MALLOC_ARENAS)  # M_ARENA_MAX
-        if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
-            libc.mallopt(-1, 65536)  # M_TRIM_THRESHOLD
+        ctypes.CDLL("libc.so.6").mallopt(-8, MALLOC_ARENAS)  # M_ARENA_MAX
     except (OSError, AttributeError):  # musl or another libc: nothing to tame
         pass
 
