@@ -35,11 +35,12 @@ def _env_int(name: str, default: int, minimum: int) -> int:
         return default
 
 
-#: Reads in flight per process (``NDVI_SCALE_READ_CONCURRENCY``): 4 per core, at least 8, at most 64. Requests in
-#: flight needed to keep the cores decoding ~ reads decoded per second x latency: a 2048-px window of four 1024-px
-#: tiles decodes in ~40 ms, so 2 cores at 100 ms need ~5; threads waiting on a socket cost no CPU. More threads
-#: than that decode at once, which costs CPU (16 on 2 cores: +15 % CPU at 0 ms, measured) and memory.
-READ_CONCURRENCY = _env_int("NDVI_SCALE_READ_CONCURRENCY", min(64, max(8, 4 * (os.cpu_count() or 2))), 1)
+#: Threads of the process's read pool (``NDVI_SCALE_READ_CONCURRENCY``): 16 per core, at least 32, at most 64.
+#: A task's reads wait in this pool, so at 100 ms per request the default sample (one chunk per period, 36 files:
+#: one task at a time) took 1.46x its time at 0 ms with 32 threads, 2.1x with 16, 3.0x with 8 (measured). Threads
+#: waiting on a socket cost no CPU; how many decode at once is bounded by each task's read-ahead
+#: (:data:`READ_AHEAD_BYTES`), not by this number.
+READ_CONCURRENCY = _env_int("NDVI_SCALE_READ_CONCURRENCY", min(64, max(32, 16 * (os.cpu_count() or 2))), 1)
 
 #: Bytes of read-but-not-yet-folded pixels one task may hold (``NDVI_SCALE_READ_AHEAD_MB``). 64 MB: 8 windows of a
 #: 2048-px chunk (8 MB of uint16 each), i.e. 8 requests in flight per task, 16 for two tasks on 2 cores: enough
@@ -91,7 +92,7 @@ POOL = _Pool(READ_CONCURRENCY)
 
 #: Threads that open the files of the periods about to be read (header round trips), beside :data:`POOL` so that
 #: they never queue in front of the reads of the period being computed.
-PREFETCH_POOL = _Pool(max(4, READ_CONCURRENCY // 2))
+PREFETCH_POOL = _Pool(max(8, READ_CONCURRENCY // 2))
 
 
 def ordered_reads(
