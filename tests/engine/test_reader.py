@@ -73,6 +73,14 @@ def test_aligned_reads_equal_the_reference_stack(sample, where, chunk, monkeypat
     assert np.array_equal(uncached, ref)
 
 
+def check_reads(items: list, grid: OutputGrid, chunk: int, *, red_nir_aligned: bool, scl_aligned: bool) -> np.ndarray:
+    """Reads of every asset on ``grid`` equal the reference stack, each file on the path expected of it."""
+    got, paths = read_all(items, grid, chunk)
+    assert np.array_equal(got, reference_stack(items, grid))
+    assert paths == {"B04.tif": {red_nir_aligned}, "B08.tif": {red_nir_aligned}, "SCL.tif": {scl_aligned}}
+    return got
+
+
 def _grid_like(grid: OutputGrid, **kw: Any) -> OutputGrid:
     return OutputGrid(kw.get("epsg", grid.epsg), kw.get("bounds", grid.bounds), kw.get("resolution", grid.resolution))
 
@@ -84,36 +92,29 @@ def test_other_crs_is_warped_like_the_reference(sample):
     from ndvi_scale.engine.grid import output_grid
 
     grid = output_grid(bbox, 32632, 10.0)  # the next UTM zone: a real reprojection
-    got, paths = read_all(items, grid, 40)
-    assert np.array_equal(got, reference_stack(items, grid)) and (got != 0).any()
-    assert paths == {"B04.tif": {False}, "B08.tif": {False}, "SCL.tif": {False}}
+    got = check_reads(items, grid, 40, red_nir_aligned=False, scl_aligned=False)
+    assert (got != 0).any()
 
 
 def test_fractional_shift_is_warped(sample):
     spec, catalog = sample
     items, grid = items_and_grid(catalog, bboxes(spec)["across-overlap"])
     shifted = _grid_like(grid, bounds=tuple(v + 5.0 for v in grid.bounds))  # half a pixel off
-    got, paths = read_all(items, shifted, 40)
-    assert np.array_equal(got, reference_stack(items, shifted))
-    assert paths == {"B04.tif": {False}, "B08.tif": {False}, "SCL.tif": {False}}
+    check_reads(items, shifted, 40, red_nir_aligned=False, scl_aligned=False)
 
 
 def test_coarser_output_mixes_paths(sample):
     spec, catalog = sample
     items, grid = items_and_grid(catalog, bboxes(spec)["partly-outside"], resolution=20)
     # 20 m output: red/nir need downsampling (warped), SCL is at home (aligned)
-    got, paths = read_all(items, grid, 40)
-    assert np.array_equal(got, reference_stack(items, grid))
-    assert paths == {"B04.tif": {False}, "B08.tif": {False}, "SCL.tif": {True}}
+    check_reads(items, grid, 40, red_nir_aligned=False, scl_aligned=True)
 
 
 def test_finer_output_repeats_pixels(sample):
     spec, catalog = sample
     items, grid = items_and_grid(catalog, bboxes(spec)["across-overlap"], resolution=5)
     # 5 m output: red/nir are repeated 2 x 2, SCL 4 x 4, exactly as GDAL's nearest
-    got, paths = read_all(items, grid, 56)
-    assert np.array_equal(got, reference_stack(items, grid))
-    assert paths == {"B04.tif": {True}, "B08.tif": {True}, "SCL.tif": {True}}
+    check_reads(items, grid, 56, red_nir_aligned=True, scl_aligned=True)
 
 
 def test_reader_is_made_once_per_process_and_knows_its_extent(sample):

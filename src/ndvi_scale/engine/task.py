@@ -10,7 +10,6 @@ holds the (days, y, x) float32 NDVI and the read-ahead windows.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from rasterio import windows
@@ -158,7 +157,3 @@ def _fill_outside(layer: np.ndarray, rows: slice, cols: slice) -> None:
     layer[rows, : cols.start] = np.nan
     layer[rows, cols.stop :] = np.nan
 
-
-def task_key(sources: Sequence[ItemSource], day_numbers: Sequence[int]) -> Any:
-    """What identifies a period's work (for graph names)."""
-    return (tuple(sources), tuple(day_numbers))
