@@ -13,7 +13,7 @@ from .errors import NdviScaleError  # noqa: E402
 
 
 def __getattr__(name: str):  # lazy: `import ndvi_scale` stays cheap for the CLI's --help
-    if name in ("compute", "build", "run", "make_plan", "stack"):
+    if name in ("compute", "build", "run", "make_plan", "plan", "stack"):
         from . import pipeline
 
         return getattr(pipeline, name)
@@ -29,6 +29,6 @@ def __getattr__(name: str):  # lazy: `import ndvi_scale` stays cheap for the CLI
 
 
 __all__ = [
-    "BBox", "NdviScaleError", "RunConfig", "__version__", "compute", "build", "run", "make_plan", "stack", "series",
-    "zonal",
+    "BBox", "NdviScaleError", "RunConfig", "__version__", "compute", "build", "run", "make_plan", "plan", "stack",
+    "series", "zonal",
 ]

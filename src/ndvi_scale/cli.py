@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -217,6 +218,10 @@ def compute(
         str | None,
         typer.Option(metavar="PNG", help="Also write a PNG quicklook of the written cube (all periods)."),
     ] = None,
+    yes: Annotated[
+        bool,
+        typer.Option("--yes", help="Start even above the size guard (100 GB of output or 100,000 regions)."),
+    ] = False,
 ) -> None:
     """Search, mask clouds, compute NDVI, composite per period and write Zarr."""
 
@@ -228,6 +233,7 @@ def compute(
             method=method, max_cloud=max_cloud, mask_classes=mask_classes, resolution=resolution, crs=crs,
             chunk=chunk, zarr_format=zarr_format, codec=codec, overwrite=overwrite, append=append,
             skip_bad_assets=skip_bad_assets, allow_local=allow_local, cluster=cluster,
+            allow_large=True if yes else None,
         )
         cfg, merged = run_config_from(config, {k: v for k, v in values.items() if v is not None})
         if cfg.out is None:
@@ -255,6 +261,40 @@ def compute(
             typer.echo(f"wrote {quicklook} ({width}x{height} px)")
 
     _guard(go)
+
+
+def plan_cmd(as_json: bool = False, config: str | None = None, **options: Any) -> None:
+    """Say what a compute with the same options would read, write and cost, without reading any pixel."""
+
+    def go() -> None:
+        from .pipeline import make_plan, plan_estimate
+        from .runfile import run_config_from
+
+        values = {k: v for k, v in options.items() if k not in ("quicklook", "yes", "cluster") and v is not None}
+        if options.get("yes"):
+            values["allow_large"] = True
+        cfg, _ = run_config_from(config, values)
+        plan = make_plan(cfg)
+        _out(plan.search.summary(), err=True)
+        cost = plan_estimate(plan)
+        _out(cost.to_json() if as_json else cost.summary())
+
+    _guard(go)
+
+
+# `plan` takes exactly compute's options (so any compute command line can be planned by changing one word), plus
+# --json: its signature is compute's, extended, rather than a second copy of twenty options that would drift.
+_compute_signature = inspect.signature(compute, eval_str=True)
+_json_option = inspect.Parameter(
+    "as_json", inspect.Parameter.KEYWORD_ONLY, default=False,
+    annotation=Annotated[bool, typer.Option("--json", help="One JSON object (the RunEstimate fields).")],
+)
+plan_cmd.__signature__ = _compute_signature.replace(  # type: ignore[attr-defined]
+    parameters=[p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in _compute_signature.parameters.values()]
+    + [_json_option]
+)
+plan_cmd.__annotations__ = {p.name: p.annotation for p in plan_cmd.__signature__.parameters.values()}  # type: ignore[attr-defined]
+app.command("plan")(plan_cmd)
 
 
 @app.command("catalogs")

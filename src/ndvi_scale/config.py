@@ -279,6 +279,9 @@ class RunConfig:
     its own. Asking an existing cube for another format is refused (it is never silently ignored)."""
     codec: str = "zstd"
     """Compression of a new output's chunks: zstd, zlib (for GDAL builds without zstd), lz4 (blosc) or none."""
+    allow_large: bool = False
+    """Start a run above the size guard (:data:`ndvi_scale.sizing.MAX_OUTPUT_BYTES` of output or
+    :data:`~ndvi_scale.sizing.MAX_REGIONS` regions; CLI ``--yes``); else it stops before writing anything."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Free-form options for later stages (kept for provenance)."""
 
@@ -365,7 +368,7 @@ class RunConfig:
             if codec not in ("zstd", "zlib", "lz4", "none"):
                 raise InputError(f"codec {shown(kw['codec'])} is unknown; expected zstd, zlib, lz4 or none")
             kw["codec"] = codec
-        for flag in ("overwrite", "append", "skip_bad_assets", "allow_local"):
+        for flag in ("overwrite", "append", "skip_bad_assets", "allow_local", "allow_large"):
             if flag in kw:
                 kw[flag] = _flag(kw[flag], flag)
         return cls(**kw)

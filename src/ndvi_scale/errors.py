@@ -114,3 +114,9 @@ class ClusterError(NdviScaleError):
     """The requested Dask cluster cannot be reached, created or used."""
 
     exit_code = 11
+
+
+class RunTooLargeError(NdviScaleError):
+    """The run is above the size guard (output bytes or regions) and was not confirmed (``--yes``)."""
+
+    exit_code = 12

@@ -35,6 +35,7 @@ from .items import S2Item
 from .load import choose_epsg, sign_items, signers, with_crs_from_cog
 from .mask import SCL_CLASSES
 from .search import SearchResult, search
+from .sizing import RunEstimate, check_size, estimate
 from .write import WriteReport
 
 #: Largest day stack (bytes) one task may hold: a float32 NDVI layer per day of its period with a scene reaching its
@@ -145,6 +146,23 @@ def busiest_chunk_days(plans: Sequence[PeriodPlan | None], grid: OutputGrid, chu
                 seen[d, i0 : i1 + 1, j0 : j1 + 1] = True
         busiest = max(busiest, int(seen.sum(axis=0).max(initial=0)))
     return busiest
+
+
+def plan_estimate(plan: Plan) -> RunEstimate:
+    """What the planned run will cost (``ndvi-scale plan``; see :mod:`ndvi_scale.sizing`): nothing is read."""
+    return estimate(plan.config, plan.search, plan_grid(plan), plan.chunk, plan.periods,
+                    [p.items if p is not None else None for p in plan.plans])
+
+
+def plan(bbox: Any, start: Any, end: Any, catalog: str = "sample", **options: Any) -> RunEstimate:
+    """Python API mirroring ``ndvi-scale plan``: search and plan as :func:`compute` would (same arguments), read
+    no pixel, and return the :class:`~ndvi_scale.sizing.RunEstimate` (``.summary()``, ``.to_json()``).
+
+    Raises the input, catalog and no-scene errors :func:`compute` raises before reading.
+    """
+    options.pop("cluster", None)
+    cfg = RunConfig.create(bbox=bbox, start=start, end=end, catalog=catalog, **options)
+    return plan_estimate(make_plan(cfg))
 
 
 def _days_to_datetime(days: np.ndarray) -> np.ndarray:
@@ -352,6 +370,9 @@ def run(
            if cfg.out is not None else None)
     plan = make_plan(cfg)
     say(plan.search.summary())
+    cost = plan_estimate(plan)
+    say(cost.summary())
+    check_size(cost, cfg.allow_large)  # before the graph is built and before anything is written
     faults = FaultLog(loc.spec()) if loc is not None else None
     ds = build(cfg, plan, ReadPolicy(skip=cfg.skip_bad_assets, log=faults))
     labels = asset_labels(plan)
@@ -386,6 +407,8 @@ def compute(
 ) -> xr.Dataset:
     """Python API mirroring ``ndvi-scale compute``.
 
+    A run above the size guard (:mod:`ndvi_scale.sizing`: 100 GB of output or 100,000 regions) raises
+    :class:`~ndvi_scale.errors.RunTooLargeError` before anything is built or written, unless ``allow_large=True``.
     Without ``out`` it returns the lazy composite Dataset (nothing read yet: ``.compute()``, ``.hvplot()`` or
     ``.to_zarr()`` it yourself). With ``out`` it writes the Zarr and returns it opened lazily from the store.
     """
@@ -420,4 +443,5 @@ def stack(bbox: Any, start: Any, end: Any, catalog: str = "sample", **options: A
     )
 
 
-__all__ = ["InputError", "build", "compute", "make_plan", "plan_grid", "plan_sources", "run", "stack"]
+__all__ = ["InputError", "build", "compute", "make_plan", "plan", "plan_estimate", "plan_grid", "plan_sources", "run",
+           "stack"]

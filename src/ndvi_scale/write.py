@@ -424,7 +424,8 @@ def run_fingerprint(ds: xr.Dataset, zarr_format: int) -> str:
     cfg = _json_attr(get_attr(ds.attrs, "config"))
     if isinstance(cfg, dict):
         # codec: how chunks are compressed, not what they hold (each array keeps the codec it was created with)
-        flags = ("out", "overwrite", "append", "zarr_format", "skip_bad_assets", "codec", "allow_local")
+        flags = ("out", "overwrite", "append", "zarr_format", "skip_bad_assets", "codec", "allow_local",
+                 "allow_large")
         # URLs as stored (scrubbed): a rotated API key or signature is the same run
         cfg = scrub_value({k: v for k, v in cfg.items() if k not in flags})
     crs = ds.rio.crs
