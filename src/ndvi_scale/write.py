@@ -157,6 +157,8 @@ class WriteReport:
     resumed: bool
     """True if this call finished an interrupted write."""
     fingerprint: str
+    waves: int = 0
+    """Waves the regions were computed in (:mod:`ndvi_scale.waves`; 0: nothing computed)."""
     skipped_assets: tuple[dict[str, Any], ...] = ()
     """Assets this write went on without (``--skip-bad-assets``), per asset: item, band, href, windows, error
     (see :func:`ndvi_scale.faults.summarise`). Also in the cube's ``ndvi_scale_skipped_assets``."""
@@ -777,6 +779,7 @@ class _Writer:
         self.faults = faults
         self.asset_labels = dict(asset_labels or {})
         self.skipped: list[dict[str, Any]] = []
+        self.waves = 0
         self.ds = ds
         self.progress = progress
         self._fingerprint = fingerprint
@@ -993,6 +996,7 @@ class _Writer:
             resumed=resumed,
             fingerprint=fp,
             skipped_assets=tuple(self.skipped),
+            waves=self.waves,
         )
 
     def _read_failure(self, exc: Exception) -> Exception:
@@ -1058,47 +1062,36 @@ class _Writer:
         return groups
 
     def _compute(self, groups: list[list[Any]]) -> None:
-        """Compute the region tasks, one period after the other.
+        """Compute the region tasks, one period after the other, in waves (:mod:`ndvi_scale.waves`).
 
         Period by period, because neighbouring chunks of one period share COG tiles (the reader's tile cache,
         ndvi_scale.reader) and the items' open files: left to itself dask interleaves periods, and the cache
-        then re-reads ~1/3 of the partly-needed tiles (benchmarks: 1.15x the bytes instead of 1.01x). On a
-        cluster all periods are submitted at once, earlier periods with higher priority (no barrier).
+        then re-reads ~1/3 of the partly-needed tiles (benchmarks: 1.15x the bytes instead of 1.01x). A period
+        of more regions than a wave is cut into waves; on a cluster at most two waves are on the scheduler, the
+        earlier with higher priority (no barrier between them).
         """
+        from .waves import compute_in_waves, split_waves, wave_regions
+
         tasks = [t for g in groups for t in g]
         total = len(tasks)
         if self.progress:
             self.progress(0, total)
         if not tasks:
             return
+        waves = split_waves(groups, wave_regions())
         client = _active_client()
         try:
             if client is not None:
-                from distributed import as_completed
-
                 from .cluster import DEFAULT_RETRIES
 
                 # A worker lost mid-run (preemption, OOM kill) must not fail the job: its regions are retried.
-                futures = [
-                    fut
-                    for n, group in enumerate(groups)
-                    for fut in client.compute(group, retries=DEFAULT_RETRIES, priority=len(groups) - n)
-                ]
-                try:
-                    for n, fut in enumerate(as_completed(futures), start=1):
-                        fut.result()
-                        if self.progress:
-                            self.progress(n, total)
-                except BaseException:
-                    client.cancel(futures)
-                    raise
+                on_done = (lambda n: self.progress(n, total)) if self.progress else None  # type: ignore[misc]
+                self.waves = compute_in_waves(waves, client, retries=DEFAULT_RETRIES, on_done=on_done)
             elif self.progress:
                 with _ProgressCallback({t.key for t in tasks}, total, self.progress):
-                    for group in groups:
-                        dask.compute(*group)
+                    self.waves = compute_in_waves(waves, None)
             else:
-                for group in groups:
-                    dask.compute(*group)
+                self.waves = compute_in_waves(waves, None)
         except NdviScaleError:
             raise
         except Exception as exc:

@@ -1,0 +1,81 @@
+"""ndvi_scale.waves: a write's regions computed a bounded number at a time, with the same cube as one wave."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ndvi_scale.waves import WAVE_REGIONS, split_waves, wave_regions
+from ndvi_scale.write import write_cube
+from test_write import make_cube, open_cube, store_bytes
+
+PERIODS = ["2024-01-01", "2024-02-01"]  # make_cube: 3 x 3 chunks a period, 18 regions
+
+
+def _data(url: str) -> dict[str, bytes]:
+    """The chunk objects of a store (the arrays' bytes), without the metadata (history holds the write time)."""
+    return {k: v for k, v in store_bytes(url).items() if "/c/" in k or k.split("/")[-1][:1].isdigit()}
+
+
+def test_split_waves_keeps_periods_apart_and_order() -> None:
+    assert split_waves([[1, 2, 3, 4, 5], [6, 7]], 2) == [[1, 2], [3, 4], [5], [6, 7]]
+    assert split_waves([[1, 2, 3]], 10) == [[1, 2, 3]]
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("", WAVE_REGIONS), ("7", 7), ("0", WAVE_REGIONS), ("x", WAVE_REGIONS)])
+def test_wave_size_setting(raw: str, expected: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NDVI_SCALE_WAVE_REGIONS", raw)
+    assert wave_regions() == expected
+
+
+def test_local_waves_write_the_same_cube_as_one_wave(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    one = str(tmp_path / "one.zarr")
+    report = write_cube(make_cube(PERIODS), one)
+    assert report.waves == 2  # one per period
+    monkeypatch.setenv("NDVI_SCALE_WAVE_REGIONS", "4")
+    many = str(tmp_path / "many.zarr")
+    report = write_cube(make_cube(PERIODS), many)
+    assert report.waves == 6 and report.regions_written == 18  # ceil(9 / 4) = 3 waves a period
+    assert _data(one) == _data(many) and len(_data(one)) >= 2 * 18
+
+
+def _peak_tasks_on_scheduler(url: str, waves: str | None, monkeypatch: pytest.MonkeyPatch) -> tuple[int, Any]:
+    """Write on an in-process distributed cluster; return the most tasks its scheduler held at once."""
+    from distributed import Client
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    class Peak(SchedulerPlugin):
+        def __init__(self, scheduler: Any) -> None:
+            self.scheduler, self.peak = scheduler, 0
+
+        def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+            self.peak = max(self.peak, len(self.scheduler.tasks))
+
+    if waves is None:
+        monkeypatch.delenv("NDVI_SCALE_WAVE_REGIONS", raising=False)
+    else:
+        monkeypatch.setenv("NDVI_SCALE_WAVE_REGIONS", waves)
+    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as client:
+        scheduler = client.cluster.scheduler  # type: ignore[union-attr]
+        peak = Peak(scheduler)
+        scheduler.add_plugin(peak, name="peak")
+        report = write_cube(make_cube(PERIODS, sleep=0.02), url)
+    return peak.peak, report
+
+
+def test_distributed_waves_bound_the_scheduler_and_write_the_same_cube(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    one, many = str(tmp_path / "one.zarr"), str(tmp_path / "many.zarr")
+    peak_one, report_one = _peak_tasks_on_scheduler(one, None, monkeypatch)
+    peak_many, report_many = _peak_tasks_on_scheduler(many, "2", monkeypatch)
+    assert report_one.waves == 2 and report_many.waves == 10  # ceil(9 / 2) = 5 a period
+    assert report_many.regions_written == 18
+    # two waves of 2 regions at most on the scheduler, against all 18 regions at once
+    print("peak tasks on the scheduler: one wave", peak_one, "waves of 2", peak_many)
+    assert peak_many * 3 <= peak_one, (peak_many, peak_one)
+    assert _data(one) == _data(many)
+    np.testing.assert_array_equal(open_cube(many)["ndvi"].values, make_cube(PERIODS)["ndvi"].values)
