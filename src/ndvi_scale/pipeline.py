@@ -14,7 +14,7 @@ import dataclasses
 import datetime as dt
 import functools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ from .composite import EXTRA_OUTPUTS, Period, assign_periods, periods_between
 from .config import RunConfig, check_grid_extent
 from .engine.graph import PeriodSources, composite_cube, cube_layer
 from .engine.grid import OutputGrid, output_grid
-from .engine.sources import asset_source, item_source
+from .engine.sources import item_source
 from .errors import InputError
 from .faults import FaultLog, ReadPolicy, clean_href, describe_summary, scrub_value
 from .items import S2Item
@@ -37,12 +37,6 @@ from .mask import SCL_CLASSES
 from .search import SearchResult, search
 from .sizing import RunEstimate, check_size, estimate
 from .write import WriteReport
-
-#: Largest day stack (bytes) one task may hold: a float32 NDVI layer per day of its period with a scene reaching its
-#: chunk (the reducers need every day; the reads stream through a bounded read-ahead besides). Beyond it the
-#: spatial chunk is halved: a single-tile year (73 days) at 2048 px would hold 1.2 GB in one task. Counted per chunk,
-#: never over the whole area: a country-size run keeps the user's chunk (a chunk sees a few granules' days).
-MAX_TASK_BYTES = 768 * 2**20
 
 _EPOCH = dt.date(1970, 1, 1)
 
@@ -117,35 +111,9 @@ def make_plan(cfg: RunConfig, result: SearchResult | None = None) -> Plan:
                 day_numbers=tuple((d - _EPOCH).days for d in uniq),
             )
         )
-    grid = output_grid(cfg.bbox.as_tuple(), epsg, cfg.resolution)
-    chunk = cfg.chunk
-    while chunk > 256 and busiest_chunk_days(plans, grid, chunk) * 4 * chunk * chunk > MAX_TASK_BYTES:
-        chunk //= 2
-    return Plan(cfg, dataclasses.replace(result, items=tuple(items)), epsg, chunk, tuple(periods), tuple(plans))
-
-
-def busiest_chunk_days(plans: Sequence[PeriodPlan | None], grid: OutputGrid, chunk: int) -> int:
-    """The most days with a scene reaching one chunk in one period (by the scenes' metadata footprints; a scene
-    without one reaches every chunk): what the busiest (period, chunk) task holds as float32 layers."""
-    cy, cx = grid.chunks(chunk)
-    ny, nx = len(cy), len(cx)
-    busiest = 0
-    for p in plans:
-        if p is None:
-            continue
-        seen = np.zeros((len(p.day_numbers), ny, nx), dtype=bool)
-        for it, d in zip(p.items, p.day_index, strict=True):
-            window = asset_source(it, "red", grid).window
-            if window is None:
-                seen[d] = True
-                continue
-            r0, r1, c0, c1 = window
-            i0, i1 = max(0, int(r0 // chunk)), min(ny - 1, int(np.ceil(r1 / chunk)) - 1)
-            j0, j1 = max(0, int(c0 // chunk)), min(nx - 1, int(np.ceil(c1 / chunk)) - 1)
-            if i0 <= i1 and j0 <= j1:
-                seen[d, i0 : i1 + 1, j0 : j1 + 1] = True
-        busiest = max(busiest, int(seen.sum(axis=0).max(initial=0)))
-    return busiest
+    # The chunk is the user's at any area and period length: a task whose days would not fit in memory is
+    # composited in strips of rows (ndvi_scale.engine.task.TASK_DAY_BYTES), never by shrinking the chunk.
+    return Plan(cfg, dataclasses.replace(result, items=tuple(items)), epsg, cfg.chunk, tuple(periods), tuple(plans))
 
 
 def plan_estimate(plan: Plan) -> RunEstimate:

@@ -191,3 +191,38 @@ def test_warped_items_equal_the_reference(sample):
     np.testing.assert_array_equal(got.valid_count.values, ref["valid_count"])
     assert (ref["valid_count"] > 0).any()
     assert not any(reader_for(it.bands["red"].href, grid).fast for it in items)
+
+
+@pytest.mark.parametrize("method", ["median", "max"])
+def test_days_beyond_the_budget_are_composited_in_strips_with_the_same_bytes(sample, method, monkeypatch):
+    from ndvi_scale.engine import task
+
+    spec, catalog = sample
+    c = cfg(catalog, bboxes(spec)["partly-outside"], chunk=80, method=method)
+    ref = stack_then_reduce(c)
+    calls: list[tuple[int, int]] = []
+    part = task._composite_part
+
+    def spy(sources, block_id, slices, **kw):
+        calls.append((slices[0].start, slices[0].stop))
+        return part(sources, block_id, slices, **kw)
+
+    monkeypatch.setattr(task, "_composite_part", spy)
+    monkeypatch.setattr(task, "STRIP_ROWS", 16)
+    monkeypatch.setattr(task, "TASK_DAY_BYTES", 16 * 80 * 4 * 4)  # 4 days of a 16-row strip of an 80-px chunk
+    lazy = build(c)
+    regions = len(lazy.time) * len(lazy.ndvi.chunks[1]) * len(lazy.ndvi.chunks[2])
+    got = lazy.compute(scheduler="threads", num_workers=2)
+    np.testing.assert_array_equal(got.ndvi.values, ref["ndvi"])
+    np.testing.assert_array_equal(got.valid_count.values, ref["valid_count"])
+    strips = [r1 - r0 for r0, r1 in calls]
+    assert max(strips) <= 16 and len(calls) > regions  # strips really happened
+
+
+def test_strip_rows_budget():
+    from ndvi_scale.engine.task import STRIP_ROWS, TASK_DAY_BYTES, strip_rows
+
+    assert strip_rows(12, 2048, 2048) == 2048  # a month: 12 x 16 MB, whole
+    year = strip_rows(73, 2048, 2048)  # a single-tile year at the default chunk: 1.2 GB otherwise
+    assert year % STRIP_ROWS == 0 and 73 * year * 2048 * 4 <= TASK_DAY_BYTES and year == 512
+    assert strip_rows(10_000, 2048, 2048) == STRIP_ROWS  # never below one tile row of strips

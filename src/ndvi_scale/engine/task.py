@@ -21,7 +21,7 @@ from .grid import OutputGrid
 from .reader import reader_for
 from .sources import AssetSource, ItemSource
 
-__all__ = ["composite_block", "empty_block", "prefetch"]
+__all__ = ["TASK_DAY_BYTES", "composite_block", "empty_block", "prefetch", "strip_rows"]
 
 
 def empty_block(n_out: int, height: int, width: int) -> np.ndarray:
@@ -40,6 +40,28 @@ def prefetch(sources: Sequence[ItemSource], grid: OutputGrid, slices: Sequence[t
                 PREFETCH_POOL.submit(reader_for(a.href, grid).coverage)
 
 
+#: Most bytes of day layers one task holds at once: a (period, chunk) whose days x rows x cols x 4 B exceed it is
+#: composited in strips of rows, one after the other, into the chunk's output block (every pixel is reduced on
+#: its own, so strips give the same bytes). A single-tile year (73 days) at the default 2048-px chunk would
+#: hold 1.2 GB; in 4 strips of 512 rows it holds 300 MB, so two tasks per worker fit a 1.5 GB worker with the
+#: caches. The chunk (the user's ``--chunk``, also the Zarr chunk) never shrinks for it.
+TASK_DAY_BYTES = 384 * 2**20
+#: Strips are whole multiples of this many rows (a COG's internal tiles are 512 or 1024 px: strips end on tile
+#: boundaries of a grid aligned with the files).
+STRIP_ROWS = 256
+
+
+def strip_rows(n_days: int, height: int, width: int, budget: int | None = None) -> int:
+    """Rows per strip for a (period, chunk) of ``n_days`` day layers of ``height`` x ``width`` float32 pixels:
+    ``height`` if they fit in ``budget`` bytes (default :data:`TASK_DAY_BYTES`), else the most multiple of
+    :data:`STRIP_ROWS` rows that fits (at least :data:`STRIP_ROWS`)."""
+    budget = TASK_DAY_BYTES if budget is None else budget
+    per_row = max(n_days, 1) * width * 4
+    if per_row * height <= budget:
+        return height
+    return max(STRIP_ROWS, budget // per_row // STRIP_ROWS * STRIP_ROWS)
+
+
 def composite_block(
     sources: Sequence[ItemSource],
     block_id: tuple[int, int, int],
@@ -54,6 +76,42 @@ def composite_block(
     read_ahead: int = READ_AHEAD_BYTES,
 ) -> np.ndarray:
     """The packed (1, n_out * height, width) float32 block of one period and chunk: value, count[, date].
+
+    Composited in strips of rows when its day layers would exceed :data:`TASK_DAY_BYTES` (same bytes: each
+    pixel is reduced on its own). Raises as :func:`_composite_part`.
+    """
+    rows, cols = slices
+    height, width = rows.stop - rows.start, cols.stop - cols.start
+    step = strip_rows(len(day_numbers), height, width)
+
+    def part(rows: slice) -> np.ndarray:
+        return _composite_part(sources, block_id, (rows, cols), grid=grid, day_numbers=day_numbers, method=method,
+                               mask_classes=mask_classes, n_out=n_out, policy=policy, read_ahead=read_ahead)
+
+    if step >= height:
+        return part(rows)
+    out = np.empty((n_out, height, width), dtype=np.float32)
+    for r0 in range(0, height, step):
+        r1 = min(height, r0 + step)
+        out[:, r0:r1] = part(slice(rows.start + r0, rows.start + r1)).reshape(n_out, r1 - r0, width)
+    return out.reshape(1, n_out * height, width)
+
+
+def _composite_part(
+    sources: Sequence[ItemSource],
+    block_id: tuple[int, int, int],
+    slices: tuple[slice, slice],
+    *,
+    grid: OutputGrid,
+    day_numbers: Sequence[int],
+    method: str,
+    mask_classes: tuple[int, ...],
+    n_out: int,
+    policy: ReadPolicy,
+    read_ahead: int = READ_AHEAD_BYTES,
+) -> np.ndarray:
+    """The packed (1, n_out * height, width) float32 block of one period and the window ``slices`` (a chunk or
+    a strip of one): value, count[, date].
 
     Days are visited from a start that differs between neighbouring chunks (``block_id`` = (period, i, j)):
     two tasks on adjacent chunks then read different items at a time, so a COG tile they share is inflated by
