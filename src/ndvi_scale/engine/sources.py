@@ -84,23 +84,40 @@ def _footprint(item: S2Item, band: BandAsset, grid: OutputGrid) -> tuple[float, 
     """The band's bounds in the grid's CRS from its metadata: ``proj:transform`` x ``proj:shape`` when they
     agree with the item's bbox, else the item's bbox; None when neither is known or projectable."""
     epsg = band.epsg if band.epsg is not None else item.epsg
-    bbox = item.bbox
+    bbox = tuple(item.bbox) if item.bbox is not None else None
+    tf = tuple(band.transform) if band.transform is not None else None
+    bounds, distrusted = _footprint_of(tf, band.shape, epsg, bbox, grid.epsg)
+    if distrusted:
+        assert bbox is not None
+        _warn_footprint(item.id, str(band.key), bbox)
+    return bounds
+
+
+#: Footprints computed once per (transform, shape, CRS, bbox, grid CRS): the items of one tile on its 73 dates a
+#: year share them, and a country-year plans 10^4-10^5 items (each projection costs ~0.3 ms).
+@functools.lru_cache(maxsize=2**16)
+def _footprint_of(
+    tf: tuple[float, ...] | None,
+    shape: tuple[int, int] | None,
+    epsg: int | None,
+    bbox: tuple[float, ...] | None,
+    grid_epsg: int,
+) -> tuple[tuple[float, float, float, float] | None, bool]:
+    """(bounds in ``grid_epsg`` or None, whether the transform/shape footprint was distrusted for the bbox)."""
     valid_bbox = bbox is not None and all(math.isfinite(v) for v in bbox) and bbox[0] < bbox[2] and bbox[1] < bbox[3]
     try:
-        if band.transform is not None and band.shape is not None and epsg:
-            tf = band.transform
-            if tf[1] == 0 and tf[3] == 0 and valid_bbox and not _contains_bbox(tf, band.shape, int(epsg), bbox):
+        if tf is not None and shape is not None and epsg:
+            if tf[1] == 0 and tf[3] == 0 and valid_bbox and not _contains_bbox(tf, shape, int(epsg), bbox):
                 assert bbox is not None
-                _warn_footprint(item.id, str(band.key), tuple(bbox))
                 native = _transformer_bounds(bbox, int(epsg))
-                return reproject_corners(native, int(epsg), grid.epsg)
-            return affine_envelope(tf, band.shape, int(epsg), grid.epsg)
+                return reproject_corners(native, int(epsg), grid_epsg), True
+            return affine_envelope(tf, shape, int(epsg), grid_epsg), False
         if valid_bbox:
             assert bbox is not None
-            return reproject_corners(bbox, 4326, grid.epsg)
+            return reproject_corners(bbox, 4326, grid_epsg), False  # type: ignore[arg-type]
     except Exception:  # pyproj errors: a footprint outside the CRS's domain; the file decides
-        return None
-    return None
+        return None, False
+    return None, False
 
 
 @functools.lru_cache(maxsize=4096)
