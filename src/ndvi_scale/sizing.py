@@ -12,7 +12,8 @@ Rules (the numbers are estimates, stated as such):
 * **Input**: per asset (red, nir, scl of every item used), the internal COG tiles (:data:`COG_TILE` px a side)
   its own grid has over the output grid's bounds, times :data:`BYTES_PER_PIXEL` of that band. Reads are whole
   tiles, so a bbox smaller than a tile still fetches the tile. Assets without ``proj:transform``/``proj:shape``
-  count the output pixels their item's footprint covers, at the band's resolution.
+  count the output pixels their item's footprint covers, at the band's resolution. Full-resolution reads are
+  assumed: at a coarser ``--resolution`` GDAL reads overviews, so the estimate is an upper bound there.
 * **CPU**: pixel-observations (output pixels x items reaching them) / :data:`PX_OBS_PER_CORE_SECOND`.
 """
 
