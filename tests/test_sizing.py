@@ -155,3 +155,18 @@ def test_compute_prints_the_plan_line_before_starting(sample, tmp_path):
     lines = r.stderr.splitlines()
     assert plan.stdout.strip() in lines  # the very line `plan` prints
     assert lines.index(plan.stdout.strip()) <= 1 and "wrote" in r.stdout
+
+
+def test_country_size_plans_keep_the_chunk_and_three_tasks_per_chunk_period(tmp_path):
+    items = list(tile_grid_items(4, revisit_dates(2024)))  # 4 x 4 granules x 73 dates, no pixels
+    first = [it["bbox"] for it in items[:16]]
+    bbox = (min(b[0] for b in first), min(b[1] for b in first), max(b[2] for b in first), max(b[3] for b in first))
+    path = write_items(items, tmp_path / "items.json")
+    est = ndvi_scale.plan(bbox, "2024-01-01", "2024-12-31", catalog=str(path))
+    ny, nx = est.chunks
+    assert est.items_used == 16 * 73 and est.chunk == 2048 and ny * nx > 400
+    assert est.tasks <= 3 * ny * nx * est.periods
+    # a single tile, --period year, median: 73 days reach every chunk, and the chunk is still the user's
+    inside = _utm_box_lonlat(410_000, 5_405_000, 499_000, 5_495_000)  # granule (row 0, col 1) only
+    year = ndvi_scale.plan(inside, "2024-01-01", "2024-12-31", catalog=str(path), period="year", method="median")
+    assert year.chunk == 2048 and year.periods == 1 and year.items_used >= 73  # + neighbours whose bbox touches
