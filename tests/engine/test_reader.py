@@ -59,7 +59,7 @@ def read_all(items: list, grid: OutputGrid, chunk: int) -> tuple[np.ndarray, dic
 def aligned_path(request: Any, monkeypatch: pytest.MonkeyPatch) -> str:
     """Aligned reads by the engine's own tile fetch and decode (the default for local and http(s) COGs), or by
     GDAL (s3://, gs://, files the engine does not decode itself)."""
-    monkeypatch.setattr(reader_mod, "OWN_TILES", request.param == "tiles")
+    monkeypatch.setattr(reader_mod.owntiles, "OWN_TILES", request.param == "tiles")
     return str(request.param)
 
 
@@ -262,3 +262,29 @@ def test_handle_pool_is_thread_safe():
     for t in threads:
         t.join()
     assert not clash.is_set() and pool.open_count <= 4 + 8  # in-use handles may exceed the cap briefly
+
+
+def test_tiles_that_do_not_decode_are_read_again_under_the_policy(sample, monkeypatch):
+    """The engine's own path decodes in the task's thread, after the fetch: bytes that fail to decode there (a file
+    replaced or corrupted meanwhile) are read again under the read policy, with the same pixels."""
+    spec, catalog = sample
+    items, grid = items_and_grid(catalog, bboxes(spec)["across-overlap"])
+    ref = reference_stack(items, grid)
+    from ndvi_scale.engine import owntiles
+
+    real, failures = owntiles.decode_tile, []
+
+    def flaky(layout: Any, data: Any, out: Any = None) -> Any:
+        if not failures:
+            failures.append(1)
+            raise ValueError("a tile decoded to 12 bytes, 524288 expected (corrupt or truncated data)")
+        return real(layout, data, out=out)
+
+    monkeypatch.setattr(owntiles, "decode_tile", flaky)
+    monkeypatch.setattr(TILE_CACHE, "max_bytes", 0)  # every tile decoded by the finisher
+    height, width = grid.shape
+    red = reader_for(items[0].bands["red"].href, grid)
+    finish = red.start(Window(0, 0, width, height), FAST_POLICY)
+    assert failures == []  # nothing decoded yet: the fetch only
+    np.testing.assert_array_equal(finish(), ref[0, 0])
+    assert failures == [1] and red.path == "tiles"

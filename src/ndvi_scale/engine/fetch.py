@@ -42,10 +42,10 @@ def _env_int(name: str, default: int, minimum: int) -> int:
 #: (:data:`READ_AHEAD_BYTES`), not by this number.
 READ_CONCURRENCY = _env_int("NDVI_SCALE_READ_CONCURRENCY", min(64, max(32, 16 * (os.cpu_count() or 2))), 1)
 
-#: Bytes of read-but-not-yet-folded pixels one task may hold (``NDVI_SCALE_READ_AHEAD_MB``). 64 MB: 8 windows of a
-#: 2048-px chunk (8 MB of uint16 each), i.e. 8 requests in flight per task, 16 for two tasks on 2 cores: enough
-#: at 100 ms (see :data:`READ_CONCURRENCY`), and what it adds to a worker's peak memory stays small (192 MB took
-#: the benchmark from 1.6 to 2.0 GB).
+#: Bytes of fetched-but-not-yet-folded reads one task may hold (``NDVI_SCALE_READ_AHEAD_MB``): compressed tiles on
+#: the engine's own COG path (decoded when folded), uint16 windows through GDAL. 64 MB: 8 windows of a 2048-px
+#: chunk through GDAL (8 MB of uint16 each), two to three times as many compressed; what it adds to a worker's
+#: peak memory stays small (192 MB of GDAL windows took the benchmark from 1.6 to 2.0 GB).
 READ_AHEAD_BYTES = _env_int("NDVI_SCALE_READ_AHEAD_MB", 64, 1) * 2**20
 
 

@@ -21,7 +21,7 @@ Digital numbers are returned raw (uint16): scale/offset differ per item and are 
 On the aligned paths, COGs over http(s) and on local disk are read by the engine itself: the header is fetched
 once (:mod:`.cog` parses the tile offsets from it), a window's tiles are fetched with one call
 (:mod:`.ranges`: merged ranges, many calls waiting at once in the I/O pool) and decoded with imagecodecs, at most
-:data:`DECODE_THREADS` at once. Other files (s3://, gs://, JPEG 2000, anything :mod:`.cog` does not decode
+:data:`~.owntiles.DECODE_THREADS` at once. Other files (s3://, gs://, JPEG 2000, anything :mod:`.cog` does not decode
 exactly as GDAL would) are read through GDAL.
 
 Shared tiles go through :data:`~ndvi_scale.engine.tiles.TILE_CACHE`; handles through
@@ -39,10 +39,10 @@ import ctypes
 import errno
 import functools
 import logging
-import os
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,8 +54,8 @@ from rasterio.windows import Window
 
 from ..errors import ReadError, exception_chain
 from ..faults import AssetFault, AssetReadError, ReadPolicy, SkippedAssetWarning, clean_href, error_text
-from . import ranges
-from .cog import CogLayout, decode_tile, parse_cog
+from . import owntiles, ranges
+from .cog import CogLayout, parse_cog
 from .grid import OutputGrid
 from .handles import GDAL_OPEN_OPTIONS, GDAL_READ_OPTIONS, HANDLES, gdal_env
 from .tiles import TILE_CACHE, TileCache, paste, scratch, upsample_into
@@ -77,15 +77,6 @@ _ALIGN_TOL = 1e-6
 #: Drivers read without a warp: GDAL's GTiff driver reads windows of a COG by tiles.
 _ALIGNED_DRIVERS = frozenset({"GTiff"})
 
-#: Whether COGs over http(s) and on local disk are read by the engine itself (:mod:`.cog`, :mod:`.ranges`)
-#: instead of GDAL (``NDVI_SCALE_OWN_TILES=0``: always GDAL, e.g. to compare). GDAL inflates in the thread that
-#: fetched, so keeping tens of reads in flight ran tens of inflates on two cores (2.4x the CPU of 2 decoding
-#: threads, measured); here the fetches wait in the I/O pool and only :data:`DECODE_THREADS` decode at once.
-OWN_TILES = os.environ.get("NDVI_SCALE_OWN_TILES", "1").strip() not in ("0", "false", "no")
-
-#: Tiles decoded at once per process (``NDVI_SCALE_DECODE_THREADS``): one per core.
-DECODE_THREADS = max(1, int(os.environ.get("NDVI_SCALE_DECODE_THREADS", "0") or 0) or (os.cpu_count() or 2))
-DECODE_SLOTS = threading.BoundedSemaphore(DECODE_THREADS)
 
 
 @dataclass(frozen=True)
@@ -200,6 +191,25 @@ class AssetReader:
             return "tiles" if plan.layout is not None else "gdal"
         return "warped"
 
+    def cost(self, window: Window) -> int:
+        """Bytes a read of ``window`` holds between :meth:`start` and its finisher: the compressed tiles on the
+        engine's own COG path (once the file's header is known), else the uint16 window."""
+        plan = self._plan
+        h, w = int(window.height), int(window.width)
+        if not isinstance(plan, _Aligned) or plan.layout is None:
+            return 2 * h * w
+        m, lay = plan.match, plan.layout
+        k = m.factor
+        r0 = max(0, (int(window.row_off) - m.row_off) // k)
+        r1 = min(lay.height, (int(window.row_off) + h - 1 - m.row_off) // k + 1)
+        c0 = max(0, (int(window.col_off) - m.col_off) // k)
+        c1 = min(lay.width, (int(window.col_off) + w - 1 - m.col_off) // k + 1)
+        if r0 >= r1 or c0 >= c1:
+            return 0
+        th, tw = lay.tile_height, lay.tile_width
+        return sum(lay.tile_range(tr, tc)[1] for tr in range(r0 // th, (r1 - 1) // th + 1)
+                   for tc in range(c0 // tw, (c1 - 1) // tw + 1))
+
     def coverage(self) -> tuple[int, int, int, int] | None:
         """Output-grid pixels (row0, row1, col0, col1) the asset's raster covers, exactly, on the aligned path
         (the asset is opened to decide, as the first read would); None on the warped path or when the open
@@ -227,7 +237,7 @@ class AssetReader:
             if self._plan is not None:
                 return self._plan
             plan: _Aligned | _Warped | None = None
-            if OWN_TILES and ranges.supported(self.url):
+            if owntiles.OWN_TILES and ranges.supported(self.url):
                 plan = self._plan_from_header()
             if plan is None:
                 with HANDLES.use(self.url, self._open) as ds:
@@ -238,8 +248,8 @@ class AssetReader:
     def _plan_from_header(self) -> _Aligned | _Warped | None:
         """The plan from the file's own header (one range request); None when GDAL must read this file."""
         try:
-            layout = parse_cog(_Header(self.url).read)
-        except _NotCog:
+            layout = parse_cog(owntiles.Header(self.url).read)
+        except owntiles.NotCog:
             return None
         if layout is None:
             return None
@@ -298,6 +308,33 @@ class AssetReader:
         """The asset's uint16 pixels in ``window`` of the output grid (:data:`FILL` outside it and at its
         nodata), under ``policy``. Raises :class:`AssetReadError` (policy without skip) or
         :class:`~ndvi_scale.errors.ReadError` (the process is out of file descriptors)."""
+        got = self._with_policy(window, policy, self._read_once)
+        return got if isinstance(got, np.ndarray) else got()
+
+    def start(self, window: Window, policy: ReadPolicy) -> Callable[[], np.ndarray]:
+        """Fetch what :meth:`read` of ``window`` needs, under ``policy`` (in an I/O thread), and return the
+        function that finishes it (in the task's thread): on the engine's own COG path the tiles are decoded
+        there, elsewhere it returns what was read. Same results and errors as :meth:`read`; a finisher whose
+        bytes do not decode (a file changed or corrupt since) reads the window again under ``policy``."""
+        got = self._with_policy(window, policy, self._fetch_once)
+        if isinstance(got, np.ndarray):
+            return lambda: got
+
+        def finish() -> np.ndarray:
+            try:
+                return got()
+            except _NOT_THE_ASSETS_FAULT:
+                raise
+            except Exception as e:
+                log.info("decoding %s failed, reading it again: %s", clean_href(self.url), error_text(e))
+                self._reset(policy)
+                return self.read(window, policy)
+
+        return finish
+
+    def _with_policy(self, window: Window, policy: ReadPolicy,
+                     once: Callable[[Window], Any]) -> Any:
+        """``once(window)`` with the read policy's attempts; the fill array when the asset is skipped."""
         # An asset given up on for another window of this run gets one attempt, not the whole backoff again:
         # a file that is gone is gone for every chunk (36 of them per 2048-px granule).
         given_up = _GIVEN_UP.get(clean_href(self.url))
@@ -305,9 +342,9 @@ class AssetReader:
         attempt = 1
         while True:
             try:
-                return self._read_once(window)
-            except (MemoryError, TypeError, AttributeError, NameError, AssertionError):
-                raise  # not a fault of the asset: a bug or the machine; retrying or skipping would hide it
+                return once(window)
+            except _NOT_THE_ASSETS_FAULT:
+                raise  # a bug or the machine; retrying or skipping would hide it
             except Exception as e:
                 if _out_of_files(e):
                     raise ReadError(
@@ -357,11 +394,20 @@ class AssetReader:
                 except Exception as e:  # signing service down: retry with the old href, the read will tell
                     log.warning("could not re-sign %s: %s", clean_href(old), error_text(e))
 
-    def _read_once(self, window: Window) -> np.ndarray:
+    def _read_once(self, window: Window) -> Callable[[], np.ndarray] | np.ndarray:
         plan = self._plan if self._plan is not None else self._decide()
         try:
             if isinstance(plan, _Aligned):
-                return self._read_aligned(plan, window)
+                return self._aligned(plan, window)()
+            return self._read_warped(plan, window)
+        except Exception as e:
+            raise RuntimeError(f"Error reading {window} from {clean_href(self.url)!r}: {e!r}") from e
+
+    def _fetch_once(self, window: Window) -> Callable[[], np.ndarray] | np.ndarray:
+        plan = self._plan if self._plan is not None else self._decide()
+        try:
+            if isinstance(plan, _Aligned):
+                return self._aligned(plan, window)
             return self._read_warped(plan, window)
         except Exception as e:
             raise RuntimeError(f"Error reading {window} from {clean_href(self.url)!r}: {e!r}") from e
@@ -399,7 +445,9 @@ class AssetReader:
 
     # -- the aligned path ---------------------------------------------------------------------------------
 
-    def _read_aligned(self, plan: _Aligned, window: Window) -> np.ndarray:
+    def _aligned(self, plan: _Aligned, window: Window) -> Callable[[], np.ndarray]:
+        """Fetch ``window`` on the aligned path; the finisher makes the output window. Through GDAL everything is
+        read here; on the engine's own path the tiles are fetched here and decoded by the finisher."""
         m = plan.match
         k = m.factor
         r0, c0 = int(window.row_off), int(window.col_off)
@@ -409,36 +457,22 @@ class AssetReader:
         rr0, rr1 = max(r0, e_r0), min(r0 + h, e_r1)
         cc0, cc1 = max(c0, e_c0), min(c0 + w, e_c1)
         if rr0 >= rr1 or cc0 >= cc1:
-            return np.full((h, w), FILL, dtype=DTYPE)
-        out = np.empty((h, w), dtype=DTYPE)
-        # fill only the margins the asset does not cover
-        out[: rr0 - r0] = FILL
-        out[rr1 - r0 :] = FILL
-        out[rr0 - r0 : rr1 - r0, : cc0 - c0] = FILL
-        out[rr0 - r0 : rr1 - r0, cc1 - c0 :] = FILL
-        dst = out[rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0]
+            return lambda: np.full((h, w), FILL, dtype=DTYPE)
         # Asset pixels under it: output pixel j (from the asset's edge) has its centre in asset pixel j // k.
         sr0, sc0 = (rr0 - m.row_off) // k, (cc0 - m.col_off) // k
         sr1, sc1 = (rr1 - 1 - m.row_off) // k + 1, (cc1 - 1 - m.col_off) // k + 1
-        if k == 1:
-            self._read_into(plan, sr0, sr1, sc0, sc1, dst)
-        else:
-            src = np.empty((sr1 - sr0, sc1 - sc0), dtype=plan.src_dtype)
-            self._read_into(plan, sr0, sr1, sc0, sc1, src)
-            dr, dc = (rr0 - m.row_off) - sr0 * k, (cc0 - m.col_off) - sc0 * k
-            upsample_into(dst, src, k, dr, dc)
-        if plan.nodata is not None and plan.nodata != FILL:
-            dst[dst == plan.nodata] = FILL
-        return out
-
-    def _read_into(self, plan: _Aligned, r0: int, r1: int, c0: int, c1: int, target: np.ndarray) -> None:
-        """Asset pixels [r0, r1) x [c0, c1) into ``target``; tiles the window only partly covers go through
-        the tile cache (:mod:`ndvi_scale.engine.tiles`)."""
+        inner = (rr0 - r0, rr1 - r0, cc0 - c0, cc1 - c0)
+        shift = ((rr0 - m.row_off) - sr0 * k, (cc0 - m.col_off) - sc0 * k)
         if plan.layout is not None:
-            _read_own_tiles(self.url, plan, plan.layout, r0, r1, c0, c1, target)
-            return
-        with HANDLES.use(self.url, self._open) as ds:
-            self._read_tiles(plan, ds, r0, r1, c0, c1, target)
+            batch = owntiles.collect(self.url, plan.layout, plan.nodata, plan.grid, sr0, sr1, sc0, sc1)
+            return functools.partial(_finish_aligned, plan, (h, w), inner, shift, batch.place)
+
+        def gdal(target: np.ndarray) -> None:
+            with HANDLES.use(self.url, self._open) as ds:
+                self._read_tiles(plan, ds, sr0, sr1, sc0, sc1, target)
+
+        out = _finish_aligned(plan, (h, w), inner, shift, gdal)
+        return lambda: out
 
     def _read_tiles(
         self, plan: _Aligned, ds: Any, r0: int, r1: int, c0: int, c1: int, target: np.ndarray
@@ -502,6 +536,33 @@ class AssetReader:
             paste(target, r0, c0, got, t_r0, t_c0)
 
 
+def _finish_aligned(plan: _Aligned, shape: tuple[int, int], inner: tuple[int, int, int, int],
+                    shift: tuple[int, int], fill: Callable[[np.ndarray], None]) -> np.ndarray:
+    """The output window of ``shape``: :data:`FILL` outside ``inner`` (rows/cols the asset covers, relative to the
+    window), inside it the asset pixels that ``fill(target)`` writes (from asset pixel (sr0, sc0) on), repeated
+    ``k`` x ``k`` from ``shift`` (the offset of the window's first pixel in that first asset pixel) if the asset
+    is coarser, its nodata made :data:`FILL`."""
+    i_r0, i_r1, i_c0, i_c1 = inner
+    out = np.empty(shape, dtype=DTYPE)
+    # fill only the margins the asset does not cover
+    out[:i_r0] = FILL
+    out[i_r1:] = FILL
+    out[i_r0:i_r1, :i_c0] = FILL
+    out[i_r0:i_r1, i_c1:] = FILL
+    dst = out[i_r0:i_r1, i_c0:i_c1]
+    k = plan.match.factor
+    if k == 1:
+        fill(dst)
+    else:
+        dr, dc = shift
+        src = np.empty(((dr + dst.shape[0] - 1) // k + 1, (dc + dst.shape[1] - 1) // k + 1), dtype=plan.src_dtype)
+        fill(src)
+        upsample_into(dst, src, k, dr, dc)
+    if plan.nodata is not None and plan.nodata != FILL:
+        dst[dst == plan.nodata] = FILL
+    return out
+
+
 def _clip(match: GridMatch, shape: tuple[int, int]) -> tuple[int, int, int, int]:
     """The output grid of ``shape`` in asset pixels (row0, row1, col0, col1), clipped to the asset."""
     out_h, out_w = shape
@@ -512,99 +573,6 @@ def _clip(match: GridMatch, shape: tuple[int, int]) -> tuple[int, int, int, int]
         max(0, -match.col_off // k),
         min(match.width, -(-(out_w - match.col_off) // k)),
     )
-
-
-class _Header:
-    """A file's first bytes, fetched once, extended when the parser asks past them (rare for a COG, whose
-    IFDs and tile offsets come first)."""
-
-    #: First fetch: the IFDs and tile offsets of a Sentinel-2 COG band fit in it (as GDAL_INGESTED_BYTES_AT_OPEN).
-    FIRST = 65536
-    #: Headers larger than this are not a COG's: let GDAL read the file.
-    LIMIT = 16 * 2**20
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.data = b""
-        self.eof = False
-
-    def read(self, offset: int, length: int) -> bytes:
-        end = offset + length
-        if end > len(self.data) and not self.eof:
-            if end > self.LIMIT:
-                raise _NotCog()
-            want = max(self.FIRST, 2 * end) - len(self.data)
-            more = ranges.fetch(self.url, [(len(self.data), want)])[0]
-            self.eof = len(more) < want
-            self.data += bytes(more)
-        return self.data[offset:end]
-
-
-class _NotCog(Exception):
-    """The header is too large for a COG's: read the file through GDAL."""
-
-
-def _read_own_tiles(
-    url: str, plan: _Aligned, layout: CogLayout, r0: int, r1: int, c0: int, c1: int, target: np.ndarray
-) -> None:
-    """Asset pixels [r0, r1) x [c0, c1) into ``target``, fetching the tiles' bytes with one blocking call (many
-    such calls wait at once in the I/O pool) and decoding them with at most :data:`DECODE_THREADS` decodes at
-    once per process. Tiles another window also needs go through the tile cache, as on GDAL's path."""
-    cache: TileCache = TILE_CACHE
-    bh, bw = plan.block
-    height, width = plan.match.height, plan.match.width
-    tiles = [(tr, tc) for tr in range(r0 // bh, (r1 - 1) // bh + 1) for tc in range(c0 // bw, (c1 - 1) // bw + 1)]
-
-    def extent(tile: tuple[int, int]) -> tuple[int, int, int, int]:
-        return tile[0] * bh, min((tile[0] + 1) * bh, height), tile[1] * bw, min((tile[1] + 1) * bw, width)
-
-    g_r0, g_r1, g_c0, g_c1 = plan.grid
-
-    def whole(tile: tuple[int, int]) -> bool:
-        t_r0, t_r1, t_c0, t_c1 = extent(tile)
-        t_r0, t_r1, t_c0, t_c1 = max(t_r0, g_r0), min(t_r1, g_r1), max(t_c0, g_c0), min(t_c1, g_c1)
-        return r0 <= t_r0 and t_r1 <= r1 and c0 <= t_c0 and t_c1 <= c1
-
-    caching = cache.max_bytes > 0
-    partial = [t for t in tiles if caching and not whole(t)]
-    have, mine, pending = cache.claim([(url, *t) for t in partial]) if partial else ({}, [], {})
-    try:
-        todo = [t for t in tiles if not caching or whole(t)] + [key[1:] for key in mine]
-        _fetch_decode(url, layout, plan, todo, extent, target, r0, c0, {key[1:]: key for key in mine})
-    finally:
-        cache.release(mine)  # no-op for the keys put
-    for key, arr in have.items():
-        t_r0, _, t_c0, _ = extent(key[1:])
-        paste(target, r0, c0, arr, t_r0, t_c0)
-    for key, event in pending.items():
-        event.wait()
-        t_r0, _, t_c0, _ = extent(key[1:])
-        got = cache.peek(key)
-        if got is None:  # the other thread failed, or the tile was evicted already: read it here
-            _fetch_decode(url, layout, plan, [key[1:]], extent, target, r0, c0, {})
-        else:
-            paste(target, r0, c0, got, t_r0, t_c0)
-
-
-def _fetch_decode(url: str, layout: CogLayout, plan: _Aligned, tiles: list[tuple[int, int]], extent: Any,
-                  target: np.ndarray, r0: int, c0: int, keep: dict[tuple[int, int], Any]) -> None:
-    """Fetch ``tiles`` (one call, merged ranges), decode each, paste its part into ``target``; put the tiles of
-    ``keep`` (tile -> cache key) in the tile cache."""
-    stored = [t for t in tiles if layout.tile_range(*t)[1] > 0]
-    blobs = dict(zip(stored, ranges.fetch(url, [layout.tile_range(*t) for t in stored]), strict=True))
-    dtype = np.dtype(layout.dtype)
-    with DECODE_SLOTS, scratch((layout.tile_height, layout.tile_width), dtype) as buf:
-        for t in tiles:
-            t_r0, t_r1, t_c0, t_c1 = extent(t)
-            raw = blobs.get(t)
-            if raw is None:  # a sparse tile: GDAL reads it as nodata
-                buf.fill(plan.nodata if plan.nodata is not None else 0)
-            else:
-                decode_tile(layout, raw, out=buf)
-            tile = buf[: t_r1 - t_r0, : t_c1 - t_c0]
-            paste(target, r0, c0, tile, t_r0, t_c0)
-            if t in keep:
-                TILE_CACHE.store(keep[t], tile)
 
 
 def _gdal_read(ds: Any, r0: int, r1: int, c0: int, c1: int, out: np.ndarray) -> None:
@@ -620,6 +588,9 @@ def _out_of_files(exc: BaseException) -> bool:
             return True
     return False
 
+
+#: Errors that are not the asset's fault (a bug or the machine): never retried, skipped or blamed on a file.
+_NOT_THE_ASSETS_FAULT = (MemoryError, TypeError, AttributeError, NameError, AssertionError)
 
 #: Readers of this process by (href, grid): an asset is opened and decided once per process, whatever the number
 #: of chunks and tasks that read it. Bounded (least recently used dropped first); handles are capped separately.
