@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
-__all__ = ["POOL", "PREFETCH_POOL", "READ_AHEAD_BYTES", "READ_CONCURRENCY", "ordered_reads"]
+__all__ = ["POOL", "PREFETCH_POOL", "LazyPool", "READ_AHEAD_BYTES", "READ_CONCURRENCY", "ordered_reads"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -68,11 +68,12 @@ def _tame_malloc() -> None:
         pass
 
 
-class _Pool:
+class LazyPool:
     """A lazily started, process-wide thread pool (restarted after a fork: threads do not survive one)."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, name: str = "ndvi-scale-read") -> None:
         self.workers = workers
+        self.name = name
         self._pool: ThreadPoolExecutor | None = None
         self._pid = 0
         self._lock = threading.Lock()
@@ -81,18 +82,18 @@ class _Pool:
         with self._lock:
             if self._pool is None or self._pid != os.getpid():
                 _tame_malloc()
-                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="ndvi-scale-read")
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=self.name)
                 self._pid = os.getpid()
             pool = self._pool
         return pool.submit(fn, *args)
 
 
 #: The process's read threads.
-POOL = _Pool(READ_CONCURRENCY)
+POOL = LazyPool(READ_CONCURRENCY)
 
 #: Threads that open the files of the periods about to be read (header round trips), beside :data:`POOL` so that
 #: they never queue in front of the reads of the period being computed.
-PREFETCH_POOL = _Pool(max(8, READ_CONCURRENCY // 2))
+PREFETCH_POOL = LazyPool(max(8, READ_CONCURRENCY // 2))
 
 
 def ordered_reads(

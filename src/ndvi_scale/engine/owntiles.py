@@ -6,10 +6,12 @@ measured in benchmarks/). Here a read has two halves:
 
 * :func:`collect` (an I/O-pool thread): the tiles of the window, from the COG layout of :mod:`.cog`; their bytes
   fetched with one call (:func:`.ranges.fetch`: merged ranges, one round trip). Tiles another window of the output
-  grid also needs (edge tiles) are decoded right away, at most :data:`DECODE_THREADS` at once per process, and put
-  in the tile cache for that window; a tile another thread is loading is waited for. The rest stays compressed.
-* :meth:`TileBatch.place` (the task's thread, one per core): decodes the remaining tiles straight into the
+  grid also needs (edge tiles) are decoded right away and put in the tile cache for that window; a tile another
+  thread is loading is waited for. The rest stays compressed.
+* :meth:`TileBatch.place` (called by the task when it folds the item): decodes the remaining tiles into the
   window. Until then a read in flight holds compressed bytes only, so the same memory keeps more reads in flight.
+
+Every decode runs in :data:`DECODE_POOL`, one thread per core.
 
 Waiting only ever happens in the first half, on work of the first half of other reads (which waits on nothing
 else), so two tasks sharing tiles cannot wait on each other's second halves.
@@ -18,13 +20,13 @@ else), so two tasks sharing tiles cannot wait on each other's second halves.
 from __future__ import annotations
 
 import os
-import threading
 from typing import Any
 
 import numpy as np
 
 from . import ranges
 from .cog import CogLayout, decode_tile
+from .fetch import LazyPool
 from .tiles import TILE_CACHE, TileCache, paste, scratch
 
 __all__ = ["DECODE_THREADS", "OWN_TILES", "Header", "NotCog", "TileBatch", "collect"]
@@ -33,10 +35,14 @@ __all__ = ["DECODE_THREADS", "OWN_TILES", "Header", "NotCog", "TileBatch", "coll
 #: (``NDVI_SCALE_OWN_TILES=0``: always GDAL, e.g. to compare the two).
 OWN_TILES = os.environ.get("NDVI_SCALE_OWN_TILES", "1").strip().lower() not in ("0", "false", "no")
 
-#: Edge tiles decoded at once per process by the I/O pool's threads (``NDVI_SCALE_DECODE_THREADS``; default one
-#: per core): the pool has tens of threads waiting on sockets, and only this many of them may use a core.
+#: Tiles decoded at once per process (``NDVI_SCALE_DECODE_THREADS``; default one per core): every decode runs in
+#: :data:`DECODE_POOL`, whether a task's thread finishes a read or an I/O thread decodes an edge tile for the cache.
+#: The I/O pool has tens of threads waiting on sockets; only this many threads decode. A pool rather than the
+#: task's own thread: a period of one chunk is one task, which alone would decode on one core.
 DECODE_THREADS = max(1, int(os.environ.get("NDVI_SCALE_DECODE_THREADS", "0") or 0) or (os.cpu_count() or 2))
-_DECODE_SLOTS = threading.BoundedSemaphore(DECODE_THREADS)
+
+#: The decoding threads. They wait on nothing of the engine's, so threads waiting for them cannot deadlock.
+DECODE_POOL = LazyPool(DECODE_THREADS, "ndvi-scale-decode")
 
 
 class NotCog(Exception):
@@ -94,16 +100,24 @@ class TileBatch:
         return r, min(r + lay.tile_height, lay.height), c, min(c + lay.tile_width, lay.width)
 
     def place(self, target: np.ndarray) -> None:
-        """Decode the compressed tiles and copy every tile's part into ``target`` (asset pixels [r0, r1) x
-        [c0, c1)). Raises on bytes that do not decode (a corrupt or truncated file)."""
+        """Decode the compressed tiles (in :data:`DECODE_POOL`, so a task alone on a worker still uses every core)
+        and copy every tile's part into ``target`` (asset pixels [r0, r1) x [c0, c1)). Raises on bytes that do
+        not decode (a corrupt or truncated file)."""
         for t, arr in self.ready.items():
             paste(target, self.r0, self.c0, arr, self.extent(t)[0], self.extent(t)[2])
-        if self.raw:
-            with scratch((self.layout.tile_height, self.layout.tile_width), np.dtype(self.layout.dtype)) as buf:
-                for t, data in self.raw.items():
-                    self._decode(t, data, buf)
-                    t_r0, t_r1, t_c0, t_c1 = self.extent(t)
-                    paste(target, self.r0, self.c0, buf[: t_r1 - t_r0, : t_c1 - t_c0], t_r0, t_c0)
+        futures = [DECODE_POOL.submit(self._place_one, t, data, target) for t, data in self.raw.items()]
+        try:
+            for f in futures:
+                f.result()
+        finally:
+            for f in futures:
+                f.cancel()
+
+    def _place_one(self, tile: Tile, data: bytes | memoryview | None, target: np.ndarray) -> None:
+        with scratch((self.layout.tile_height, self.layout.tile_width), np.dtype(self.layout.dtype)) as buf:
+            self._decode(tile, data, buf)
+            t_r0, t_r1, t_c0, t_c1 = self.extent(tile)
+            paste(target, self.r0, self.c0, buf[: t_r1 - t_r0, : t_c1 - t_c0], t_r0, t_c0)
 
     def _decode(self, tile: Tile, data: bytes | memoryview | None, buf: np.ndarray) -> None:
         if data is None:  # a sparse tile: GDAL reads it as nodata
@@ -158,12 +172,16 @@ def _fetch(url: str, batch: TileBatch, tiles: list[Tile]) -> None:
 
 def _decode_for_cache(batch: TileBatch, keys: dict[Tile, Any]) -> None:
     """Decode the claimed tiles now (the other windows that need them wait for them) and cache them."""
-    layout = batch.layout
-    with _DECODE_SLOTS:
-        for t, key in keys.items():
-            t_r0, t_r1, t_c0, t_c1 = batch.extent(t)
-            buf = np.empty((layout.tile_height, layout.tile_width), dtype=layout.dtype)
-            batch._decode(t, batch.raw.pop(t), buf)
-            tile = buf if buf.shape == (t_r1 - t_r0, t_c1 - t_c0) else buf[: t_r1 - t_r0, : t_c1 - t_c0].copy()
-            TILE_CACHE.put(key, tile)
-            batch.ready[t] = tile
+
+    def one(t: Tile, key: Any, data: bytes | memoryview | None) -> None:
+        layout = batch.layout
+        t_r0, t_r1, t_c0, t_c1 = batch.extent(t)
+        buf = np.empty((layout.tile_height, layout.tile_width), dtype=layout.dtype)
+        batch._decode(t, data, buf)
+        tile = buf if buf.shape == (t_r1 - t_r0, t_c1 - t_c0) else buf[: t_r1 - t_r0, : t_c1 - t_c0].copy()
+        TILE_CACHE.put(key, tile)
+        batch.ready[t] = tile
+
+    futures = [DECODE_POOL.submit(one, t, key, batch.raw.pop(t)) for t, key in keys.items()]
+    for f in futures:
+        f.result()

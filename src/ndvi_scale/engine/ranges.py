@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from ..http import gdal_retry_options
-from .fetch import _Pool
+from .fetch import LazyPool
 
 __all__ = ["MAX_CONNECTIONS", "MERGE_GAP", "RANGE_POOL", "fetch", "local_path", "supported"]
 
@@ -41,7 +41,7 @@ MAX_CONNECTIONS = 128
 #: Threads fetching the second and further ranges of a read (the first is fetched by the reading thread). They
 #: only wait on sockets, never on other work of the engine, so the read pool's threads waiting for them cannot
 #: deadlock.
-RANGE_POOL = _Pool(32)
+RANGE_POOL = LazyPool(32, "ndvi-scale-range")
 
 _http_lock = threading.Lock()
 _http: tuple[int, Any] | None = None
