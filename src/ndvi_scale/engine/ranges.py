@@ -13,7 +13,8 @@ setting means the same on both paths. A status that is still an error after thos
 with GDAL's wording (``HTTP response code: 500``): the reader's :class:`~ndvi_scale.faults.ReadPolicy` then
 decides (a retry from scratch with a re-signed href, or give up).
 
-s3:// and gs:// hrefs are read through GDAL (its credential chains are the user's configuration), not here.
+s3:// and gs:// hrefs are read through GDAL (its credential chains are the user's configuration), not here; so are
+http(s) hrefs when a proxy, extra headers or credentials are configured for GDAL (:func:`supported`).
 """
 
 from __future__ import annotations
@@ -47,10 +48,25 @@ _http_lock = threading.Lock()
 _http: tuple[int, Any] | None = None
 
 
+#: Settings of the environment that GDAL applies to its HTTP requests and this module does not (a proxy, extra
+#: headers, credentials, TLS options): with any of them set, http(s) files are read through GDAL, which honours
+#: them, instead of being fetched here without them.
+GDAL_ONLY_HTTP_SETTINGS = (
+    "GDAL_HTTP_PROXY", "GDAL_HTTPS_PROXY", "GDAL_HTTP_PROXYUSERPWD", "GDAL_HTTP_HEADERS", "GDAL_HTTP_HEADER_FILE",
+    "GDAL_HTTP_AUTH", "GDAL_HTTP_USERPWD", "GDAL_HTTP_BEARER", "GDAL_HTTP_COOKIE", "GDAL_HTTP_COOKIEFILE",
+    "GDAL_HTTP_UNSAFESSL", "GDAL_HTTP_USERAGENT", "GDAL_HTTP_SSLCERT", "GDAL_HTTP_SSLKEY", "GDAL_HTTP_VERSION",
+    "CPL_CURL_VERBOSE", "http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy",
+)
+
+
 def supported(url: str) -> bool:
-    """Whether :func:`fetch` reads ``url``: http(s) URLs and local paths (``file://`` or plain)."""
+    """Whether :func:`fetch` reads ``url``: local paths (``file://`` or plain) and http(s) URLs, the latter unless
+    the environment configures GDAL's HTTP requests in a way this module does not follow
+    (:data:`GDAL_ONLY_HTTP_SETTINGS`)."""
     scheme = urlsplit(url).scheme.lower()
-    return scheme in ("http", "https") or local_path(url) is not None
+    if scheme in ("http", "https"):
+        return not any(os.environ.get(k, "").strip() for k in GDAL_ONLY_HTTP_SETTINGS)
+    return local_path(url) is not None
 
 
 def local_path(url: str) -> str | None:
