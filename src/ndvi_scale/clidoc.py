@@ -45,14 +45,18 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ").strip()
 
 
-def _value(param: Any) -> str:
+def _value(param: Any, ctx: Any = None) -> str:
     if getattr(param, "is_flag", False):
         return ""
     metavar = getattr(param, "metavar", None)
     if metavar:
         return str(metavar)
-    name = getattr(getattr(param, "type", None), "name", "") or ""
-    return name.upper() if name not in ("boolean",) else ""
+    try:  # typer's own parameter classes: display_type() is "<str>", "<int>", ...
+        name = str(param.display_type(ctx)).strip("<>")
+    except (AttributeError, TypeError):
+        name = str(getattr(getattr(param, "type", None), "name", "") or "")
+    return {"str": "TEXT", "int": "INTEGER", "float": "NUMBER", "text": "TEXT", "integer": "INTEGER"}.get(
+        name.lower(), name.upper() if name.lower() not in ("bool", "boolean") else "")
 
 
 def _default(param: Any) -> str:
@@ -73,12 +77,13 @@ def reference(prog: str = "ndvi-scale") -> str:
     """The Markdown reference: per command its synopsis, its help and a table of its arguments and options."""
     out: list[str] = []
     for name, cmd in _commands():
+        ctx = cmd.context_class(cmd)
         args = [p for p in cmd.params if getattr(p, "param_type_name", "") == "argument"]
         opts = [p for p in cmd.params if getattr(p, "param_type_name", "") == "option"]
         required = [p for p in opts if p.required]
         synopsis = " ".join(
             [f"{prog} {name}", *(str(p.metavar or p.name).upper() for p in args),
-             *(f"{p.opts[0]} {_value(p)}".strip() for p in required)]
+             *(f"{p.opts[0]} {_value(p, ctx)}".strip() for p in required)]
         ) + (" [OPTIONS]" if len(required) < len(opts) else "")
         summary = (cmd.help or "").strip().splitlines()[0] if cmd.help else ""
         out += [f"**`{synopsis}`**: {summary}", "", "| argument / option | value | default | meaning |",
@@ -88,7 +93,7 @@ def reference(prog: str = "ndvi-scale") -> str:
         for p in opts:
             flags = " / ".join(f"`{o}`" for o in [*p.opts, *p.secondary_opts])
             default = "required" if p.required else _default(p)
-            out.append(f"| {flags} | {_cell(_value(p))} | {_cell(default)} | {_cell(p.help or '')} |")
+            out.append(f"| {flags} | {_cell(_value(p, ctx))} | {_cell(default)} | {_cell(p.help or '')} |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 

@@ -303,7 +303,7 @@ def _require_hvplot() -> Any:
             hv.Store.set_current_backend(before)
     except ImportError:
         raise ImportError(
-            "ndvi_scale.viz.ndvi_map/ndvi_timeseries need hvplot: pip install 'ndvi-scale[viz]' "
+            "ndvi_scale.viz.ndvi_map/ndvi_timeseries need hvplot (an ndvi-scale dependency): pip install hvplot "
             "(quicklook_png and show need matplotlib only)"
         ) from None
     return hv
