@@ -338,20 +338,29 @@ def inspect_cmd(
 @app.command("show")
 def show_cmd(
     zarr: Annotated[str, typer.Argument(help="Cube written by compute: path, gs://bucket/path or s3://bucket/path.")],
-    png: Annotated[str, typer.Option("--png", metavar="PNG", help="PNG file to write.")],
+    png: Annotated[
+        str | None,
+        typer.Option("--png", metavar="PNG", help="PNG file to write (more than --per-page periods: PNG-2.png, ...)."),
+    ] = None,
+    html: Annotated[
+        str | None,
+        typer.Option("--html", metavar="HTML",
+                     help="Self-contained interactive page: time slider, NDVI under the mouse."),
+    ] = None,
     time: Annotated[
         str | None,
         typer.Option(help="Period: index (0, -1), 'last', or a date inside it (2024-06-15). Default: all periods."),
     ] = None,
     width: Annotated[int, typer.Option(help="Image width in pixels.")] = 1200,
     dpi: Annotated[int, typer.Option(help="Dots per inch (text size).")] = 100,
+    per_page: Annotated[int, typer.Option(help="Most periods on one PNG; more go to further files.")] = 24,
 ) -> None:
-    """Write a PNG quicklook of an NDVI cube: every period as small multiples, or one period."""
+    """Draw an NDVI cube: PNG small multiples (one period, or every period) and/or an interactive HTML page."""
 
     def go() -> None:
         from .viz import show
 
-        typer.echo(show(zarr, png, time=time, width=width, dpi=dpi))
+        typer.echo(show(zarr, png, time=time, width=width, dpi=dpi, html=html, per_page=per_page))
 
     _guard(go)
 
