@@ -39,3 +39,7 @@ def test_extras_named_in_docs_exist() -> None:
         for named in re.findall(r"(?:ndvi-scale|-e \"?\.)\[([a-z,-]+)\]", doc):
             for extra in named.split(","):
                 assert extra in extras, f"extra [{extra}] in the docs does not exist in pyproject.toml"
+def test_pictures_of_the_readme_exist() -> None:
+    for path in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README):
+        f = ROOT / path
+        assert f.is_file() and f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path

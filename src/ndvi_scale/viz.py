@@ -636,8 +636,8 @@ def _fig_layout(
     hgap = 0.8 * fs
     panel_title = 1.7 * fs
     vgap = 0.6 * fs
-    xlabels = 1.6 * fs  # the x coordinates under the last row
-    axis_w = 3.2 * fs  # the y coordinates left of the first column
+    xlabels = 2.6 * fs  # the x coordinates (and their axis label) under the last row
+    axis_w = 4.0 * fs  # the y coordinates (and their axis label) left of the first column
     panel_w = (width - 2 * pad - axis_w - (ncols - 1) * hgap) / ncols
     if panel_w < 8:
         raise InputError(
@@ -945,6 +945,11 @@ def _draw(
                        labelleft=c == 0, labelbottom=r == last_row or k + lay["ncols"] >= len(labels))
         if k == 0:
             _scale_bar(ax, extent, fs_pt, lay["panel_h"])
+        if c == 0:
+            ax.set_ylabel("y (km)", fontsize=fs_pt * 0.75, labelpad=0.2 * fs)
+        if c == 0 and (r == last_row or k + lay["ncols"] >= len(labels)):
+            ax.set_xlabel(f"x (km, {crs})" if crs else "x (km)", fontsize=fs_pt * 0.75, labelpad=0.15 * fs,
+                          loc="left")
         for spine in ax.spines.values():
             spine.set_linewidth(0.5)
             spine.set_color("#666666")
@@ -965,9 +970,6 @@ def _draw(
         elif n_done == 0:
             ax.text(0.5, 0.5, "not computed yet", ha="center", va="center", transform=ax.transAxes,
                     fontsize=fs_pt, color="#9b1c1c", bbox=dict(facecolor="white", edgecolor="none", alpha=0.8))
-    axes_note = f"x, y: km ({crs})" if crs else "x, y: km"
-    fig.text(pad / width, 1 - (height - pad - lay["cbar_block"] + 0.2 * fs) / height, axes_note, ha="left",
-             va="top", fontsize=fs_pt * 0.75, color="#444444")
     # colour bar (NDVI: with the "below range" arrow, deep water), then swatches for no data and not computed
     avail = width - 2 * pad
     cb_w = max(min(0.55 * width, avail - 16 * fs), 0.4 * avail)
