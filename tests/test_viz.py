@@ -450,3 +450,19 @@ def test_scale_bar_length_is_a_round_share_of_the_panel():
     assert viz._nice_length(3900.0) == 2000.0
     assert viz._nice_length(740.0) == 500.0
     assert viz._nice_length(100.0) == 100.0
+
+
+def test_compute_quicklook_of_a_max_cube_shows_the_date_too(catalog, tmp_path):
+    import subprocess
+    import sys
+
+    out, png = tmp_path / "m.zarr", tmp_path / "q.png"
+    bbox = [f"{v:.5f}" for v in SPEC.bbox_lonlat()]
+    r = subprocess.run([sys.executable, "-m", "ndvi_scale", "compute", "--bbox", *bbox, "--start", "2024-05-01",
+                        "--end", "2024-05-31", "--catalog", catalog, "--out", str(out), "--method", "max",
+                        "--chunk", "64", "--quicklook", str(png)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    dates = tmp_path / "q-max_date.png"
+    assert f"wrote {png}, {dates} (" in r.stdout
+    _read_png(png)
+    _read_png(dates)

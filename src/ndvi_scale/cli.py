@@ -255,7 +255,7 @@ def compute(
     ] = None,
     quicklook: Annotated[
         str | None,
-        typer.Option(metavar="PNG", help="Also write a PNG quicklook of the written cube (all periods)."),
+        typer.Option(metavar="PNG", help="Also write PNG quicklook(s) of the written cube, as show --png does."),
     ] = None,
 ) -> None:
     """Search, mask clouds, compute NDVI, composite per period and write Zarr."""
@@ -289,10 +289,9 @@ def compute(
                          show_progress=True)
         _out(report.describe())
         if quicklook is not None:
-            from .viz import quicklook_png
+            from .viz import show
 
-            width, height = quicklook_png(cfg.out, quicklook)
-            typer.echo(f"wrote {quicklook} ({width}x{height} px)")
+            typer.echo(show(cfg.out, quicklook))  # pages for many periods, the day of the max/min beside
 
     _guard(go)
 
