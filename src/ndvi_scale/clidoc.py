@@ -55,6 +55,8 @@ def _value(param: Any, ctx: Any = None) -> str:
         name = str(param.display_type(ctx)).strip("<>")
     except (AttributeError, TypeError):
         name = str(getattr(getattr(param, "type", None), "name", "") or "")
+    if name.lower().startswith("list["):  # a repeatable option
+        return "TEXT (repeatable)"
     return {"str": "TEXT", "int": "INTEGER", "float": "NUMBER", "text": "TEXT", "integer": "INTEGER"}.get(
         name.lower(), name.upper() if name.lower() not in ("bool", "boolean") else "")
 
@@ -83,7 +85,7 @@ def reference(prog: str = "ndvi-scale") -> str:
         required = [p for p in opts if p.required]
         synopsis = " ".join(
             [f"{prog} {name}", *(str(p.metavar or p.name).upper() for p in args),
-             *(f"{p.opts[0]} {_value(p, ctx)}".strip() for p in required)]
+             *(f"{p.opts[0]} {_value(p, ctx).replace(' (repeatable)', '...')}".strip() for p in required)]
         ) + (" [OPTIONS]" if len(required) < len(opts) else "")
         summary = (cmd.help or "").strip().splitlines()[0] if cmd.help else ""
         out += [f"**`{synopsis}`**: {summary}", "", "| argument / option | value | default | meaning |",
