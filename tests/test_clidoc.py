@@ -7,8 +7,6 @@ import datetime as dt
 import inspect
 import json
 import re
-import subprocess
-import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -23,11 +21,19 @@ README = ROOT / "README.md"
 COMMANDS = ("compute", "catalogs", "inspect", "show", "series", "zonal")
 
 
-def _help(*args: str) -> str:
-    r = subprocess.run([sys.executable, "-m", "ndvi_scale", *args, "--help"], capture_output=True, text=True,
-                       timeout=120, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin", "TERM": "dumb"})
-    assert r.returncode == 0, r.stderr
+def _run(*args: str) -> str:
+    """The command's output, run in-process (typer's CliRunner: the real CLI, without a Python start-up each)."""
+    from typer.testing import CliRunner
+
+    from ndvi_scale.cli import app
+
+    r = CliRunner().invoke(app, list(args), env={"COLUMNS": "200", "TERM": "dumb"})
+    assert r.exit_code == 0, r.output
     return r.stdout
+
+
+def _help(*args: str) -> str:
+    return _run(*args, "--help")
 
 
 def test_every_command_of_the_cli_is_in_the_reference() -> None:
@@ -79,13 +85,8 @@ def test_compute_docstring_names_every_option() -> None:
 def test_inspect_json_and_no_json(tmp_path: Path) -> None:
     generate(tmp_path, SampleSpec(size=96, blocksize=128, start=dt.date(2024, 5, 1), end=dt.date(2024, 5, 6)))
     src = str(tmp_path / "items.json")
-    as_json = subprocess.run([sys.executable, "-m", "ndvi_scale", "inspect", src, "--json"],
-                             capture_output=True, text=True, timeout=120)
-    plain = subprocess.run([sys.executable, "-m", "ndvi_scale", "inspect", src, "--no-json"],
-                           capture_output=True, text=True, timeout=120)
-    assert as_json.returncode == 0 and plain.returncode == 0, as_json.stderr + plain.stderr
-    records = [json.loads(line) for line in as_json.stdout.splitlines()]
-    lines = plain.stdout.splitlines()
+    records = [json.loads(line) for line in _run("inspect", src, "--json").splitlines()]
+    lines = _run("inspect", src, "--no-json").splitlines()
     assert len(records) == len(lines) >= 2
     for rec, line in zip(records, lines, strict=True):
         assert line.startswith(rec["id"]) and f"EPSG:{rec['epsg']}" in line
