@@ -14,6 +14,7 @@ import dataclasses
 import datetime as dt
 import functools
 import json
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -353,7 +354,8 @@ def run(
     if cfg.catalog == "sample":
         from .search import prepare_sample
 
-        prepare_sample(say)  # generated once, in a minute: say so instead of a silent first run
+        # generated once, in a minute: say so instead of a silent first run (on stderr for API callers too)
+        prepare_sample(echo or (lambda msg: print(msg, file=sys.stderr, flush=True)))
     plan = make_plan(cfg)
     say(plan.search.summary())
     faults = FaultLog(loc.spec()) if loc is not None else None
