@@ -444,6 +444,9 @@ def stack(bbox: Any, start: Any, end: Any, catalog: str = "sample", **options: A
     chunk per period). Scale/offset are not applied (they differ per item: see the ``ndvi_scale_items``
     provenance of a cube, or :attr:`S2Item.bands`).
 
+    ``**options`` are :func:`compute`'s (``max_cloud``, ``mask_classes``, ``resolution``, ``crs``, ``chunk``,
+    ``allow_local``, ...; ``period`` sets the time chunks); output options are accepted and ignored.
+
     Needs the optional extra ``pip install "ndvi-scale[stackstac]"`` (stackstac 0.5.1 pins pandas<3). Raises
     :class:`InputError` for bad arguments or a missing stackstac, and the errors of :func:`make_plan`.
     """
