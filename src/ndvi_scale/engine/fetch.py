@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
-__all__ = ["POOL", "PREFETCH_POOL", "LazyPool", "READ_AHEAD_BYTES", "READ_CONCURRENCY", "ordered_reads"]
+__all__ = ["POOL", "PREFETCH_POOL", "LazyPool", "PoolClosed", "READ_AHEAD_BYTES", "READ_CONCURRENCY", "ordered_reads"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -79,13 +79,22 @@ class LazyPool:
         self._lock = threading.Lock()
 
     def submit(self, fn: Callable[..., R], *args: Any) -> Future[R]:
+        """``fn(*args)`` in the pool. Raises :class:`PoolClosed` once the interpreter is shutting down."""
         with self._lock:
             if self._pool is None or self._pid != os.getpid():
                 _tame_malloc()
                 self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=self.name)
                 self._pid = os.getpid()
             pool = self._pool
-        return pool.submit(fn, *args)
+        try:
+            return pool.submit(fn, *args)
+        except RuntimeError as e:  # "cannot schedule new futures after interpreter shutdown"
+            raise PoolClosed(str(e)) from None
+
+
+class PoolClosed(RuntimeError):
+    """The process is shutting down (a run that failed is exiting): reads still in flight end with this, which
+    is nobody's fault and never recorded as an unreadable asset."""
 
 
 #: The process's read threads.

@@ -56,6 +56,7 @@ from ..errors import ReadError, exception_chain
 from ..faults import AssetFault, AssetReadError, ReadPolicy, SkippedAssetWarning, clean_href, error_text
 from . import owntiles, ranges
 from .cog import CogLayout, parse_cog
+from .fetch import PoolClosed
 from .grid import OutputGrid
 from .handles import GDAL_OPEN_OPTIONS, GDAL_READ_OPTIONS, HANDLES, gdal_env
 from .tiles import TILE_CACHE, TileCache, paste, scratch, upsample_into
@@ -590,7 +591,7 @@ def _out_of_files(exc: BaseException) -> bool:
 
 
 #: Errors that are not the asset's fault (a bug or the machine): never retried, skipped or blamed on a file.
-_NOT_THE_ASSETS_FAULT = (MemoryError, TypeError, AttributeError, NameError, AssertionError)
+_NOT_THE_ASSETS_FAULT = (MemoryError, TypeError, AttributeError, NameError, AssertionError, PoolClosed)
 
 #: Readers of this process by (href, grid): an asset is opened and decided once per process, whatever the number
 #: of chunks and tasks that read it. Bounded (least recently used dropped first); handles are capped separately.
