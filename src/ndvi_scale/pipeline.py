@@ -14,6 +14,7 @@ import dataclasses
 import datetime as dt
 import functools
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -336,6 +337,11 @@ def run(
     say = echo or (lambda msg: None)
     loc = (check_output(cfg.out, cfg.overwrite, append=cfg.append, zarr_format=cfg.zarr_format)
            if cfg.out is not None else None)
+    if cfg.catalog == "sample":
+        from .search import prepare_sample
+
+        # generated once, in a minute: say so instead of a silent first run (on stderr for API callers too)
+        prepare_sample(echo or (lambda msg: print(msg, file=sys.stderr, flush=True)))
     plan = make_plan(cfg)
     say(plan.search.summary())
     cost = plan_estimate(plan)
@@ -379,6 +385,40 @@ def compute(
     :class:`~ndvi_scale.errors.RunTooLargeError` before anything is built or written, unless ``allow_large=True``.
     Without ``out`` it returns the lazy composite Dataset (nothing read yet: ``.compute()``, ``.hvplot()`` or
     ``.to_zarr()`` it yourself). With ``out`` it writes the Zarr and returns it opened lazily from the store.
+
+    Parameters (each one is a :class:`~ndvi_scale.config.RunConfig` field; loose values are normalised by
+    :meth:`RunConfig.create <ndvi_scale.config.RunConfig.create>`):
+
+    * ``bbox``: W, S, E, N in degrees (EPSG:4326): a 4-sequence, ``"W S E N"`` or ``"W,S,E,N"``.
+    * ``start``, ``end``: first and last day (inclusive), ``YYYY-MM-DD``, ``datetime.date`` or ``datetime``.
+    * ``catalog``: ``"sample"`` (embedded offline sample), a profile name (``earth-search``,
+      ``planetary-computer``, ``cdse``, ...), a STAC API URL or a local item collection file.
+    * ``out``: Zarr location (path, ``gs://bucket/path``, ``s3://bucket/path``); None = return the lazy Dataset.
+    * ``period``: ``day``, ``week``, ``dekad``, ``month`` (default), ``season`` or ``year``.
+    * ``method``: ``median`` (default), ``mean``, ``max``, ``min`` or a percentile ``qNN`` (e.g. ``q25``).
+
+    Keyword ``**options``:
+
+    * ``max_cloud`` (float, default 100): skip scenes whose ``eo:cloud_cover`` is above this percentage.
+    * ``mask_classes`` (ints or ``"0,1,2"``, default 0,1,2,3,8,9,10): SCL classes masked as not observed.
+    * ``resolution`` (metres, default 10): output pixel size.
+    * ``crs`` (default ``"auto"``: the UTM zone covering most of the bbox): or ``"EPSG:XXXX"`` (projected).
+    * ``chunk`` (pixels, default 2048): spatial chunk of processing and of the Zarr arrays.
+    * ``zarr_format`` (3 or 2, default 3 for a new cube; an existing cube keeps its own).
+    * ``codec`` (``zstd`` default, ``zlib``, ``lz4``, ``none``): compression of a new cube.
+    * ``overwrite`` (bool, default False): replace an existing output (with ``append``: recompute its periods).
+    * ``append`` (bool, default False): add this run's new periods to an existing cube on the same grid.
+    * ``skip_bad_assets`` (bool, default False): go on past unreadable assets, recording them in the cube.
+    * ``allow_local`` (bool, default False): accept local asset paths from any catalog.
+    * ``allow_large`` (bool, default False): start a run above the size guard (else
+      :class:`~ndvi_scale.errors.RunTooLargeError`, nothing written; see :func:`plan`).
+    * ``cluster`` (str, default threads): ``local``, ``tcp://HOST:PORT``, ``gateway`` or ``kubernetes``
+      (see :func:`ndvi_scale.cluster.connect`).
+    * ``extra`` (mapping): free-form options kept in the provenance.
+
+    Returns the lazy composite (no ``out``) or the written cube opened lazily. Raises
+    :class:`~ndvi_scale.errors.InputError` for bad values (an unknown option included), and the errors of
+    :func:`run` (:class:`~ndvi_scale.errors.NoScenesError`, :class:`~ndvi_scale.errors.OutputExistsError`, ...).
     """
     cluster = options.pop("cluster", None)
     cfg = RunConfig.create(bbox=bbox, start=start, end=end, catalog=catalog, out=out, period=period, method=method,
@@ -396,6 +436,9 @@ def stack(bbox: Any, start: Any, end: Any, catalog: str = "sample", **options: A
     :func:`compute` with the same arguments would use, on its output grid, through ``stackstac.stack`` (one time
     chunk per period). Scale/offset are not applied (they differ per item: see the ``ndvi_scale_items``
     provenance of a cube, or :attr:`S2Item.bands`).
+
+    ``**options`` are :func:`compute`'s (``max_cloud``, ``mask_classes``, ``resolution``, ``crs``, ``chunk``,
+    ``allow_local``, ...; ``period`` sets the time chunks); output options are accepted and ignored.
 
     Needs the optional extra ``pip install "ndvi-scale[stackstac]"`` (stackstac 0.5.1 pins pandas<3). Raises
     :class:`InputError` for bad arguments or a missing stackstac, and the errors of :func:`make_plan`.

@@ -97,6 +97,12 @@ RUNS_ATTR = "ndvi_scale_runs"
 #: Prefix (inside the store) of the progress markers; removed when a write completes.
 MARKER_PREFIX = ".ndvi-scale"
 MARKER_DIR = f"{MARKER_PREFIX}/done"
+#: Metadata object that makes :data:`MARKER_PREFIX` an empty Zarr group, per Zarr format (path parts, bytes).
+_STATE_GROUP_DOC: dict[int, tuple[tuple[str, ...], bytes]] = {
+    3: ((MARKER_PREFIX, "zarr.json"), b'{"zarr_format": 3, "node_type": "group", "attributes": '
+        b'{"description": "ndvi-scale run state of an unfinished write, removed when it completes"}}'),
+    2: ((MARKER_PREFIX, ".zgroup"), b'{"zarr_format": 2}'),
+}
 #: Chunk length of the 1-D coordinates along time: one object for up to 512 periods.
 TIME_COORD_CHUNK = 512
 STAC_SUFFIX = ".stac-item.json"
@@ -261,9 +267,8 @@ def _write_cube_leased(
             loc.delete()
             return writer.new(new_format)
         raise OutputExistsError(
-            f"output {loc.url} holds an unfinished write of another run (periods "
-            f"{', '.join(state.get('periods', [])) or '?'}); rerun that exact command to finish it, or pass "
-            "--overwrite without --append to replace the whole cube"
+            f"output {loc.url} holds an unfinished write of another run ({_other_run(existing, ds)}); rerun "
+            "that exact command to finish it, or pass --overwrite without --append to replace the whole cube"
         )
     if overwrite and not append:
         loc.delete()
@@ -727,6 +732,22 @@ def _inspect(loc: Location) -> _Existing:
     return _Existing("cube", "an ndvi-scale cube", fmt, attrs, write)
 
 
+def _other_run(existing: _Existing, ds: xr.Dataset) -> str:
+    """How the run that left ``existing`` unfinished differs from this one (``ds``): the settings that differ,
+    old -> new (``method 'median' -> 'max'``), else that the scenes or the grid differ; then its periods."""
+    from .cf import attr_name
+    from .hints import config_changes, describe_changes
+
+    periods = list(existing.write.get("periods", []))
+    span = (f"periods {periods[0]}" if len(periods) == 1 else
+            f"{len(periods)} periods {periods[0]}..{periods[-1]}" if periods else "periods ?")
+    old, new = (_json_attr((a or {}).get(attr_name("config"))) for a in (existing.attrs, ds.attrs))
+    changes = config_changes(old if isinstance(old, dict) else None, new if isinstance(new, dict) else None)
+    if changes:
+        return f"its settings differ, then -> now: {describe_changes(changes)}; {span}"
+    return f"same settings, but other scenes or another grid: the catalog changed meanwhile; {span}"
+
+
 def _finish_pending(loc: Location, existing: _Existing) -> bool:
     """True if the complete cube ``existing`` lacks what the end of a write adds after marking it complete:
     markers removed, metadata consolidated, STAC item written (a run killed in between leaves such a cube)."""
@@ -815,6 +836,7 @@ class _Writer:
                 "compute; rerun the command that started it, or pass --overwrite to replace the cube"
             )
         log.info("resuming the unfinished write of %s (periods %s)", self.loc.url, ", ".join(periods))
+        self._declare_state_group(fmt)  # a cube interrupted by an older version has a bare folder there
         _remove_partial_files(self.loc)  # temporary files of chunk writes the killed run left behind
         if state.get("state") == "template":
             if int(state.get("n_before", 0)) == 0:
@@ -1233,6 +1255,18 @@ class _Writer:
         try:
             group = zarr.open_group(self._store(), mode="r+", zarr_format=_zf(fmt), use_consolidated=False)
             group.attrs.update({WRITE_ATTR: _dumps(state)})
+        except Exception as exc:
+            raise _as_error(exc, self.loc, "writing") from None
+        if state.get("state") != "complete":
+            self._declare_state_group(fmt)
+
+    def _declare_state_group(self, fmt: int) -> None:
+        """Make the run-state folder (:data:`MARKER_PREFIX`: progress markers, fault records) an empty Zarr group,
+        so that zarr and xarray opening an unfinished cube see a known node instead of warning
+        ``Object at .ndvi-scale is not recognized as a component of a Zarr hierarchy``. Same place as before,
+        so cubes interrupted by an older version resume as they are (they get the group doc on resume)."""
+        try:
+            self.loc.fs.pipe_file(self.loc.join(*_STATE_GROUP_DOC[fmt][0]), _STATE_GROUP_DOC[fmt][1])
         except Exception as exc:
             raise _as_error(exc, self.loc, "writing") from None
 

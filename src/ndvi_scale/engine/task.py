@@ -1,7 +1,8 @@
 """One (period, chunk): read every item's red, nir and scl window, fold its NDVI into the day layers, reduce.
 
-This is the only per-pixel path of ndvi-scale. No uint16 stack of the period is made: reads run in the process's
-I/O pool (:mod:`ndvi_scale.engine.fetch`, many requests in flight, bounded read-ahead) and each item is folded
+This is the only per-pixel path of ndvi-scale. No uint16 stack of the period is made: reads are fetched in the
+process's I/O pool (:mod:`ndvi_scale.engine.fetch`, many requests in flight, bounded read-ahead), finished
+(decoded, on the engine's own COG path) in the task's thread when it is their turn, and each item is folded
 into its day's float32 layer as soon as it is its turn (:func:`ndvi_scale.kernel.ndvi_into`: mask, NDVI,
 same-day mosaic, first valid wins); then the days are reduced (:func:`ndvi_scale.kernel.reduce_days`). A task
 holds the (days, y, x) float32 NDVI and the read-ahead windows.
@@ -9,7 +10,7 @@ holds the (days, y, x) float32 NDVI and the read-ahead windows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from rasterio import windows
@@ -137,11 +138,15 @@ def _composite_part(
     reading = [i for i in order if sources[i].red.reaches(rows, cols) and sources[i].nir.reaches(rows, cols)]
     jobs = [(i, a) for i in reading for a in sources[i].assets]
 
-    def read(job: tuple[int, AssetSource]) -> np.ndarray:
-        return reader_for(job[1].href, grid).read(window, policy)
+    def start(job: tuple[int, AssetSource]) -> Callable[[], np.ndarray]:
+        return reader_for(job[1].href, grid).start(window, policy)
+
+    def cost(job: tuple[int, AssetSource]) -> int:
+        return reader_for(job[1].href, grid).cost(window)
 
     got: dict[str, np.ndarray] = {}
-    for (i, asset), data in ordered_reads(jobs, read, lambda job: 2 * height * width, read_ahead):
+    for (i, asset), finish in ordered_reads(jobs, start, cost, read_ahead):
+        data = finish()  # decoding happens here, in the task's thread (one per core), not in the I/O pool
         if data.shape != (height, width):
             raise RuntimeError(f"reader returned {data.shape} for a {height} x {width} window")
         got[asset.band] = data
