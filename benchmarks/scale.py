@@ -17,6 +17,12 @@ scheduler overhead per task = (wall x threads - task time) / tasks, the most tas
 
     python benchmarks/scale.py                       # everything (~10 min on 2 shared cores)
     python benchmarks/scale.py --sizes 2 4 8 --years 1 --no-distributed
+    python benchmarks/scale.py --no-plans --no-distributed --year-median DIR
+
+**Year median** (``--year-median DIR``): a full-year sample of 2560-px granules (``SampleSpec(size=2560,
+blocksize=1024)``, generated into DIR once: ~20 min on 2 busy cores), ``--period year --method median --chunk
+2048`` over a 20.6 km box inside granule A, threads scheduler, in a fresh process with the day-layer strips and
+one without (``TASK_DAY_BYTES`` set to 2^40): peak RSS, wall and CPU time, cubes compared.
 """
 
 from __future__ import annotations
@@ -163,6 +169,55 @@ def distributed_run(wave: int, workdir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+YEAR_SPEC = {"size": 2560, "blocksize": 1024}
+
+
+def year_child(catalog: str, out: str, strips: bool) -> dict[str, Any]:
+    """One year-median run at chunk 2048 (see the module docstring), in its own process."""
+    from pyproj import Transformer
+
+    import ndvi_scale
+    from ndvi_scale.engine import task
+    from ndvi_scale.sample import SampleSpec
+
+    if not strips:
+        task.TASK_DAY_BYTES = 2**40
+    spec = SampleSpec(**YEAR_SPEC)  # type: ignore[arg-type]
+    x0, _, _, y1 = spec.granule(0).bounds
+    bx0, by1 = x0 + 1000, y1 - 1000
+    lons, lats = Transformer.from_crs(spec.epsg, 4326, always_xy=True).transform(
+        [bx0, bx0 + 20600, bx0, bx0 + 20600], [by1, by1, by1 - 20600, by1 - 20600])
+    t0 = time.perf_counter()
+    ds = ndvi_scale.compute((min(lons), min(lats), max(lons), max(lats)), "2024-01-01", "2024-12-31",
+                            catalog=catalog, out=out, period="year", method="median", chunk=2048)
+    return {"strips": strips, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time(),
+            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "shape": list(ds.ndvi.shape),
+            "chunks": [list(c) for c in ds.ndvi.chunks[1:]], "load": os.getloadavg()[0]}
+
+
+def year_median(root: Path) -> list[dict[str, Any]]:
+    import numpy as np
+    import xarray as xr
+
+    from ndvi_scale.sample import SampleSpec, generate
+
+    catalog = root / "catalog" / "items.json"
+    if not catalog.exists():
+        generate(root / "catalog", SampleSpec(**YEAR_SPEC))  # type: ignore[arg-type]
+    rows, outs = [], []
+    for strips in (True, False):
+        out = root / f"year-{'strips' if strips else 'whole'}.zarr"
+        shutil.rmtree(out, ignore_errors=True)
+        done = subprocess.run([sys.executable, __file__, "--year-child", str(catalog), str(out), str(int(strips))],
+                              capture_output=True, text=True, check=True)
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        outs.append(xr.open_zarr(out))
+    a, b = outs
+    rows.append({"identical": bool(np.array_equal(a.ndvi.values, b.ndvi.values, equal_nan=True)
+                                   and np.array_equal(a.valid_count.values, b.valid_count.values))})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[2, 4, 8, 16])
@@ -170,8 +225,14 @@ def main() -> None:
     ap.add_argument("--wave", type=int, default=16, help="regions per wave in the distributed run")
     ap.add_argument("--no-plans", action="store_true")
     ap.add_argument("--no-distributed", action="store_true")
+    ap.add_argument("--year-median", metavar="DIR", help="also the single-tile year median (data cached in DIR)")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--year-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.year_child:
+        catalog, out, strips = args.year_child
+        print(json.dumps(year_child(catalog, out, strips == "1")))
+        return
     if args.child:
         path, bbox, years = args.child
         print(json.dumps(plan_child(path, json.loads(bbox), int(years))))
@@ -183,6 +244,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="ndvi-scale-dist-") as tmp:
             for row in distributed_run(args.wave, Path(tmp)):
                 print(json.dumps(row), flush=True)
+    if args.year_median:
+        Path(args.year_median).mkdir(parents=True, exist_ok=True)
+        for row in year_median(Path(args.year_median)):
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
