@@ -13,9 +13,12 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import InputError, shown
+
+if TYPE_CHECKING:
+    from .analytics.aoi import Aoi
 
 #: Composite reducers understood by :mod:`ndvi_scale.composite`. ``max`` is the max-NDVI ("quality mosaic") composite
 #: and also writes the date of the maximum. ``qNN`` is the NN-th percentile (e.g. ``q25``).
@@ -281,6 +284,9 @@ class RunConfig:
     """Compression of a new output's chunks: zstd, zlib (for GDAL builds without zstd), lz4 (blosc) or none."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Free-form options for later stages (kept for provenance)."""
+    aoi: Aoi | None = None
+    """Polygon area of interest (``--aoi FILE``), loaded and checked once: the run's ``bbox`` is its bounds and
+    pixels whose centre is outside it are NaN (count 0). None: the whole bbox."""
 
     @classmethod
     def create(cls, **kwargs: Any) -> RunConfig:
@@ -291,9 +297,18 @@ class RunConfig:
             raise InputError(
                 f"unknown config field(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}"
             )
-        if kwargs.get("bbox") is None:
-            raise InputError("bbox is missing; give --bbox W S E N in degrees, e.g. --bbox 1.4 48.1 1.6 48.3")
         kw: dict[str, Any] = dict(kwargs)
+        if kw.get("aoi") is not None:
+            if kw.get("bbox") is not None:
+                raise InputError(
+                    "bbox and aoi are both given; give either --aoi FILE (the bbox is taken from its polygons) or "
+                    "--bbox W S E N"
+                )
+            kw["aoi"] = load_run_aoi(kw["aoi"], kw.get("resolution", DEFAULT_RESOLUTION))
+            kw["bbox"] = kw["aoi"].bbox
+        if kw.get("bbox") is None:
+            raise InputError("bbox is missing; give --bbox W S E N in degrees, e.g. --bbox 1.4 48.1 1.6 48.3, "
+                             "or --aoi FILE")
         kw["bbox"] = format_bbox(kw["bbox"])  # first: a --bbox short of values swallows the next option
         for name in ("start", "end"):
             if kwargs.get(name) is None:
@@ -386,8 +401,26 @@ class RunConfig:
                 v = list(v)
             elif isinstance(v, Mapping):
                 v = dict(v)
+            elif f.name == "aoi" and v is not None:
+                v = v.source  # its digest is in the cube's ndvi_scale_aoi and in the run's fingerprint
             d[f.name] = v
         return d
+
+
+def load_run_aoi(value: Any, resolution: Any) -> Aoi:
+    """The :class:`~ndvi_scale.analytics.aoi.Aoi` of ``value`` (a file path, a GeoDataFrame, shapely polygons in
+    EPSG:4326, or an ``Aoi``), refused (one :class:`InputError` naming the file and the fix) when missing,
+    unreadable, not polygons, invalid or smaller than one pixel of ``resolution`` metres."""
+    from .analytics.aoi import Aoi, load_aoi
+
+    if isinstance(value, Aoi):
+        return value
+    if isinstance(value, str | os.PathLike) and not os.fspath(value).strip():
+        raise InputError("aoi is empty; give --aoi FILE (GeoJSON, GeoPackage, GeoParquet or Shapefile polygons)")
+    if isinstance(value, str):
+        value = value.strip()
+    res = _number(resolution, "resolution", "metres > 0, e.g. 10")
+    return load_aoi(value, resolution=res if res > 0 else DEFAULT_RESOLUTION)
 
 
 def normalise_crs(value: Any) -> str:
