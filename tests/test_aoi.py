@@ -202,3 +202,9 @@ def test_aoi_input_errors_name_the_file_and_the_fix(tiny, tmp_path):
         _cfg(tiny, aoi=_two_fields(tmp_path), bbox=SPEC.bbox_lonlat())
     with pytest.raises(InputError, match="bbox is missing.*or --aoi FILE"):
         _cfg(tiny)
+    with pytest.raises(InputError, match=r"^aoi 123 is not a polygon file; give --aoi FILE"):
+        _cfg(tiny, aoi=123)
+    with pytest.raises(InputError, match=r"^aoi 'x{20}.*… is not a file path; give --aoi FILE"):
+        _cfg(tiny, aoi="x" * 100_000)
+    field = shapely.box(1.75, 48.32, 1.76, 48.33)  # the API also takes shapely polygons (EPSG:4326)
+    assert _cfg(tiny, aoi=field).bbox.as_tuple() == pytest.approx((1.75, 48.32, 1.76, 48.33))

@@ -411,16 +411,33 @@ def load_run_aoi(value: Any, resolution: Any) -> Aoi:
     """The :class:`~ndvi_scale.analytics.aoi.Aoi` of ``value`` (a file path, a GeoDataFrame, shapely polygons in
     EPSG:4326, or an ``Aoi``), refused (one :class:`InputError` naming the file and the fix) when missing,
     unreadable, not polygons, invalid or smaller than one pixel of ``resolution`` metres."""
+    import shapely
+
     from .analytics.aoi import Aoi, load_aoi
 
+    kinds = "GeoJSON, GeoPackage, GeoParquet or Shapefile polygons"
     if isinstance(value, Aoi):
         return value
-    if isinstance(value, str | os.PathLike) and not os.fspath(value).strip():
-        raise InputError("aoi is empty; give --aoi FILE (GeoJSON, GeoPackage, GeoParquet or Shapefile polygons)")
-    if isinstance(value, str):
-        value = value.strip()
+    if isinstance(value, shapely.Geometry):
+        value = [value]
+    if isinstance(value, str | os.PathLike):
+        path = os.fspath(value)
+        if not isinstance(path, str) or not path.strip():
+            raise InputError(f"aoi {shown(value)} is empty or not text; give --aoi FILE ({kinds})")
+        value = path.strip()
+        if len(value) > 4096 or "\0" in value:  # longer than any path the system accepts
+            raise InputError(f"aoi {shown(value)} is not a file path; give --aoi FILE ({kinds})")
+    elif not (hasattr(value, "geometry") and hasattr(value, "crs")) and not (
+        isinstance(value, list | tuple) and value and all(isinstance(g, shapely.Geometry) for g in value)
+    ):
+        raise InputError(f"aoi {shown(value)} is not a polygon file; give --aoi FILE ({kinds}), or in Python a "
+                         "GeoDataFrame or shapely polygons in EPSG:4326")
     res = _number(resolution, "resolution", "metres > 0, e.g. 10")
-    return load_aoi(value, resolution=res if res > 0 else DEFAULT_RESOLUTION)
+    try:
+        return load_aoi(value, resolution=res if res > 0 else DEFAULT_RESOLUTION)
+    except OSError as exc:  # e.g. a path the system refuses to look at
+        raise InputError(f"aoi {shown(value)} cannot be opened ({type(exc).__name__}); give --aoi FILE "
+                         f"({kinds})") from None
 
 
 def normalise_crs(value: Any) -> str:
