@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from ndvi_scale.errors import GridMismatchError, InputError
 from ndvi_scale.pipeline import build, run
 from ndvi_scale.sample import SampleSpec, generate
 from ndvi_scale.write import write_cube
+from stac_schemas import assert_valid
 
 
 def _geojson(path, polys) -> str:
@@ -177,7 +177,7 @@ def test_written_cube_records_the_aoi_resumes_and_appends(tiny, tmp_path):
     prov = json.loads(cube.attrs["ndvi_scale_aoi"])
     assert prov["digest"] == cfg.aoi.digest and prov["source"] == aoi and prov["polygons"] == 2
     assert "centre" in prov["rule"]
-    item = json.loads(Path(url + ".stac-item.json").read_text())
+    item = assert_valid(url + ".stac-item.json")  # stac-validator, every declared schema, on the raw file
     footprint = shapely.geometry.shape(item["geometry"])
     assert footprint.geom_type == "MultiPolygon"
     assert shapely.equals_exact(shapely.normalize(footprint), shapely.normalize(cfg.aoi.geometry), tolerance=1e-6)
