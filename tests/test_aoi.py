@@ -198,8 +198,10 @@ def test_aoi_input_errors_name_the_file_and_the_fix(tiny, tmp_path):
     bad.write_text("not a geopackage")
     with pytest.raises(InputError, match=r"^aoi file .*bad.gpkg cannot be read as vector data; give a GeoJSON"):
         _cfg(tiny, aoi=str(bad))
-    with pytest.raises(InputError, match="bbox and aoi are both given; give either --aoi FILE"):
+    with pytest.raises(InputError, match=r"bbox [\d.,]+ differs from the bbox of aoi .*aoi.geojson'; give either --aoi"):
         _cfg(tiny, aoi=_two_fields(tmp_path), bbox=SPEC.bbox_lonlat())
+    cfg = _cfg(tiny, aoi=_two_fields(tmp_path))
+    assert _cfg(tiny, **{k: v for k, v in cfg.to_dict().items() if k in ("aoi", "bbox")}) == cfg  # as recorded
     with pytest.raises(InputError, match="bbox is missing.*or --aoi FILE"):
         _cfg(tiny)
     with pytest.raises(InputError, match=r"^aoi 123 is not a polygon file; give --aoi FILE"):

@@ -299,13 +299,14 @@ class RunConfig:
             )
         kw: dict[str, Any] = dict(kwargs)
         if kw.get("aoi") is not None:
-            if kw.get("bbox") is not None:
+            aoi = load_run_aoi(kw["aoi"], kw.get("resolution", DEFAULT_RESOLUTION))
+            # A bbox equal to the AOI's is accepted: the configuration a cube records (its history line) has both.
+            if kw.get("bbox") is not None and format_bbox(kw["bbox"]).as_tuple() != aoi.bbox:
                 raise InputError(
-                    "bbox and aoi are both given; give either --aoi FILE (the bbox is taken from its polygons) or "
-                    "--bbox W S E N"
+                    f"bbox {format_bbox(kw['bbox'])} differs from the bbox of aoi {shown(aoi.source)}; give either "
+                    "--aoi FILE (the bbox is taken from its polygons) or --bbox W S E N"
                 )
-            kw["aoi"] = load_run_aoi(kw["aoi"], kw.get("resolution", DEFAULT_RESOLUTION))
-            kw["bbox"] = kw["aoi"].bbox
+            kw["aoi"], kw["bbox"] = aoi, aoi.bbox
         if kw.get("bbox") is None:
             raise InputError("bbox is missing; give --bbox W S E N in degrees, e.g. --bbox 1.4 48.1 1.6 48.3, "
                              "or --aoi FILE")
