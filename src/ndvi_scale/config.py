@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
-from .errors import InputError, shown
+from .errors import MAX_QUOTED, InputError, cut, shown
 
 if TYPE_CHECKING:
     from .analytics.aoi import Aoi
@@ -436,6 +436,10 @@ def load_run_aoi(value: Any, resolution: Any) -> Aoi:
     res = _number(resolution, "resolution", "metres > 0, e.g. 10")
     try:
         return load_aoi(value, resolution=res if res > 0 else DEFAULT_RESOLUTION)
+    except InputError as exc:  # the messages name the file as given: a long path is cut, the fix stays
+        if isinstance(value, str) and len(value) > MAX_QUOTED:
+            raise InputError(str(exc).replace(value, cut(value))) from None
+        raise
     except OSError as exc:  # e.g. a path the system refuses to look at
         raise InputError(f"aoi {shown(value)} cannot be opened ({type(exc).__name__}); give --aoi FILE "
                          f"({kinds})") from None
