@@ -198,7 +198,7 @@ def test_aoi_input_errors_name_the_file_and_the_fix(tiny, tmp_path):
     bad.write_text("not a geopackage")
     with pytest.raises(InputError, match=r"^aoi file .*bad.gpkg cannot be read as vector data; give a GeoJSON"):
         _cfg(tiny, aoi=str(bad))
-    with pytest.raises(InputError, match=r"bbox [\d.,]+ differs from the bbox of aoi .*aoi.geojson'; give either --aoi"):
+    with pytest.raises(InputError, match=r"bbox [\d.,]+ differs from the bbox of aoi .*aoi.geojson'; give either"):
         _cfg(tiny, aoi=_two_fields(tmp_path), bbox=SPEC.bbox_lonlat())
     cfg = _cfg(tiny, aoi=_two_fields(tmp_path))
     assert _cfg(tiny, **{k: v for k, v in cfg.to_dict().items() if k in ("aoi", "bbox")}) == cfg  # as recorded
@@ -210,3 +210,13 @@ def test_aoi_input_errors_name_the_file_and_the_fix(tiny, tmp_path):
         _cfg(tiny, aoi="x" * 100_000)
     field = shapely.box(1.75, 48.32, 1.76, 48.33)  # the API also takes shapely polygons (EPSG:4326)
     assert _cfg(tiny, aoi=field).bbox.as_tuple() == pytest.approx((1.75, 48.32, 1.76, 48.33))
+
+
+def test_run_file_takes_an_aoi(tiny, tmp_path):
+    from ndvi_scale.runfile import run_config_from
+
+    aoi = _two_fields(tmp_path)
+    path = tmp_path / "run.yaml"
+    path.write_text(f"aoi: {aoi}\nstart: 2024-04-01\nend: 2024-05-31\ncatalog: {tiny}\n")
+    cfg, _ = run_config_from(path)
+    assert cfg.aoi is not None and cfg.aoi.digest == load_aoi(aoi).digest and cfg.bbox.as_tuple() == cfg.aoi.bbox
