@@ -11,6 +11,7 @@ holds the (days, y, x) float32 NDVI and the read-ahead windows.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from rasterio import windows
@@ -53,8 +54,13 @@ def composite_block(
     n_out: int,
     policy: ReadPolicy,
     read_ahead: int = READ_AHEAD_BYTES,
+    aoi: Any = None,
 ) -> np.ndarray:
     """The packed (1, n_out * height, width) float32 block of one period and chunk: value, count[, date].
+
+    ``aoi`` (a polygon in the grid's CRS, or None for the whole chunk): pixels whose centre is outside it are NaN
+    with count 0, set after the reduction (inside pixels are exactly those of a run without it); a chunk without
+    any pixel centre inside reads nothing.
 
     Days are visited from a start that differs between neighbouring chunks (``block_id`` = (period, i, j)):
     two tasks on adjacent chunks then read different items at a time, so a COG tile they share is inflated by
@@ -67,6 +73,9 @@ def composite_block(
     """
     rows, cols = slices
     height, width = rows.stop - rows.start, cols.stop - cols.start
+    inside = _aoi_inside(aoi, grid, rows, cols) if aoi is not None else None
+    if inside is not None and not inside.any():
+        return empty_block(n_out, height, width)
     window = windows.Window.from_slices(rows, cols)
     n_days = len(day_numbers)
     days = np.empty((n_days, height, width), dtype=np.float32)
@@ -102,7 +111,20 @@ def composite_block(
         days[~started] = np.nan
     out = np.empty((1, n_out, height, width), dtype=np.float32)
     reduce_days(days, method, np.asarray(day_numbers, dtype=np.int64), out=out[0])
+    if inside is not None:
+        outside = ~inside
+        out[0, :, outside] = np.nan  # value and date layers
+        out[0, 1, outside] = 0  # valid_count
     return out.reshape(1, n_out * height, width)
+
+
+def _aoi_inside(aoi: Any, grid: OutputGrid, rows: slice, cols: slice) -> np.ndarray:
+    """Pixels of the chunk whose centre is inside ``aoi`` (grid CRS): the AOI rule, see ndvi_scale.analytics.aoi."""
+    from ..analytics.aoi import aoi_mask  # only runs with an AOI need shapely/rasterio's rasteriser
+
+    res = grid.resolution
+    left, top = grid.bounds[0] + cols.start * res, grid.bounds[3] - rows.start * res
+    return aoi_mask(aoi, left, top, res, (rows.stop - rows.start, cols.stop - cols.start))
 
 
 def _fold(
