@@ -179,6 +179,11 @@ def compute(
     ] = None,
     start: Annotated[str | None, typer.Option(help="First day, YYYY-MM-DD.")] = None,
     end: Annotated[str | None, typer.Option(help="Last day (inclusive), YYYY-MM-DD.")] = None,
+    aoi: Annotated[
+        str | None,
+        typer.Option(metavar="FILE", help="Polygons (GeoJSON, GeoPackage, GeoParquet, Shapefile; any CRS) instead of "
+                     "--bbox: pixels whose centre is outside are NaN."),
+    ] = None,
     window: Annotated[
         str | None,
         typer.Option(help="Relative dates instead of --start/--end: previous-month, previous-dekad, last-N-days, ..."),
@@ -269,7 +274,7 @@ def compute(
         from .runfile import run_config_from
 
         values: dict[str, Any] = dict(
-            bbox=bbox, start=start, end=end, window=window, catalog=catalog, out=out, period=period,
+            bbox=bbox, start=start, end=end, aoi=aoi, window=window, catalog=catalog, out=out, period=period,
             method=method, max_cloud=max_cloud, mask_classes=mask_classes, resolution=resolution, crs=crs,
             chunk=chunk, zarr_format=zarr_format, codec=codec, overwrite=overwrite, append=append,
             skip_bad_assets=skip_bad_assets, allow_local=allow_local, cluster=cluster,

@@ -189,6 +189,7 @@ def build(cfg: RunConfig, plan: Plan | None = None, policy: ReadPolicy | None = 
     cube = composite_cube(
         plan_sources(plan, grid), grid, plan.chunk, method=cfg.method, mask_classes=cfg.mask_classes,
         n_out=n_out, policy=read_policy(plan, policy),
+        aoi=cfg.aoi.in_crs(f"EPSG:{grid.epsg}") if cfg.aoi is not None else None,
     )
 
     times = pd.DatetimeIndex([np.datetime64(p.start, "ns") for p in plan.periods])
@@ -283,7 +284,17 @@ def provenance_attrs(plan: Plan) -> dict[str, Any]:
         name("skipped"): json.dumps([{"id": s.id, "reason": s.reason} for s in plan.search.skipped]),
         name("search"): json.dumps({"source": plan.search.source, "notes": list(plan.search.notes)}),
         name("versions"): json.dumps(versions, sort_keys=True),
+        **({name("aoi"): json.dumps(aoi_provenance(cfg.aoi))} if cfg.aoi is not None else {}),
     })
+
+
+def aoi_provenance(aoi: Any) -> dict[str, Any]:
+    """The cube's ``ndvi_scale_aoi``: source, digest, polygon count, bbox, the masking rule and the AOI itself
+    (GeoJSON, EPSG:4326: the footprint of the cube's STAC item)."""
+    import shapely
+
+    return {**aoi.provenance(), "rule": "a pixel is inside when its centre is inside the AOI; outside: NaN, count 0",
+            "geometry": json.loads(shapely.to_geojson(aoi.geometry))}
 
 
 @dataclass(frozen=True)
@@ -369,9 +380,9 @@ def run(
 
 
 def compute(
-    bbox: Any,
-    start: Any,
-    end: Any,
+    bbox: Any = None,
+    start: Any = None,
+    end: Any = None,
     catalog: str = "sample",
     out: str | None = None,
     *,
@@ -390,6 +401,9 @@ def compute(
     :meth:`RunConfig.create <ndvi_scale.config.RunConfig.create>`):
 
     * ``bbox``: W, S, E, N in degrees (EPSG:4326): a 4-sequence, ``"W S E N"`` or ``"W,S,E,N"``.
+    * ``aoi`` (keyword, instead of ``bbox``): a polygon file (GeoJSON, GeoPackage, GeoParquet, Shapefile; any CRS),
+      a GeoDataFrame or shapely polygons in EPSG:4326: the grid is its bounds, pixels whose centre is outside it
+      are NaN (count 0).
     * ``start``, ``end``: first and last day (inclusive), ``YYYY-MM-DD``, ``datetime.date`` or ``datetime``.
     * ``catalog``: ``"sample"`` (embedded offline sample), a profile name (``earth-search``,
       ``planetary-computer``, ``cdse``, ...), a STAC API URL or a local item collection file.

@@ -449,6 +449,9 @@ def run_fingerprint(ds: xr.Dataset, zarr_format: int) -> str:
         "chunks": [int(ds["ndvi"].data.chunks[1][0]), int(ds["ndvi"].data.chunks[2][0])],
         "zarr_format": int(zarr_format),
     }
+    aoi = aoi_digest(ds.attrs)
+    if aoi is not None:  # only then: the fingerprints of cubes without an AOI stay what they were
+        payload["aoi"] = aoi
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -1226,6 +1229,9 @@ class _Writer:
             diffs.append(
                 f"chunking: cube {chunks_a[0]}x{chunks_a[1]} px, this run {chunks_b[0]}x{chunks_b[1]} px"
             )
+        aoi_diff = _aoi_difference(cube.attrs, ds.attrs)
+        if aoi_diff:
+            diffs.append(aoi_diff)
         if diffs:
             raise GridMismatchError(
                 f"cannot append to {self.loc.url}: its grid differs from this run's - {'; '.join(diffs)}. "
@@ -1483,6 +1489,9 @@ def stac_item_dict(
     lats = [p[1] for p in ring]
     bbox = [min(lons), min(lats), max(lons), max(lats)]
     geometry = {"type": "Polygon", "coordinates": [[[round(a, 7), round(b, 7)] for a, b in ring]]}
+    aoi = _json_attr(get_attr(cube.attrs, "aoi"))
+    if isinstance(aoi, dict) and isinstance(aoi.get("geometry"), dict):  # the footprint is the AOI, not the grid
+        geometry, bbox = _rounded_geometry(aoi["geometry"])
     starts = cube["time"].values
     ends = cube["time_end"].values if "time_end" in cube.coords else starts
     start = _iso(starts.min())
@@ -1581,6 +1590,36 @@ def stac_item_dict(
         "links": [{"rel": "self", "href": loc.sibling(STAC_SUFFIX).url, "type": "application/geo+json"}],
         "assets": {"zarr": asset},
     }
+
+
+def aoi_digest(attrs: Mapping[str, Any]) -> str | None:
+    """The AOI digest in a cube's (or run's) attributes, None without an AOI."""
+    aoi = _json_attr(get_attr(attrs, "aoi"))
+    return str(aoi.get("digest")) if isinstance(aoi, dict) and aoi.get("digest") else None
+
+
+def _aoi_difference(cube_attrs: Mapping[str, Any], run_attrs: Mapping[str, Any]) -> str | None:
+    """How the AOI of a cube and of a run differ (digest and source), None when they are the same."""
+    a, b = aoi_digest(cube_attrs), aoi_digest(run_attrs)
+    if a == b:
+        return None
+
+    def what(attrs: Mapping[str, Any], digest: str | None) -> str:
+        if digest is None:
+            return "none (the whole bbox)"
+        aoi = _json_attr(get_attr(attrs, "aoi"))
+        source = str(aoi.get("source", "?"))
+        return f"{digest[:19]}… from {shown_text(source.rstrip('/').rsplit('/', 1)[-1])}"  # the file's name
+
+    return f"AOI: cube {what(cube_attrs, a)}, this run {what(run_attrs, b)} (use the cube's --aoi)"
+
+
+def _rounded_geometry(geometry: Mapping[str, Any]) -> tuple[dict[str, Any], list[float]]:
+    """A GeoJSON (Multi)Polygon with coordinates rounded to 7 decimals (~1 cm), and its bbox."""
+    import shapely
+
+    geom = shapely.set_precision(shapely.from_geojson(json.dumps(geometry)), 1e-7)
+    return json.loads(shapely.to_geojson(geom)), [float(v) for v in shapely.bounds(geom)]
 
 
 def _skipped_property(attrs: Mapping[str, Any]) -> dict[str, Any]:

@@ -288,3 +288,30 @@ def test_tiles_that_do_not_decode_are_read_again_under_the_policy(sample, monkey
     assert failures == []  # nothing decoded yet: the fetch only
     np.testing.assert_array_equal(finish(), ref[0, 0])
     assert failures == [1] and red.path == "tiles"
+
+
+def test_reads_cut_by_the_process_exiting_are_not_blamed_on_the_asset(sample, monkeypatch):
+    """A run that failed exits while other reads are in flight: their pools refuse work (PoolClosed). That is not
+    the asset's fault: no retries, no skip, no fault record."""
+    from ndvi_scale.engine import fetch, owntiles
+
+    spec, catalog = sample
+    items, grid = items_and_grid(catalog, bboxes(spec)["across-overlap"])
+
+    class Closed:
+        def submit(self, *args: Any) -> Any:
+            raise fetch.PoolClosed("cannot schedule new futures after shutdown")
+
+    monkeypatch.setattr(owntiles, "DECODE_POOL", Closed())
+    monkeypatch.setattr(TILE_CACHE, "max_bytes", 0)
+    records: list[Any] = []
+
+    class Log:
+        def record(self, fault: Any) -> None:
+            records.append(fault)
+
+    policy = ReadPolicy(backoff=0.0, skip=True, log=Log())  # type: ignore[arg-type]
+    finish = reader_for(items[0].bands["red"].href, grid).start(Window(0, 0, 8, 8), policy)
+    with pytest.raises(fetch.PoolClosed):
+        finish()
+    assert records == [] and not reader_mod._GIVEN_UP

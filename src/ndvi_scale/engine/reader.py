@@ -347,6 +347,8 @@ class AssetReader:
             except _NOT_THE_ASSETS_FAULT:
                 raise  # a bug or the machine; retrying or skipping would hide it
             except Exception as e:
+                if any(isinstance(x, PoolClosed) for x in exception_chain(e)):
+                    raise  # the process is exiting (a run that failed): nothing to retry or record
                 if _out_of_files(e):
                     raise ReadError(
                         f"this process ran out of file descriptors while reading {clean_href(self.url)} (not a "

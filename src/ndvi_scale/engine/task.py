@@ -11,6 +11,7 @@ holds the (days, y, x) float32 NDVI and the read-ahead windows.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from rasterio import windows
@@ -44,8 +45,8 @@ def prefetch(sources: Sequence[ItemSource], grid: OutputGrid, slices: Sequence[t
 #: Most bytes of day layers one task holds at once: a (period, chunk) whose days x rows x cols x 4 B exceed it is
 #: composited in strips of rows, one after the other, into the chunk's output block (every pixel is reduced on
 #: its own, so strips give the same bytes). A single-tile year (73 days) at the default 2048-px chunk would
-#: hold 1.2 GB; in 4 strips of 512 rows it holds 300 MB, so two tasks per worker fit a 1.5 GB worker with the
-#: caches. The chunk (the user's ``--chunk``, also the Zarr chunk) never shrinks for it.
+#: hold 1.2 GB; in 4 strips of 512 rows it holds 300 MB (benchmarks/RESULTS.md: peak RSS 1.35-1.37 GB instead
+#: of 2.5 GB). The chunk (the user's ``--chunk``, also the Zarr chunk) never shrinks for it.
 TASK_DAY_BYTES = 384 * 2**20
 #: Strips are whole multiples of this many rows (a COG's internal tiles are 512 or 1024 px: strips end on tile
 #: boundaries of a grid aligned with the files).
@@ -75,14 +76,22 @@ def composite_block(
     n_out: int,
     policy: ReadPolicy,
     read_ahead: int = READ_AHEAD_BYTES,
+    aoi: Any = None,
 ) -> np.ndarray:
     """The packed (1, n_out * height, width) float32 block of one period and chunk: value, count[, date].
+
+    ``aoi`` (a polygon in the grid's CRS, or None for the whole chunk): pixels whose centre is outside it are NaN
+    with count 0, set after the reduction (inside pixels are exactly those of a run without it); a chunk without
+    any pixel centre inside reads nothing.
 
     Composited in strips of rows when its day layers would exceed :data:`TASK_DAY_BYTES` (same bytes: each
     pixel is reduced on its own). Raises as :func:`_composite_part`.
     """
     rows, cols = slices
     height, width = rows.stop - rows.start, cols.stop - cols.start
+    inside = _aoi_inside(aoi, grid, rows, cols) if aoi is not None else None
+    if inside is not None and not inside.any():
+        return empty_block(n_out, height, width)
     step = strip_rows(len(day_numbers), height, width)
 
     def part(rows: slice) -> np.ndarray:
@@ -90,11 +99,16 @@ def composite_block(
                                mask_classes=mask_classes, n_out=n_out, policy=policy, read_ahead=read_ahead)
 
     if step >= height:
-        return part(rows)
-    out = np.empty((n_out, height, width), dtype=np.float32)
-    for r0 in range(0, height, step):
-        r1 = min(height, r0 + step)
-        out[:, r0:r1] = part(slice(rows.start + r0, rows.start + r1)).reshape(n_out, r1 - r0, width)
+        out = part(rows)
+    else:
+        out = np.empty((n_out, height, width), dtype=np.float32)
+        for r0 in range(0, height, step):
+            r1 = min(height, r0 + step)
+            out[:, r0:r1] = part(slice(rows.start + r0, rows.start + r1))
+    if inside is not None:
+        outside = ~inside
+        out[:, outside] = np.nan  # value and date layers
+        out[1, outside] = 0  # valid_count
     return out.reshape(1, n_out * height, width)
 
 
@@ -111,8 +125,8 @@ def _composite_part(
     policy: ReadPolicy,
     read_ahead: int = READ_AHEAD_BYTES,
 ) -> np.ndarray:
-    """The packed (1, n_out * height, width) float32 block of one period and the window ``slices`` (a chunk or
-    a strip of one): value, count[, date].
+    """The (n_out, height, width) float32 layers of one period over the window ``slices`` (a chunk or a strip
+    of one): value, count[, date].
 
     Days are visited from a start that differs between neighbouring chunks (``block_id`` = (period, i, j)):
     two tasks on adjacent chunks then read different items at a time, so a COG tile they share is inflated by
@@ -158,9 +172,18 @@ def _composite_part(
         got = {}
     if not started.all():
         days[~started] = np.nan
-    out = np.empty((1, n_out, height, width), dtype=np.float32)
-    reduce_days(days, method, np.asarray(day_numbers, dtype=np.int64), out=out[0])
-    return out.reshape(1, n_out * height, width)
+    out = np.empty((n_out, height, width), dtype=np.float32)
+    reduce_days(days, method, np.asarray(day_numbers, dtype=np.int64), out=out)
+    return out
+
+
+def _aoi_inside(aoi: Any, grid: OutputGrid, rows: slice, cols: slice) -> np.ndarray:
+    """Pixels of the chunk whose centre is inside ``aoi`` (grid CRS): the AOI rule, see ndvi_scale.analytics.aoi."""
+    from ..analytics.aoi import aoi_mask  # only runs with an AOI need shapely/rasterio's rasteriser
+
+    res = grid.resolution
+    left, top = grid.bounds[0] + cols.start * res, grid.bounds[3] - rows.start * res
+    return aoi_mask(aoi, left, top, res, (rows.stop - rows.start, cols.stop - cols.start))
 
 
 def _fold(
