@@ -160,7 +160,7 @@ def _composite_part(
 
     got: dict[str, np.ndarray] = {}
     for (i, asset), finish in ordered_reads(jobs, start, cost, read_ahead):
-        data = finish()  # decoding happens here, in the task's thread (one per core), not in the I/O pool
+        data = finish()  # the tiles are decoded now (decode pool, one thread per core), not while in flight
         if data.shape != (height, width):
             raise RuntimeError(f"reader returned {data.shape} for a {height} x {width} window")
         got[asset.band] = data
