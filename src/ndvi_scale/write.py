@@ -258,10 +258,12 @@ def _write_cube_leased(
         if overwrite and not append:
             loc.delete()
             return writer.new(new_format)
+        running = [str(p) for p in state.get("periods", [])]
         raise OutputExistsError(
             f"output {loc.url} holds an unfinished write of another run (periods "
-            f"{', '.join(state.get('periods', [])) or '?'}); rerun that exact command to finish it, or pass "
-            "--overwrite without --append to replace the whole cube"
+            f"{', '.join(running[:4]) or '?'}{', ...' if len(running) > 4 else ''}); rerun that exact command to "
+            f"finish it, or run 'ndvi-scale repair {loc.url}' to roll it back to its last complete state "
+            "(complete periods stay), then re-run this one"
         )
     if overwrite and not append:
         loc.delete()
@@ -733,8 +735,11 @@ def _finish_pending(loc: Location, existing: _Existing) -> bool:
         if loc.is_local:
             if os.path.exists(loc.join(MARKER_PREFIX)) or _partial_files(loc.path):
                 return True
-        elif loc.fs.find(loc.join(MARKER_PREFIX)):
-            return True
+        else:
+            below = loc.join(MARKER_PREFIX).rstrip("/") + "/"
+            # objects below it only: some S3 servers (SeaweedFS) still list the emptied "folder" itself
+            if any(p.startswith(below) for p in loc.fs.find(loc.join(MARKER_PREFIX))):
+                return True
         if existing.zarr_format == 2:
             if loc.read_bytes(".zmetadata") is None:
                 return True
@@ -798,6 +803,7 @@ class _Writer:
         state = {"fingerprint": fp, "state": "template", "periods": self.labels, "n_before": 0}
         self._write_template(fmt, state)
         self._set_state(fmt, {**state, "state": "regions"})
+        consolidate(self.loc, fmt)  # an unfinished cube opens with plain xr.open_zarr (its regions read as fill)
         return self._regions_and_finish(fmt, state, resumed=False, skipped_periods=())
 
     def resume(self, existing: _Existing) -> WriteReport:
@@ -819,6 +825,7 @@ class _Writer:
                 return self.new(fmt)
             self._extend(fmt, state)
             self._set_state(fmt, {**state, "state": "regions"})
+            consolidate(self.loc, fmt)
         skipped = tuple(p for p in self.labels if p not in periods)
         return self._regions_and_finish(fmt, state, resumed=True, skipped_periods=skipped)
 
@@ -863,6 +870,7 @@ class _Writer:
             self._rm(".zmetadata")
         self._extend(fmt, state)
         self._set_state(fmt, {**state, "state": "regions"})
+        consolidate(self.loc, fmt)  # the grown arrays, for readers of the unfinished cube (plain xr.open_zarr)
         return self._regions_and_finish(fmt, state, resumed=False, skipped_periods=skipped)
 
     # ---------------------------------------------------------------- phases
@@ -1154,15 +1162,8 @@ class _Writer:
         self._consolidate(fmt)
 
     def _consolidate(self, fmt: int) -> None:
-        import zarr
-
-        try:
-            with warnings.catch_warnings():
-                # zarr notes that consolidated metadata is not (yet) in the v3 spec; xarray uses it anyway
-                warnings.simplefilter("ignore", category=UserWarning)
-                zarr.consolidate_metadata(self._store(), zarr_format=_zf(fmt))
-        except Exception as exc:
-            raise _as_error(exc, self.loc, "consolidating") from None
+        """The last consolidation of a write (the one :func:`_finish_pending` checks for)."""
+        consolidate(self.loc, fmt)
 
     def finish_pending(self, existing: _Existing) -> WriteReport:
         """Redo the last steps of a write whose cube is complete but that was stopped before they ended
@@ -1267,44 +1268,74 @@ class _Writer:
 
     def _rm(self, sub: str) -> None:
         """Remove ``sub`` (object or prefix) inside the store; nothing outside it."""
-        path = self.loc.join(sub)
-        try:
-            if self.loc.is_local:
-                if os.path.isdir(path):
-                    shutil.rmtree(path)
-                elif os.path.lexists(path):
-                    os.remove(path)
-                return
-            fs = self.loc.fs
-            doomed = [p for p in fs.find(path) if p == path or p.startswith(path + "/")]
-            if doomed:
-                fs.rm(doomed)
-        except FileNotFoundError:
-            return
-        except Exception as exc:
-            raise storage_error(exc, self.loc, "cleaning up") from None
+        remove_in_store(self.loc, sub)
 
     def _write_stac(self, fmt: int, fingerprint: str) -> str:
-        try:
-            # chunks=None: the item needs coordinates and attributes only, read as they are needed (no dask)
-            cube = xr.open_zarr(self._store(), decode_coords="all", zarr_format=_zf(fmt), chunks=None)
-        except Exception as exc:
-            raise _as_error(exc, self.loc, "reading") from None
-        item = scrub_value(stac_item_dict(cube, self.loc, fmt, fingerprint))  # no URL credentials, ever
-        target = self.loc.sibling(STAC_SUFFIX)
-        data = json.dumps(item, indent=2, sort_keys=False).encode()
-        try:
-            import pystac
+        return write_stac_item(self.loc, fmt, fingerprint)
 
-            pystac.Item.from_dict(json.loads(data))  # refuse to publish an item pystac cannot load
-            target.fs.pipe_file(target.path, data)
-        except NdviScaleError:
-            raise
-        except Exception as exc:
-            if _is_storage_failure(exc):
-                raise storage_error(exc, target, "writing") from None
-            raise OutputError(f"STAC item for {self.loc.url} is invalid: {redact(str(exc))}") from exc
-        return target.url
+
+def remove_in_store(loc: Location, sub: str) -> None:
+    """Remove ``sub`` (object or prefix) inside the store at ``loc``; nothing outside it (a missing ``sub`` is
+    fine). Raises :class:`~ndvi_scale.errors.StorageError`."""
+    path = loc.join(sub)
+    try:
+        if loc.is_local:
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.remove(path)
+            return
+        fs = loc.fs
+        doomed = [p for p in fs.find(path) if p == path or p.startswith(path + "/")]
+        if doomed:
+            fs.rm(doomed)
+    except FileNotFoundError:
+        return
+    except Exception as exc:
+        raise storage_error(exc, loc, "cleaning up") from None
+
+
+def write_stac_item(loc: Location, fmt: int, fingerprint: str) -> str:
+    """Write the STAC item of the cube at ``loc`` beside it (``<out>.stac-item.json``, credentials scrubbed);
+    returns its URL. Raises :class:`OutputError` if pystac cannot load it, a StorageError if it cannot be put."""
+    try:
+        # chunks=None: the item needs coordinates and attributes only, read as they are needed (no dask)
+        cube = xr.open_zarr(store_from_spec(loc.spec()), decode_coords="all", zarr_format=_zf(fmt), chunks=None)
+    except Exception as exc:
+        raise _as_error(exc, loc, "reading") from None
+    item = scrub_value(stac_item_dict(cube, loc, fmt, fingerprint))  # no URL credentials, ever
+    target = loc.sibling(STAC_SUFFIX)
+    data = json.dumps(item, indent=2, sort_keys=False).encode()
+    try:
+        import pystac
+
+        pystac.Item.from_dict(json.loads(data))  # refuse to publish an item pystac cannot load
+        target.fs.pipe_file(target.path, data)
+    except NdviScaleError:
+        raise
+    except Exception as exc:
+        if _is_storage_failure(exc):
+            raise storage_error(exc, target, "writing") from None
+        raise OutputError(f"STAC item for {loc.url} is invalid: {redact(str(exc))}") from exc
+    return target.url
+
+
+def consolidate(loc: Location, fmt: int) -> None:
+    """Consolidate the metadata of the cube at ``loc`` (Zarr format ``fmt``).
+
+    Done when the template is written (or the time axis grown), so that an unfinished cube opens with plain
+    ``xr.open_zarr`` (unwritten regions read as fill values), and again when a write finishes (attributes).
+    Raises :class:`~ndvi_scale.errors.StorageError` (or another :class:`OutputError`) on failure.
+    """
+    import zarr
+
+    try:
+        with warnings.catch_warnings():
+            # zarr notes that consolidated metadata is not (yet) in the v3 spec; xarray uses it anyway
+            warnings.simplefilter("ignore", category=UserWarning)
+            zarr.consolidate_metadata(store_from_spec(loc.spec()), zarr_format=_zf(fmt))
+    except Exception as exc:
+        raise _as_error(exc, loc, "consolidating") from None
 
 
 # ------------------------------------------------------------------------------------------------- dask task
