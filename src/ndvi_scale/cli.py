@@ -314,6 +314,21 @@ def show_cmd(
     _guard(go)
 
 
+@app.command("repair")
+def repair_cmd(
+    out: Annotated[str, typer.Argument(help="Cube written by compute: path, gs://bucket/path or s3://bucket/path.")],
+) -> None:
+    """Finish or roll back a cube whose write was stopped (killed, out of memory, changed catalog) to its last
+    complete state: complete periods stay, unfinished ones are cut off; compute --append then adds them."""
+
+    def go() -> None:
+        from .repair import repair_cube
+
+        _out(repair_cube(out).summary())
+
+    _guard(go)
+
+
 def _write_table(df: Any, out: str, overwrite: bool) -> str:
     """Write ``df`` as CSV or Parquet (by the extension of ``out``); never over an existing file without
     ``overwrite``."""
