@@ -210,10 +210,10 @@ def write_cube(
     _refuse_bucket_root(loc)
     ds = prepare_dataset(ds)
     loc.check_access()
-    with WriterLease(loc):  # one writer at a time: a second one is refused naming the holder
+    with WriterLease(loc) as lease:  # one writer at a time: a second one is refused naming the holder
         return _write_cube_leased(ds, loc, overwrite=overwrite, append=append, zarr_format=zarr_format,
                                   progress=progress, fingerprint=fingerprint, faults=faults,
-                                  asset_labels=asset_labels, codec=codec)
+                                  asset_labels=asset_labels, codec=codec, lease=lease)
 
 
 def _write_cube_leased(
@@ -228,10 +228,13 @@ def _write_cube_leased(
     faults: FaultLog | None,
     asset_labels: Mapping[str, tuple[str, str]] | None,
     codec: str,
+    lease: WriterLease | None = None,
 ) -> WriteReport:
     """:func:`write_cube` once the writer lease is held: everything is inspected again under it."""
     existing = _inspect(loc)
     _refuse_other_format(loc, existing, zarr_format, overwrite=overwrite, append=append)
+    if lease is not None:
+        lease.verify()  # still ours after the inspection, before the first write (see WriterLease.verify)
     new_format = zarr_format or 3
     writer = _Writer(loc, ds, progress, fingerprint, faults, asset_labels, codec)
 
@@ -455,6 +458,17 @@ LEASE_SUFFIX = ".lease.json"
 LEASE_TTL = 120.0
 
 
+#: Seconds a lease created on a store that ignores conditional creates settles before it is trusted (two
+#: writers that both read "no lease" create theirs one round trip after that read, well within it).
+LEASE_SETTLE = 2.0
+
+
+def _refused_create(exc: BaseException) -> bool:
+    """True if ``exc`` is an object store refusing a conditional create (the object exists)."""
+    text = str(exc).lower()
+    return any(k in text for k in ("precondition", "pre-condition", "412", "conditionnotmet"))
+
+
 def _lease_ttl() -> float:
     raw = os.environ.get("NDVI_SCALE_LEASE_TTL", "").strip()
     try:
@@ -493,6 +507,8 @@ class WriterLease:
         self.pid = os.getpid()
         self._stop: Any = None
         self._thread: Any = None
+        #: False once the store was seen to ignore the exclusive create (then acquire settles and verifies).
+        self.atomic = True
 
     # ------------------------------------------------------------------ the object
     def _doc(self, started: float | None = None) -> bytes:
@@ -536,12 +552,20 @@ class WriterLease:
         except FileExistsError:
             return False
         except Exception as exc:
-            text = str(exc)
-            if any(k in text.lower() for k in ("precondition", "pre-condition", "412", "conditionnotmet")):
+            if _refused_create(exc):
                 return False
             raise storage_error(exc, t, "creating the writer lease of") from None
         held = self.read()  # a server that ignored the condition: whoever wrote last holds it
-        return held is not None and held.get("token") == self.token
+        if held is None or held.get("token") != self.token:
+            return False
+        # Does this server honour the exclusive create? Create the same object again: it must be refused.
+        try:
+            t.fs.pipe_file(t.path, data, mode="create")
+            self.atomic = False
+        except Exception as exc:
+            if not (isinstance(exc, FileExistsError) or _refused_create(exc)):
+                raise storage_error(exc, t, "creating the writer lease of") from None
+        return True
 
     @staticmethod
     def stale(held: Mapping[str, Any], now: float | None = None) -> bool:
@@ -582,6 +606,18 @@ class WriterLease:
         log.info("removing the stale writer lease of %s held by %s", self.loc.url, self.describe(held))
         self._remove()
 
+    def verify(self) -> None:
+        """Refuse (as a second writer) if the lease object no longer holds this lease's token.
+
+        The fence against two creates that both seemed to succeed: on a server that does not make the
+        exclusive create atomic (seen with the GCS emulator: two appends started together both held the lease
+        and one crashed with "'2024-03-01' is not in list"), the last writer's token is what stays, so the
+        other one, reading it again before its first write, is refused instead of writing beside it.
+        """
+        held = self.read()
+        if held is None or held.get("token") != self.token:
+            raise self._refusal(held or {})
+
     def _refusal(self, held: Mapping[str, Any]) -> OutputError:
         return OutputError(
             f"output {self.loc.url} is being written by {self.describe(held)}; wait for that run to end and "
@@ -604,6 +640,13 @@ class WriterLease:
                             self.describe(held))
                 self._remove()
             if self._create(self._doc(started)):
+                if not self.atomic:
+                    log.warning("%s ignores conditional creates: the writer lease is best effort there",
+                                self.target.url)
+                    # Last writer wins there: a rival that read "no lease" just before our create writes its own
+                    # within moments; wait that long, then check the lease is still ours (else: refused).
+                    time.sleep(LEASE_SETTLE)
+                    self.verify()
                 self._start_heartbeat(started)
                 return self
         raise self._refusal(self.read() or {})
