@@ -318,8 +318,10 @@ def show_cmd(
 def repair_cmd(
     out: Annotated[str, typer.Argument(help="Cube written by compute: path, gs://bucket/path or s3://bucket/path.")],
 ) -> None:
-    """Finish or roll back a cube whose write was stopped (killed, out of memory, changed catalog) to its last
-    complete state: complete periods stay, unfinished ones are cut off; compute --append then adds them."""
+    """Roll a stopped write (killed, out of memory, changed catalog) back to the cube's last complete state.
+
+    Complete periods stay, unfinished ones are cut off (compute --append then adds them); a complete cube whose
+    last steps were stopped gets its consolidated metadata and STAC item."""
 
     def go() -> None:
         from .repair import repair_cube
