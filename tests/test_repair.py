@@ -102,13 +102,16 @@ def test_killed_append_with_a_changed_catalog_is_rolled_back_then_appended(
     assert repair_cube(url).action == "nothing"
 
 
-def test_killed_first_write_keeps_its_complete_periods(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("fmt", [3, 2])
+def test_killed_first_write_keeps_its_complete_periods(
+    fmt: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     url, reference = str(tmp_path / "c.zarr"), str(tmp_path / "ref.zarr")
-    write_cube(make_cube(PERIODS), reference)
+    write_cube(make_cube(PERIODS), reference, zarr_format=fmt)
     with monkeypatch.context() as patched:
         _stop_after(patched, 1, 2)
         with pytest.raises(KeyboardInterrupt):
-            write_cube(make_cube(PERIODS), url)
+            write_cube(make_cube(PERIODS), url, zarr_format=fmt)
     report = repair_cube(url)
     assert report.kept == (PERIODS[0],) and report.dropped == (PERIODS[1],) and report.periods == (PERIODS[0],)
     write_cube(make_cube(PERIODS), url, append=True)
