@@ -61,13 +61,18 @@ def data_bytes(root: Path) -> dict[str, bytes]:
             if k.startswith(("ndvi/", "valid_count/")) and not k.endswith((".json", ".zarray", ".zattrs"))}
 
 
+def write_state(doc: dict) -> dict:
+    """The write state in the root attributes (``ndvi_scale_write``; ``ndvi_scale:write`` in older cubes)."""
+    attrs = doc.get("attributes") or {}
+    return json.loads(attrs.get("ndvi_scale_write") or attrs.get("ndvi_scale:write") or "{}")
+
+
 def state_at(out: Path) -> str:
     """What the killed run left: write phase, markers, temporary files."""
     if not out.exists():
         return "nothing"
     try:
-        attrs = json.loads((out / "zarr.json").read_text())["attributes"]
-        phase = json.loads(attrs["ndvi_scale:write"])["state"]
+        phase = write_state(json.loads((out / "zarr.json").read_text()))["state"]
     except (OSError, ValueError, KeyError):
         phase = "no-metadata"
     markers = len(list((out / ".ndvi-scale" / "done").rglob("*"))) if (out / ".ndvi-scale").exists() else 0
@@ -92,7 +97,7 @@ def check(out: Path, reference: Path) -> list[str]:
         doc = json.loads((out / "zarr.json").read_text())
     except (OSError, ValueError) as exc:
         return problems + [f"no cube: {exc}"]
-    if json.loads(doc["attributes"]["ndvi_scale:write"])["state"] != "complete":
+    if write_state(doc).get("state") != "complete":
         problems.append("write state not complete")
     if not doc.get("consolidated_metadata"):
         problems.append("metadata not consolidated")
@@ -101,8 +106,8 @@ def check(out: Path, reference: Path) -> list[str]:
     item = Path(str(out) + ".stac-item.json")
     if not item.exists():
         problems.append("no STAC item")
-    elif json.loads(item.read_text())["properties"]["ndvi_scale:fingerprint"] != json.loads(
-            doc["attributes"]["ndvi_scale:write"])["fingerprint"]:
+    elif json.loads(item.read_text())["properties"]["ndvi_scale:fingerprint"] != write_state(doc).get(
+            "fingerprint"):
         problems.append("STAC item is not the cube's")
     return problems
 

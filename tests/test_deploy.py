@@ -8,6 +8,7 @@ A missing tool fails its test with the pip command to run; nothing is skipped.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import importlib.util
 import os
 import re
@@ -75,6 +76,10 @@ def get(tree: Any, dotted: str) -> Any:
     return node
 
 
+#: An image digest: a real one, or the placeholder the release fills (deploy/README.md, "Pin the digests").
+DIGEST = re.compile(r"sha256:(?:[0-9a-f]{64}|<[A-Z_]*IMAGE_DIGEST>)")
+#: An unfilled ``<...>`` placeholder (``<IMAGE_DIGEST>``, ``<openssl rand -hex 32>``, ``<someone>``).
+PLACEHOLDER = re.compile(r"<[A-Za-z][A-Za-z0-9 _.@-]*>")
 SECRET_KEY = re.compile(r"(?i)(token|secret|password|client_?id|api_?key|private_?key|credentials?)$")
 
 
@@ -94,6 +99,7 @@ def test_manifest_set() -> None:
         "cronjob.yaml",
         "kustomization.yaml",
         "namespace.yaml",
+        "networkpolicy.yaml",
         "serviceaccount.yaml",
     ]
 
@@ -260,8 +266,8 @@ def test_kustomization() -> None:
     # Everything except the hand-created backfill (which would re-run on every apply).
     assert listed == {p.name for p in API_MANIFESTS} - {"backfill-job.yaml"}
     (image,) = k["images"]
-    assert container(load(K8S / "cronjob.yaml"))["image"].split(":")[0] == image["name"]
-    assert image["newName"] and image["newTag"]
+    assert container(load(K8S / "cronjob.yaml"))["image"] == image["name"]  # rewritten by kustomize
+    assert image["newName"] and DIGEST.fullmatch(image["digest"]) and "newTag" not in image
 
 
 def test_no_secrets_in_manifests() -> None:
@@ -524,7 +530,8 @@ def test_helm_values_consistency() -> None:
     # Notebook image = the Dockerfile's notebook target; workers = its default target, same registry and tag.
     nb, worker = get(v, "jupyterhub/singleuser/image"), get(v, "dask-gateway/gateway/backend/image")
     assert nb["name"].endswith("/ndvi-scale-notebook") and worker["name"].endswith("/ndvi-scale")
-    assert nb["name"].rsplit("/", 1)[0] == worker["name"].rsplit("/", 1)[0] and nb["tag"] == worker["tag"]
+    assert nb["name"].rsplit("/", 1)[0] == worker["name"].rsplit("/", 1)[0]
+    assert nb["tag"].split("@")[0] == worker["tag"].split("@")[0]  # same release; each image its own digest
     assert get(v, "jupyterhub/singleuser/storage/homeMountPath") == "/home/ndvi"  # the image's home
     for role in ("scheduler", "worker"):
         pod = get(v, f"dask-gateway/gateway/backend/{role}/extraPodConfig")
@@ -556,8 +563,10 @@ def test_helm_extra_config_offers_the_cluster_options() -> None:
     assert resolved["worker_cores"] == resolved["worker_cores_limit"] == resolved["worker_threads"] == 2
     assert resolved["worker_memory"] == resolved["worker_memory_limit"] == "8.000000G"
     assert resolved["image"] == image_default
-    with pytest.raises(ValueError, match="image must be NAME:TAG"):
-        options.get_configuration(options.parse_options({"image": "untagged"}), None)
+    # The image comes from an allow-list: schedulers and workers run under the bucket-writing identity.
+    for foreign in ("untagged", "docker.io/someone/miner:latest", image_default.split("@")[0]):
+        with pytest.raises(ValueError, match="image"):
+            options.get_configuration(options.parse_options({"image": foreign}), None)
     with pytest.raises(ValueError, match="Unknown fields"):
         options.parse_options({"worker_gpus": 1})
 
@@ -587,3 +596,200 @@ def test_secrets_example_has_placeholders_only() -> None:
         if SECRET_KEY.search(path.rsplit("/", 1)[-1]):
             assert str(value).startswith("<"), f"{path} holds a value, not a placeholder"
         assert not re.search(r"\b[0-9a-fA-F]{32,}\b", str(value)), path
+
+
+# ------------------------------------------------------------------------------------- issue K: deploy/
+def test_images_are_pinned_by_digest() -> None:
+    """Ours by digest (immutable), never by a tag alone; the release fills the digest placeholders."""
+    backfill = container(load(K8S / "backfill-job.yaml"))["image"]
+    name, digest = backfill.split("@")
+    assert name == load(K8S / "kustomization.yaml")["images"][0]["newName"] and DIGEST.fullmatch(digest)
+    v = _values()
+    for key in ("jupyterhub/singleuser/image", "dask-gateway/gateway/backend/image"):
+        tag = get(v, key)["tag"]
+        assert re.fullmatch(r"\d+\.\d+\.\d+@" + DIGEST.pattern, tag), (key, tag)
+    assert get(v, "dask-gateway/gateway/backend/image/tag") in get(v, "dask-gateway/gateway/extraConfig")[
+        "01-cluster-options"]
+
+
+def test_network_policy_allows_only_dns_metadata_and_public_https() -> None:
+    np_ = load(K8S / "networkpolicy.yaml")
+    assert np_["kind"] == "NetworkPolicy" and sorted(np_["spec"]["policyTypes"]) == ["Egress", "Ingress"]
+    assert np_["spec"]["ingress"] == []
+    selector = np_["spec"]["podSelector"]["matchLabels"]
+    for name in ("cronjob.yaml", "backfill-job.yaml"):
+        obj = load(K8S / name)
+        labels = (obj["spec"]["jobTemplate"]["spec"]["template"] if obj["kind"] == "CronJob"
+                  else obj["spec"]["template"])["metadata"]["labels"]
+        assert selector.items() <= labels.items(), f"{name}'s pods are not selected"
+    allowed = set()
+    for rule in np_["spec"]["egress"]:
+        ports = {(p["protocol"], p["port"]) for p in rule["ports"]}
+        blocks = [t["ipBlock"] for t in rule["to"] if "ipBlock" in t]
+        if ports == {("TCP", 443)}:  # public addresses only: no private, CGNAT, link-local or loopback range
+            (block,) = blocks
+            assert block["cidr"] == "0.0.0.0/0"
+            assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "127.0.0.0/8",
+                    "100.64.0.0/10"} <= set(block["except"])
+        elif ports <= {("UDP", 53), ("TCP", 53)}:
+            assert all(b["cidr"].endswith("/32") for b in blocks)
+        else:  # the metadata server, one address and port each
+            assert len(ports) == 1 and [b["cidr"] for b in blocks] in (["169.254.169.254/32"],
+                                                                       ["169.254.169.252/32"]), rule
+        allowed |= ports
+    assert allowed == {("UDP", 53), ("TCP", 53), ("TCP", 80), ("TCP", 988), ("TCP", 443)}
+
+
+def test_configmap_does_not_skip_bad_assets_by_default() -> None:
+    text = load(K8S / "configmap.yaml")["data"]["run.yaml"]
+    assert yaml.safe_load(text)["skip-bad-assets"] is False
+    before = text.split("skip-bad-assets:")[0].rstrip().splitlines()
+    assert before[-1].lstrip().startswith("#"), "the default says why, in a comment above it"
+
+
+@pytest.mark.parametrize("role", ["scheduler", "worker"])
+def test_gateway_pods_have_a_read_only_root_filesystem(role: str) -> None:
+    v = _values()
+    pod = get(v, f"dask-gateway/gateway/backend/{role}/extraPodConfig")
+    c = get(v, f"dask-gateway/gateway/backend/{role}/extraContainerConfig")
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {vol["name"]: vol for vol in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]  # HOME, dask's scratch and the cache (environment) are there
+    env = get(v, "dask-gateway/gateway/backend/environment")
+    assert env["HOME"] == "/tmp" and env["NDVI_SCALE_CACHE"].startswith("/tmp/")
+
+
+def find_helm() -> str:
+    for candidate in (os.environ.get("NDVI_SCALE_HELM"), shutil.which("helm"), str(ROOT / ".cache/tools/helm")):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    pytest.fail("helm is not installed; python deploy/get_helm.py (puts it in .cache/tools)")
+
+
+CHART = ROOT.parent / "shared" / "fixtures" / "helm" / "daskhub-2024.1.1.tgz"
+
+
+def _chart() -> Path:
+    for path in (CHART, Path("/work/shared/fixtures/helm/daskhub-2024.1.1.tgz")):
+        if path.is_file():
+            return path
+    pytest.fail(f"the daskhub chart package is missing: {CHART} (shared/fixtures/helm)")
+
+
+def unfilled(rendered: str) -> list[str]:
+    """``<...>`` placeholders left in rendered manifests, Secrets' base64 data included."""
+    import base64
+
+    found = PLACEHOLDER.findall(rendered)
+    for doc in yaml.safe_load_all(rendered):
+        if isinstance(doc, dict) and doc.get("kind") == "Secret":
+            for value in (doc.get("data") or {}).values():
+                found += PLACEHOLDER.findall(base64.b64decode(value).decode("utf-8", "replace"))
+    return found
+
+
+def _release_values(tmp_path: Path) -> list[Path]:
+    """The values as a release makes them: digests filled, secrets from the example filled."""
+    import secrets
+
+    values = (HELM / "daskhub-values.yaml").read_text(encoding="utf-8")
+    values = re.sub(r"<[A-Z_]*IMAGE_DIGEST>", lambda m: hashlib.sha256(m.group(0).encode()).hexdigest(), values)
+    fill = {"<openssl rand -hex 32>": secrets.token_hex(32), "<oauth client id>": "client-1",
+            "<oauth client secret>": "not-a-secret", "<hub host>": "hub.example.org",
+            "<your domain>": "example.org", "<someone>": "someone"}
+    example = (HELM / "secrets.example.yaml").read_text(encoding="utf-8")
+    for key, value in fill.items():
+        example = example.replace(key, value)
+    out = [tmp_path / "values.yaml", tmp_path / "secrets.yaml"]
+    out[0].write_text(values, encoding="utf-8")
+    out[1].write_text(example, encoding="utf-8")
+    return out
+
+
+def _helm(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([helm, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_helm_chart_renders_and_validates(tmp_path: Path) -> None:
+    """The values with the real daskhub chart package: helm lint --strict, helm template, kubernetes-validate
+    --strict; no placeholder left; notebooks may reach the metadata server; our images by digest."""
+    require_module("kubernetes_validate", "kubernetes-validate")
+    helm, chart = find_helm(), _chart()
+    files = _release_values(tmp_path)
+    flags = [a for f in files for a in ("--values", str(f))]
+    r = _helm(helm, "lint", "--strict", str(chart), *flags)
+    assert r.returncode == 0 and "1 chart(s) linted, 0 chart(s) failed" in r.stdout, r.stdout + r.stderr
+    r = _helm(helm, "template", "dhub", str(chart), "--namespace", "dhub", *flags)
+    assert r.returncode == 0, r.stderr
+    rendered = tmp_path / "rendered.yaml"
+    rendered.write_text(r.stdout, encoding="utf-8")
+    assert unfilled(r.stdout) == []
+    docs = [d for d in yaml.safe_load_all(r.stdout) if d]
+    v = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", str(rendered)],
+                       capture_output=True, text=True, timeout=300)
+    out = v.stdout + v.stderr
+    assert v.returncode == 0 and "ERROR" not in out, out[-3000:]
+    assert out.count("passed for resource") >= len(docs) - 3  # traefik's CRD objects have no schema
+    singleuser = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "singleuser")
+    metadata_rules = [rule for rule in singleuser["spec"]["egress"] if rule.get("to") == [
+        {"ipBlock": {"cidr": "169.254.169.254/32"}}] and "ports" not in rule]
+    assert metadata_rules, "notebooks cannot reach the metadata server (Workload Identity)"
+    ours = [c["image"] for d in docs for c in _containers(d) if "/ndvi/" in c["image"]]
+    assert ours and all(re.search(r"@sha256:[0-9a-f]{64}$", image) for image in ours), ours
+
+
+def test_helm_render_check_catches_an_unfilled_placeholder(tmp_path: Path) -> None:
+    """Rendering succeeds silently with the example secrets as they are: the check must fail it."""
+    helm, chart = find_helm(), _chart()
+    values, _ = _release_values(tmp_path)
+    r = _helm(helm, "template", "dhub", str(chart), "--namespace", "dhub", "--values", str(values),
+              "--values", str(HELM / "secrets.example.yaml"))
+    assert r.returncode == 0, r.stderr
+    left = unfilled(r.stdout)
+    assert "<someone>" in left and "<oauth client secret>" in left, left
+    r = _helm(helm, "template", "dhub", str(chart), "--namespace", "dhub",
+              "--values", str(HELM / "daskhub-values.yaml"), "--values", str(_release_values(tmp_path)[1]))
+    assert "<NOTEBOOK_IMAGE_DIGEST>" in unfilled(r.stdout)
+
+
+def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = doc.get("spec") or {}
+    pod = (spec.get("template") or {}).get("spec") or {}
+    return list(pod.get("containers") or []) + list(pod.get("initContainers") or [])
+
+
+_HOLD_LEASE = """
+import sys, time
+from ndvi_scale.storage import open_location
+from ndvi_scale.write import WriterLease
+WriterLease(open_location(sys.argv[1])).acquire()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_backfill_and_cronjob_cannot_overlap(tmp_path: Path) -> None:
+    """The backfill Job started while the CronJob's run writes the cube (it holds the writer lease): refused at
+    once, one line naming the holder, exit 6, nothing written - whatever the catalog (refused before any search).
+    """
+    out = tmp_path / "monthly.zarr"
+    run_file = tmp_path / "run.yaml"
+    text = load(K8S / "configmap.yaml")["data"]["run.yaml"]
+    run_file.write_text(re.sub(r"(?m)^out: .*$", f"out: {out}", text), encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LEASE, str(out)], stdout=subprocess.PIPE, text=True,
+                              env=env)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        args = container(load(K8S / "backfill-job.yaml"))["args"]
+        args = [str(run_file) if a == "/etc/ndvi-scale/run.yaml" else a for a in args]
+        r = subprocess.run([sys.executable, "-m", "ndvi_scale", *args], capture_output=True, text=True,
+                           env=env, timeout=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 6 and len(lines) == 1, r.stderr
+    assert re.search(rf"is being written by \S+@\S+ pid {holder.pid} ", lines[0]), lines[0]
+    assert not out.exists()

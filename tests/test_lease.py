@@ -205,3 +205,60 @@ def test_two_concurrent_cli_appends_never_lose_a_period(tmp_path: Path) -> None:
     assert re.search(r"is being written by \S+@\S+ pid \d+|is earlier than the last period", line[0]), refused
     won = "2024-06-01" if b.returncode == 0 else "2024-05-01"
     assert times == ["2024-04-01", won]
+
+
+_APPEND = """
+import sys
+from ndvi_scale.errors import NdviScaleError
+from ndvi_scale.write import write_cube
+from test_write import make_cube
+try:
+    write_cube(make_cube([sys.argv[2]], sleep=0.2), sys.argv[1], append=True)
+except NdviScaleError as exc:
+    print(f"error: {exc}", flush=True)
+    sys.exit(exc.exit_code)
+print("ok", flush=True)
+"""
+
+
+@pytest.mark.parametrize("where", BACKENDS)
+def test_two_concurrent_appends_in_processes_never_lose_a_period(where: str, request) -> None:
+    """Issue K case 1 on every backend: two processes append March and April to one cube at the same time.
+    Either both months are in the cube, in order, or the second is refused naming the holder (or, April first,
+    March as earlier than the last period) and is neither in the cube nor recorded."""
+    url = request.getfixturevalue(where)
+    write_cube(make_cube(PERIODS), url)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)])}
+    procs = [subprocess.Popen([sys.executable, "-c", _APPEND, url, month], stdout=subprocess.PIPE, text=True,
+                              env=env) for month in ("2024-03-01", "2024-04-01")]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    codes = [p.returncode for p in procs]
+    with xr.open_zarr(open_location(url).store) as cube:
+        times = [str(t)[:10] for t in cube.time.values]
+        runs = json.loads(cube.attrs["ndvi_scale_runs"])
+    assert sorted(p for r in runs for p in r["periods"]) == times  # nothing recorded that is not there
+    if codes == [0, 0]:
+        assert times == [*PERIODS, "2024-03-01", "2024-04-01"]
+        return
+    assert sorted(codes) == [0, 6], (codes, outs)
+    refused = outs[codes.index(6)].strip()
+    assert re.search(r"is being written by \S+@\S+ pid \d+ |is earlier than the last period", refused), refused
+    won = ("2024-03-01", "2024-04-01")[codes.index(0)]
+    assert times == [*PERIODS, won]
+
+
+@pytest.mark.parametrize(("where", "atomic"), [("local_url", True), ("s3_url", True), ("gs_url", False)])
+def test_a_store_ignoring_exclusive_creates_is_detected_and_fenced(where: str, atomic: bool, request) -> None:
+    """The create is probed: SeaweedFS refuses a second conditional create, the GCS emulator ignores it (last
+    writer wins). There the lease settles and is verified: a rival whose create landed last holds it, and the
+    first is refused naming it instead of writing beside it (the emulator's "'2024-03-01' is not in list")."""
+    url = request.getfixturevalue(where)
+    first = WriterLease(open_location(url))
+    assert first._create(first._doc()) is True and first.atomic is atomic
+    if atomic:
+        return
+    rival = WriterLease(open_location(url))
+    assert rival._create(rival._doc()) is True  # what a rival that read "no lease" just before does
+    with pytest.raises(OutputError, match=rf"is being written by \S+@\S+ pid {os.getpid()} "):
+        first.verify()
+    rival.verify()

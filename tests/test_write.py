@@ -796,3 +796,42 @@ def test_region_encoding_of_dates_is_xarrays(encoding, monkeypatch):
         got = _encode_block("max_date", block, encoding)
     assert got.dtype == ref.dtype
     np.testing.assert_array_equal(got, ref.values)
+
+
+@pytest.mark.parametrize("fmt", [3, 2])
+@pytest.mark.parametrize("mode", ["new", "append"])
+def test_unfinished_cube_opens_with_plain_open_zarr(
+    mode: str, fmt: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue K case 3: the metadata is consolidated when the template is written (and when an append grows the
+    time axis), so a cube stopped in the middle of its regions opens with plain ``xr.open_zarr`` (no warning,
+    no "consolidated metadata not found"): finished periods hold their values, the rest reads as fill."""
+    import warnings
+
+    from ndvi_scale import write as write_module
+
+    url = str(tmp_path / "c.zarr")
+    if mode == "append":
+        write_cube(make_cube(PERIODS), url, zarr_format=fmt)
+    periods = APPENDED if mode == "append" else PERIODS
+    original = write_module._Writer._compute
+
+    def first_period_only(self: Any, groups: list[list[Any]]) -> None:
+        original(self, groups[:1])
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(write_module._Writer, "_compute", first_period_only)
+        with pytest.raises(KeyboardInterrupt):
+            write_cube(make_cube(periods), url, append=mode == "append", zarr_format=fmt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cube = xr.open_zarr(url)
+        consolidated = xr.open_zarr(url, consolidated=True)
+    every = PERIODS + (APPENDED if mode == "append" else [])
+    assert [str(t)[:10] for t in cube.time.values] == every
+    assert consolidated.sizes == cube.sizes
+    want = make_cube(every)["ndvi"].values
+    done = len(every) - 1  # the last period of the write was never computed
+    np.testing.assert_array_equal(cube["ndvi"].values[:done], want[:done])
+    assert np.isnan(cube["ndvi"].values[done]).all()

@@ -409,6 +409,23 @@ def show_cmd(
     _guard(go)
 
 
+@app.command("repair")
+def repair_cmd(
+    out: Annotated[str, typer.Argument(help="Cube written by compute: path, gs://bucket/path or s3://bucket/path.")],
+) -> None:
+    """Roll a stopped write (killed, out of memory, changed catalog) back to the cube's last complete state.
+
+    Complete periods stay, unfinished ones are cut off (compute --append then adds them); a complete cube whose
+    last steps were stopped gets its consolidated metadata and STAC item."""
+
+    def go() -> None:
+        from .repair import repair_cube
+
+        _out(repair_cube(out).summary())
+
+    _guard(go)
+
+
 def _write_table(df: Any, out: str, overwrite: bool) -> str:
     """Write ``df`` as CSV or Parquet (by the extension of ``out``); never over an existing file without
     ``overwrite``."""

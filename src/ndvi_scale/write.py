@@ -218,10 +218,10 @@ def write_cube(
     _refuse_bucket_root(loc)
     ds = prepare_dataset(ds)
     loc.check_access()
-    with WriterLease(loc):  # one writer at a time: a second one is refused naming the holder
+    with WriterLease(loc) as lease:  # one writer at a time: a second one is refused naming the holder
         return _write_cube_leased(ds, loc, overwrite=overwrite, append=append, zarr_format=zarr_format,
                                   progress=progress, fingerprint=fingerprint, faults=faults,
-                                  asset_labels=asset_labels, codec=codec)
+                                  asset_labels=asset_labels, codec=codec, lease=lease)
 
 
 def _write_cube_leased(
@@ -236,10 +236,13 @@ def _write_cube_leased(
     faults: FaultLog | None,
     asset_labels: Mapping[str, tuple[str, str]] | None,
     codec: str,
+    lease: WriterLease | None = None,
 ) -> WriteReport:
     """:func:`write_cube` once the writer lease is held: everything is inspected again under it."""
     existing = _inspect(loc)
     _refuse_other_format(loc, existing, zarr_format, overwrite=overwrite, append=append)
+    if lease is not None:
+        lease.verify()  # still ours after the inspection, before the first write (see WriterLease.verify)
     new_format = zarr_format or 3
     writer = _Writer(loc, ds, progress, fingerprint, faults, asset_labels, codec)
 
@@ -268,7 +271,8 @@ def _write_cube_leased(
             return writer.new(new_format)
         raise OutputExistsError(
             f"output {loc.url} holds an unfinished write of another run ({_other_run(existing, ds)}); rerun "
-            "that exact command to finish it, or pass --overwrite without --append to replace the whole cube"
+            f"that exact command to finish it, run 'ndvi-scale repair {loc.url}' to roll it back to its last "
+            "complete state (complete periods stay), or pass --overwrite without --append to replace the cube"
         )
     if overwrite and not append:
         loc.delete()
@@ -464,6 +468,17 @@ LEASE_SUFFIX = ".lease.json"
 LEASE_TTL = 120.0
 
 
+#: Seconds a lease created on a store that ignores conditional creates settles before it is trusted (two
+#: writers that both read "no lease" create theirs one round trip after that read, well within it).
+LEASE_SETTLE = 2.0
+
+
+def _refused_create(exc: BaseException) -> bool:
+    """True if ``exc`` is an object store refusing a conditional create (the object exists)."""
+    text = str(exc).lower()
+    return any(k in text for k in ("precondition", "pre-condition", "412", "conditionnotmet"))
+
+
 def _lease_ttl() -> float:
     raw = os.environ.get("NDVI_SCALE_LEASE_TTL", "").strip()
     try:
@@ -502,6 +517,8 @@ class WriterLease:
         self.pid = os.getpid()
         self._stop: Any = None
         self._thread: Any = None
+        #: False once the store was seen to ignore the exclusive create (then acquire settles and verifies).
+        self.atomic = True
 
     # ------------------------------------------------------------------ the object
     def _doc(self, started: float | None = None) -> bytes:
@@ -545,12 +562,20 @@ class WriterLease:
         except FileExistsError:
             return False
         except Exception as exc:
-            text = str(exc)
-            if any(k in text.lower() for k in ("precondition", "pre-condition", "412", "conditionnotmet")):
+            if _refused_create(exc):
                 return False
             raise storage_error(exc, t, "creating the writer lease of") from None
         held = self.read()  # a server that ignored the condition: whoever wrote last holds it
-        return held is not None and held.get("token") == self.token
+        if held is None or held.get("token") != self.token:
+            return False
+        # Does this server honour the exclusive create? Create the same object again: it must be refused.
+        try:
+            t.fs.pipe_file(t.path, data, mode="create")
+            self.atomic = False
+        except Exception as exc:
+            if not (isinstance(exc, FileExistsError) or _refused_create(exc)):
+                raise storage_error(exc, t, "creating the writer lease of") from None
+        return True
 
     @staticmethod
     def stale(held: Mapping[str, Any], now: float | None = None) -> bool:
@@ -591,6 +616,18 @@ class WriterLease:
         log.info("removing the stale writer lease of %s held by %s", self.loc.url, self.describe(held))
         self._remove()
 
+    def verify(self) -> None:
+        """Refuse (as a second writer) if the lease object no longer holds this lease's token.
+
+        The fence against two creates that both seemed to succeed: on a server that does not make the
+        exclusive create atomic (seen with the GCS emulator: two appends started together both held the lease
+        and one crashed with "'2024-03-01' is not in list"), the last writer's token is what stays, so the
+        other one, reading it again before its first write, is refused instead of writing beside it.
+        """
+        held = self.read()
+        if held is None or held.get("token") != self.token:
+            raise self._refusal(held or {})
+
     def _refusal(self, held: Mapping[str, Any]) -> OutputError:
         return OutputError(
             f"output {self.loc.url} is being written by {self.describe(held)}; wait for that run to end and "
@@ -613,6 +650,13 @@ class WriterLease:
                             self.describe(held))
                 self._remove()
             if self._create(self._doc(started)):
+                if not self.atomic:
+                    log.warning("%s ignores conditional creates: the writer lease is best effort there",
+                                self.target.url)
+                    # Last writer wins there: a rival that read "no lease" just before our create writes its own
+                    # within moments; wait that long, then check the lease is still ours (else: refused).
+                    time.sleep(LEASE_SETTLE)
+                    self.verify()
                 self._start_heartbeat(started)
                 return self
         raise self._refusal(self.read() or {})
@@ -760,8 +804,11 @@ def _finish_pending(loc: Location, existing: _Existing) -> bool:
         if loc.is_local:
             if os.path.exists(loc.join(MARKER_PREFIX)) or _partial_files(loc.path):
                 return True
-        elif loc.fs.find(loc.join(MARKER_PREFIX)):
-            return True
+        else:
+            below = loc.join(MARKER_PREFIX).rstrip("/") + "/"
+            # objects below it only: some S3 servers (SeaweedFS) still list the emptied "folder" itself
+            if any(p.startswith(below) for p in loc.fs.find(loc.join(MARKER_PREFIX))):
+                return True
         if existing.zarr_format == 2:
             if loc.read_bytes(".zmetadata") is None:
                 return True
@@ -826,6 +873,7 @@ class _Writer:
         state = {"fingerprint": fp, "state": "template", "periods": self.labels, "n_before": 0}
         self._write_template(fmt, state)
         self._set_state(fmt, {**state, "state": "regions"})
+        consolidate(self.loc, fmt)  # an unfinished cube opens with plain xr.open_zarr (its regions read as fill)
         return self._regions_and_finish(fmt, state, resumed=False, skipped_periods=())
 
     def resume(self, existing: _Existing) -> WriteReport:
@@ -848,6 +896,7 @@ class _Writer:
                 return self.new(fmt)
             self._extend(fmt, state)
             self._set_state(fmt, {**state, "state": "regions"})
+            consolidate(self.loc, fmt)
         skipped = tuple(p for p in self.labels if p not in periods)
         return self._regions_and_finish(fmt, state, resumed=True, skipped_periods=skipped)
 
@@ -892,6 +941,7 @@ class _Writer:
             self._rm(".zmetadata")
         self._extend(fmt, state)
         self._set_state(fmt, {**state, "state": "regions"})
+        consolidate(self.loc, fmt)  # the grown arrays, for readers of the unfinished cube (plain xr.open_zarr)
         return self._regions_and_finish(fmt, state, resumed=False, skipped_periods=skipped)
 
     # ---------------------------------------------------------------- phases
@@ -1173,15 +1223,8 @@ class _Writer:
         self._consolidate(fmt)
 
     def _consolidate(self, fmt: int) -> None:
-        import zarr
-
-        try:
-            with warnings.catch_warnings():
-                # zarr notes that consolidated metadata is not (yet) in the v3 spec; xarray uses it anyway
-                warnings.simplefilter("ignore", category=UserWarning)
-                zarr.consolidate_metadata(self._store(), zarr_format=_zf(fmt))
-        except Exception as exc:
-            raise _as_error(exc, self.loc, "consolidating") from None
+        """The last consolidation of a write (the one :func:`_finish_pending` checks for)."""
+        consolidate(self.loc, fmt)
 
     def finish_pending(self, existing: _Existing) -> WriteReport:
         """Redo the last steps of a write whose cube is complete but that was stopped before they ended
@@ -1301,44 +1344,74 @@ class _Writer:
 
     def _rm(self, sub: str) -> None:
         """Remove ``sub`` (object or prefix) inside the store; nothing outside it."""
-        path = self.loc.join(sub)
-        try:
-            if self.loc.is_local:
-                if os.path.isdir(path):
-                    shutil.rmtree(path)
-                elif os.path.lexists(path):
-                    os.remove(path)
-                return
-            fs = self.loc.fs
-            doomed = [p for p in fs.find(path) if p == path or p.startswith(path + "/")]
-            if doomed:
-                fs.rm(doomed)
-        except FileNotFoundError:
-            return
-        except Exception as exc:
-            raise storage_error(exc, self.loc, "cleaning up") from None
+        remove_in_store(self.loc, sub)
 
     def _write_stac(self, fmt: int, fingerprint: str) -> str:
-        try:
-            # chunks=None: the item needs coordinates and attributes only, read as they are needed (no dask)
-            cube = xr.open_zarr(self._store(), decode_coords="all", zarr_format=_zf(fmt), chunks=None)
-        except Exception as exc:
-            raise _as_error(exc, self.loc, "reading") from None
-        item = scrub_value(stac_item_dict(cube, self.loc, fmt, fingerprint))  # no URL credentials, ever
-        target = self.loc.sibling(STAC_SUFFIX)
-        data = json.dumps(item, indent=2, sort_keys=False).encode()
-        try:
-            import pystac
+        return write_stac_item(self.loc, fmt, fingerprint)
 
-            pystac.Item.from_dict(json.loads(data))  # refuse to publish an item pystac cannot load
-            target.fs.pipe_file(target.path, data)
-        except NdviScaleError:
-            raise
-        except Exception as exc:
-            if _is_storage_failure(exc):
-                raise storage_error(exc, target, "writing") from None
-            raise OutputError(f"STAC item for {self.loc.url} is invalid: {redact(str(exc))}") from exc
-        return target.url
+
+def remove_in_store(loc: Location, sub: str) -> None:
+    """Remove ``sub`` (object or prefix) inside the store at ``loc``; nothing outside it (a missing ``sub`` is
+    fine). Raises :class:`~ndvi_scale.errors.StorageError`."""
+    path = loc.join(sub)
+    try:
+        if loc.is_local:
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.remove(path)
+            return
+        fs = loc.fs
+        doomed = [p for p in fs.find(path) if p == path or p.startswith(path + "/")]
+        if doomed:
+            fs.rm(doomed)
+    except FileNotFoundError:
+        return
+    except Exception as exc:
+        raise storage_error(exc, loc, "cleaning up") from None
+
+
+def write_stac_item(loc: Location, fmt: int, fingerprint: str) -> str:
+    """Write the STAC item of the cube at ``loc`` beside it (``<out>.stac-item.json``, credentials scrubbed);
+    returns its URL. Raises :class:`OutputError` if pystac cannot load it, a StorageError if it cannot be put."""
+    try:
+        # chunks=None: the item needs coordinates and attributes only, read as they are needed (no dask)
+        cube = xr.open_zarr(store_from_spec(loc.spec()), decode_coords="all", zarr_format=_zf(fmt), chunks=None)
+    except Exception as exc:
+        raise _as_error(exc, loc, "reading") from None
+    item = scrub_value(stac_item_dict(cube, loc, fmt, fingerprint))  # no URL credentials, ever
+    target = loc.sibling(STAC_SUFFIX)
+    data = json.dumps(item, indent=2, sort_keys=False).encode()
+    try:
+        import pystac
+
+        pystac.Item.from_dict(json.loads(data))  # refuse to publish an item pystac cannot load
+        target.fs.pipe_file(target.path, data)
+    except NdviScaleError:
+        raise
+    except Exception as exc:
+        if _is_storage_failure(exc):
+            raise storage_error(exc, target, "writing") from None
+        raise OutputError(f"STAC item for {loc.url} is invalid: {redact(str(exc))}") from exc
+    return target.url
+
+
+def consolidate(loc: Location, fmt: int) -> None:
+    """Consolidate the metadata of the cube at ``loc`` (Zarr format ``fmt``).
+
+    Done when the template is written (or the time axis grown), so that an unfinished cube opens with plain
+    ``xr.open_zarr`` (unwritten regions read as fill values), and again when a write finishes (attributes).
+    Raises :class:`~ndvi_scale.errors.StorageError` (or another :class:`OutputError`) on failure.
+    """
+    import zarr
+
+    try:
+        with warnings.catch_warnings():
+            # zarr notes that consolidated metadata is not (yet) in the v3 spec; xarray uses it anyway
+            warnings.simplefilter("ignore", category=UserWarning)
+            zarr.consolidate_metadata(store_from_spec(loc.spec()), zarr_format=_zf(fmt))
+    except Exception as exc:
+        raise _as_error(exc, loc, "consolidating") from None
 
 
 # ------------------------------------------------------------------------------------------------- dask task
