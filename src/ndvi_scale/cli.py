@@ -175,6 +175,16 @@ def compute(
         str | None, typer.Option(metavar="PCT", help="Skip scenes with eo:cloud_cover above this %.")
     ] = None,
     mask_classes: Annotated[str | None, typer.Option(help="SCL classes to mask, e.g. 0,1,2,3,8,9,10.")] = None,
+    mask_filters: Annotated[
+        str | None,
+        typer.Option(help="Filters of the cloud/shadow mask, in order, e.g. opening:20,dilation:60 (metres), or none."),
+    ] = None,
+    mask_opening: Annotated[
+        str | None, typer.Option(metavar="METRES", help="Opening radius of the cloud/shadow mask (0: none).")
+    ] = None,
+    mask_dilation: Annotated[
+        str | None, typer.Option(metavar="METRES", help="Dilation radius of the cloud/shadow mask (0: none).")
+    ] = None,
     resolution: Annotated[str | None, typer.Option(metavar="METRES", help="Pixel size in metres.")] = None,
     crs: Annotated[str | None, typer.Option(help="'auto' or EPSG:XXXX.")] = None,
     chunk: Annotated[
@@ -221,6 +231,7 @@ def compute(
     """Search, mask clouds, compute NDVI, composite per period and write Zarr."""
 
     def go() -> None:
+        from .config import mask_filter_options
         from .runfile import run_config_from
 
         values: dict[str, Any] = dict(
@@ -228,6 +239,7 @@ def compute(
             method=method, max_cloud=max_cloud, mask_classes=mask_classes, resolution=resolution, crs=crs,
             chunk=chunk, zarr_format=zarr_format, codec=codec, overwrite=overwrite, append=append,
             skip_bad_assets=skip_bad_assets, allow_local=allow_local, cluster=cluster,
+            mask_filters=mask_filter_options(mask_filters, mask_opening, mask_dilation),
         )
         cfg, merged = run_config_from(config, {k: v for k, v in values.items() if v is not None})
         if cfg.out is None:

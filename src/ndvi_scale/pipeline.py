@@ -201,7 +201,7 @@ def build(cfg: RunConfig, plan: Plan | None = None, policy: ReadPolicy | None = 
     n_out = 2 + len(extras)
     cube = composite_cube(
         plan_sources(plan, grid), grid, plan.chunk, method=cfg.method, mask_classes=cfg.mask_classes,
-        n_out=n_out, policy=read_policy(plan, policy),
+        n_out=n_out, policy=read_policy(plan, policy), mask_filters=cfg.mask_filters,
     )
 
     times = pd.DatetimeIndex([np.datetime64(p.start, "ns") for p in plan.periods])
@@ -291,12 +291,25 @@ def provenance_attrs(plan: Plan) -> dict[str, Any]:
         name("mask_classes"): json.dumps(
             {str(c): SCL_CLASSES[c] for c in cfg.mask_classes}
         ),
+        name("mask_filters"): json.dumps(mask_filters_provenance(cfg)),
         name("config"): json.dumps(safe_config, sort_keys=True),
         name("items"): json.dumps(items),
         name("skipped"): json.dumps([{"id": s.id, "reason": s.reason} for s in plan.search.skipped]),
         name("search"): json.dumps({"source": plan.search.source, "notes": list(plan.search.notes)}),
         name("versions"): json.dumps(versions, sort_keys=True),
     })
+
+
+def mask_filters_provenance(cfg: RunConfig) -> list[dict[str, Any]]:
+    """The run's mask filters as recorded in the cube (``ndvi_scale_mask_filters``) and its STAC item: in order,
+    each op, its radius in metres and in output pixels, and the SCL classes whose mask it reshapes."""
+    from .kernel import FILTERED_CLASSES
+
+    classes = [c for c in FILTERED_CLASSES if c in cfg.mask_classes]
+    return [
+        {"op": op, "metres": metres, "pixels": metres / cfg.resolution, "classes": classes}
+        for op, metres in cfg.mask_filters
+    ]
 
 
 @dataclass(frozen=True)

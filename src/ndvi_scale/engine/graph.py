@@ -55,12 +55,15 @@ def composite_cube(
     mask_classes: Sequence[int],
     n_out: int,
     policy: ReadPolicy,
+    mask_filters: Sequence[tuple[str, float]] = (),
 ) -> da.Array:
-    """(periods, n_out * y, x) float32 packed composites of every period (None: no scene, NaN and count 0)."""
+    """(periods, n_out * y, x) float32 packed composites of every period (None: no scene, NaN and count 0).
+    ``mask_filters``: ``(op, metres)`` filters of the cloud/shadow mask (:func:`~.task.composite_block`)."""
     chunks_y, chunks_x = grid.chunks(chunk)
     windows = list(grid.windows(chunk))
     mask_classes = tuple(int(c) for c in mask_classes)
-    token = tokenize(grid, chunk, list(periods), method, mask_classes, n_out, policy)
+    filters = tuple((str(op), float(metres)) for op, metres in mask_filters)
+    token = tokenize(grid, chunk, list(periods), method, mask_classes, n_out, policy, filters)
     name = f"ndvi-composite-{method}-{token}"
     table_name = f"ndvi-sources-{token}"
     table: dict[Any, Any] = {}
@@ -76,7 +79,7 @@ def composite_cube(
         table[(table_name, k)] = (_period_sources, p.items, after, grid, tuple(s for _, _, s in windows))
         func = functools.partial(
             composite_block, grid=grid, day_numbers=p.day_numbers, method=method,
-            mask_classes=mask_classes, n_out=n_out, policy=policy,
+            mask_classes=mask_classes, n_out=n_out, policy=policy, mask_filters=filters,
         )
         for i, j, sl in windows:
             dsk[(name, t, i, j)] = (func, (table_name, k), (t, i, j), sl)

@@ -15,7 +15,7 @@ import numpy as np
 from rasterio import windows
 
 from ..faults import ReadPolicy
-from ..kernel import ndvi_into, reduce_days
+from ..kernel import filter_reach, filtered_clear, ndvi_into, reduce_days
 from .fetch import PREFETCH_POOL, READ_AHEAD_BYTES, ordered_reads
 from .grid import OutputGrid
 from .reader import reader_for
@@ -52,6 +52,7 @@ def composite_block(
     n_out: int,
     policy: ReadPolicy,
     read_ahead: int = READ_AHEAD_BYTES,
+    mask_filters: tuple[tuple[str, float], ...] = (),
 ) -> np.ndarray:
     """The packed (1, n_out * height, width) float32 block of one period and chunk: value, count[, date].
 
@@ -61,12 +62,25 @@ def composite_block(
     still folded in their own order (the mosaic rule: first valid wins), and each day has its own layer, so the
     result does not depend on the visiting order.
 
+    ``mask_filters``: ``(op, metres)`` morphological filters of the cloud/shadow mask
+    (:func:`ndvi_scale.kernel.filtered_clear`). The SCL is then read with the margin they reach (clipped to the
+    grid), so the mask of the chunk is the mask of the whole grid cut to it: results do not depend on the chunk.
+
     Raises :class:`~ndvi_scale.faults.AssetReadError` (a read failed and ``policy`` does not skip) or
     :class:`~ndvi_scale.errors.ReadError`.
     """
     rows, cols = slices
     height, width = rows.stop - rows.start, cols.stop - cols.start
     window = windows.Window.from_slices(rows, cols)
+    filters_px = tuple((op, float(metres) / grid.resolution) for op, metres in mask_filters)
+    reach = filter_reach(filters_px)
+    grid_h, grid_w = grid.shape
+    # the SCL window: the chunk plus the filters' reach, inside the grid; (top, left) = the chunk's offset in it
+    scl_rows = slice(max(0, rows.start - reach), min(grid_h, rows.stop + reach))
+    scl_cols = slice(max(0, cols.start - reach), min(grid_w, cols.stop + reach))
+    scl_window = windows.Window.from_slices(scl_rows, scl_cols)
+    inner = (slice(rows.start - scl_rows.start, rows.stop - scl_rows.start),
+             slice(cols.start - scl_cols.start, cols.stop - scl_cols.start))
     n_days = len(day_numbers)
     days = np.empty((n_days, height, width), dtype=np.float32)
     started = np.zeros(n_days, dtype=bool)
@@ -79,16 +93,27 @@ def composite_block(
     reading = [i for i in order if sources[i].red.reaches(rows, cols) and sources[i].nir.reaches(rows, cols)]
     jobs = [(i, a) for i in reading for a in sources[i].assets]
 
+    def window_of(job: tuple[int, AssetSource]) -> windows.Window:
+        return scl_window if filters_px and job[1].band == "scl" else window
+
     def read(job: tuple[int, AssetSource]) -> np.ndarray:
-        return reader_for(job[1].href, grid).read(window, policy)
+        return reader_for(job[1].href, grid).read(window_of(job), policy)
+
+    def size(job: tuple[int, AssetSource]) -> int:
+        w = window_of(job)
+        return 2 * int(w.height) * int(w.width)
 
     got: dict[str, np.ndarray] = {}
-    for (i, asset), data in ordered_reads(jobs, read, lambda job: 2 * height * width, read_ahead):
-        if data.shape != (height, width):
-            raise RuntimeError(f"reader returned {data.shape} for a {height} x {width} window")
+    for (i, asset), data in ordered_reads(jobs, read, size, read_ahead):
+        w = window_of((i, asset))
+        if data.shape != (int(w.height), int(w.width)):
+            raise RuntimeError(f"reader returned {data.shape} for a {int(w.height)} x {int(w.width)} window")
         got[asset.band] = data
         if asset.band != "scl":
             continue
+        if filters_px:
+            got["clear"] = filtered_clear(data, mask_classes, filters_px)[inner]
+            got["scl"] = data[inner]
         src = sources[i]
         _fold(days[src.day], not started[src.day], src, got, grid, rows, cols, mask_classes)
         started[src.day] = True
@@ -130,6 +155,7 @@ def _fold(
         src.nir_offset,
         mask_classes,
         first=first,
+        clear=got["clear"][pr, pc] if "clear" in got else None,
     )
 
 
