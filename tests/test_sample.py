@@ -20,8 +20,8 @@ from rio_cogeo.cogeo import cog_validate
 from ndvi_scale.errors import CatalogError, InputError
 from ndvi_scale.sample import (
     CLOUDY_CLASSES,
-    CONTAMINATION_TOLERANCE,
     COG_MEDIA_TYPE,
+    CONTAMINATION_TOLERANCE,
     SAMPLE_BBOX,
     LandCover,
     SampleSpec,

@@ -61,19 +61,23 @@ def mask_filter(mask: np.ndarray, filters: Sequence[tuple[str, float]]) -> np.nd
     False, erosion with outside = True (so a mask is never eaten from beyond the array)."""
     from scipy import ndimage
 
+    def dil(m: np.ndarray, se: np.ndarray) -> np.ndarray:
+        return np.asarray(ndimage.binary_dilation(m, structure=se, border_value=0))
+
+    def ero(m: np.ndarray, se: np.ndarray) -> np.ndarray:
+        return np.asarray(ndimage.binary_erosion(m, structure=se, border_value=1))
+
     out = np.asarray(mask, dtype=bool)
     for op, radius in filters:
         se = disk(radius)
-        dil = lambda m: ndimage.binary_dilation(m, structure=se, border_value=0)  # noqa: E731
-        ero = lambda m: ndimage.binary_erosion(m, structure=se, border_value=1)  # noqa: E731
         if op == "dilation":
-            out = dil(out)
+            out = dil(out, se)
         elif op == "erosion":
-            out = ero(out)
+            out = ero(out, se)
         elif op == "opening":
-            out = dil(ero(out))
+            out = dil(ero(out, se), se)
         elif op == "closing":
-            out = ero(dil(out))
+            out = ero(dil(out, se), se)
         else:
             raise ValueError(f"unknown mask filter {op!r}")
     return out
