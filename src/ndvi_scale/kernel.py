@@ -427,7 +427,7 @@ def dilate(mask: np.ndarray, radius: float) -> np.ndarray:
         # True in [x - w, x + w] <=> count(:x + w + 1) - count(:x - w) > 0
         along_x[w] = padded[:, big + w + 1 : big + w + 1 + width] > padded[:, big - w : big - w + width]
     out = along_x[int(widths[0])].copy()
-    for dy in range(1, big + 1):
+    for dy in range(1, min(big, height - 1) + 1):  # rows further than the array's height shift nothing in
         row = along_x[int(widths[dy])]
         out[dy:] |= row[: height - dy]
         out[: height - dy] |= row[dy:]
