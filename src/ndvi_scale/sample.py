@@ -28,6 +28,14 @@ Scene design
   grid (the same sky over both granules): SCL 9 in blob cores, 8 on their rims, 10 in a thin-cirrus band, 3
   where the blob field shifted by the sun direction is cloudy. Cloud/cirrus/shadow pixels get reflectances
   that move NDVI far from the truth, so any leak of a masked pixel into a composite is detectable.
+* **SCL errors** (``scl_errors``, on by default since sample version 2): the SCL misses what Sen2Cor misses.
+  Beyond every labelled cloud rim, haze (up to 30 % cloud mixed in, fading over 60 m) labelled as the surface;
+  beyond a cirrus band its fringe (40 m), beyond a shadow its penumbra (40 m); 20 % of rim and cirrus pixels
+  labelled as their surface (thin cloud called vegetation or bare soil), 15 % of shadow pixels labelled dark area
+  (2) and 15 % water (6); 0.1 % of pixels on every date saturated (SCL 1, both bands at reflectance 1); 3 % of the
+  clean bare-soil pixels flagged as cloud (8, single 20 m pixels). :meth:`Truth.contaminated` says which
+  observations are off the surface NDVI by more than :data:`CONTAMINATION_TOLERANCE`, whatever the SCL says;
+  :meth:`Truth.apparent_ndvi` is what the files hold.
 * **No-data.** On every second acquisition ("the other relative orbit") granule A loses a slanted strip on its
   east side, entirely inside the A/B overlap (B still sees it), and B loses its north-east corner (a real hole
   with no data from any granule). Beyond those edges every band is 0 and SCL is 0.
