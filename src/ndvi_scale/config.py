@@ -40,7 +40,7 @@ MASK_FILTER_OPS = ("opening", "closing", "dilation", "erosion")
 DEFAULT_MASK_FILTERS: tuple[tuple[str, float], ...] = (("opening", 20.0), ("dilation", 60.0))
 
 #: Largest radius of one mask filter (metres): the margin every chunk reads grows with it; a kilometre is far past
-#: any cloud buffer in use (DEA, openEO and GEE recipes use 30-300 m).
+#: the cloud buffers in common use (sen2r's SCL mask buffer defaults to 250 m).
 MAX_MASK_FILTER_METRES = 1000.0
 
 #: Output pixel size in metres (Sentinel-2 red/nir native resolution).
