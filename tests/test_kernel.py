@@ -126,3 +126,21 @@ def test_filtered_clear_reshapes_only_cloud_and_shadow():
         kernel.filtered_clear(scl, no_shadow, [("dilation", 2)]),
         filtered_clear_mask(scl, ones, ones, no_shadow, [("dilation", 2)]),
     )
+
+
+@pytest.mark.parametrize("engine", ["numpy", *(["numba"] if kernel.NUMBA else [])])
+def test_ndvi_into_with_a_filtered_mask_equals_the_reference(engine, monkeypatch):
+    from ndvi_scale.testing.reference import ndvi
+
+    monkeypatch.setenv("NDVI_SCALE_NUMBA", "1" if engine == "numba" else "0")
+    rng = np.random.default_rng(11)
+    red = rng.integers(0, 3000, size=(40, 70)).astype(np.uint16)
+    nir = rng.integers(0, 6000, size=(40, 70)).astype(np.uint16)
+    scl = rng.choice(np.array([0, 3, 4, 5, 8, 9], dtype=np.uint16), size=(40, 70), p=[0.05, 0.1, 0.5, 0.2, 0.1, 0.05])
+    filters = [("opening", 1), ("dilation", 2)]
+    clear = kernel.filtered_clear(scl, (0, 1, 2, 3, 8, 9, 10), filters)
+    want = ndvi(red, nir, 1e-4, -0.1, filtered_clear_mask(scl, red, nir, (0, 1, 2, 3, 8, 9, 10), filters))
+    out = np.empty((40, 70), dtype=np.float32)
+    kernel.ndvi_into(out, red, nir, scl, 1e-4, -0.1, 1e-4, -0.1, (0,), first=True, clear=clear)
+    np.testing.assert_array_equal(out, want)
+    assert np.isnan(out).any() and not np.isnan(out).all()

@@ -381,6 +381,8 @@ def warm_up() -> bool:
     for out in (layer, part):
         ndvi_into(out, dn, dn, dn * 4, 1e-4, 0.0, 1e-4, 0.0, (0,), first=True)
         ndvi_into(out, dn, dn, dn * 4, 1e-4, 0.0, 1e-4, 0.0, (0,), first=False)
+        # the mask-filter path hands the loop a uint8 mask instead of the uint16 SCL: its own compiled signature
+        ndvi_into(out, dn, dn, dn, 1e-4, 0.0, 1e-4, 0.0, (0,), first=True, clear=np.ones(out.shape, dtype=bool))
     for method in ("median", "mean", "max"):
         reduce_days(np.stack([layer, layer]), method, np.arange(2))
     return True
