@@ -718,6 +718,8 @@ def _upsampled(state: _SkyState, shape20: tuple[int, int]) -> _SkyState:
     """``state`` of a 20 m grid repeated onto its 10 m grid (each 20 m pixel -> 2 x 2)."""
 
     def up(a: np.ndarray) -> np.ndarray:
+        if not np.any(a):  # most fields are empty on most dates: a 0-d zero broadcasts like the full array
+            return np.zeros((), dtype=a.dtype)
         return np.repeat(np.repeat(np.broadcast_to(a, shape20), 2, axis=0), 2, axis=1)
 
     return _SkyState(*(up(getattr(state, f.name)) for f in fields(_SkyState)))
