@@ -83,8 +83,8 @@ def _assert_one_line_error(r, *needles):
         (["--start", "2023-01-01", "--end", "2023-01-31"], ["no Sentinel-2 L2A scenes found", "widen"]),
         (["--method", "mode"], ["method 'mode' is unknown"]),
         (["--period", "fortnight"], ["period 'fortnight' is unknown"]),
-        (["--mask-dilation", "wide"], ["mask filter dilation radius 'wide' is not a number"]),
-        (["--mask-filters", "blur:20"], ["mask filter op 'blur' is unknown", "opening:20,dilation:60"]),
+        (["--mask-dilation", "wide"], ["mask filters dilation radius 'wide' is not a number"]),
+        (["--mask-filters", "blur:20"], ["mask filters op 'blur' is unknown", "opening:20,dilation:60"]),
         (["--mask-filters", "dilation:20", "--mask-opening", "10"], ["--mask-filters or --mask-opening"]),
     ],
 )

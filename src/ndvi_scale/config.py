@@ -277,14 +277,14 @@ def normalise_mask_filters(value: Any) -> tuple[tuple[str, float], ...]:
         else:
             parts = [entry]
         if len(parts) != 2:
-            raise InputError(f"mask filter {shown(entry)} is not op and radius; expected {expected}")
+            raise InputError(f"mask filters entry {shown(entry)} is not op and radius; expected {expected}")
         op = _short_text(parts[0])
         if op not in MASK_FILTER_OPS:
-            raise InputError(f"mask filter op {shown(parts[0])} is unknown; expected {expected}")
-        metres = _number(parts[1], f"mask filter {op} radius", "metres 0-1000, e.g. 60")
+            raise InputError(f"mask filters op {shown(parts[0])} is unknown; expected {expected}")
+        metres = _number(parts[1], f"mask filters {op} radius", "metres 0-1000, e.g. 60")
         if not 0 <= metres <= MAX_MASK_FILTER_METRES:
             raise InputError(
-                f"mask filter {op} radius {metres:g} m is out of range; expected metres 0-{MAX_MASK_FILTER_METRES:g}"
+                f"mask filters {op} radius {metres:g} m is out of range; expected metres 0-{MAX_MASK_FILTER_METRES:g}"
             )
         if metres > 0:
             out.append((op, metres))
