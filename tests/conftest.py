@@ -30,8 +30,9 @@ from servers import Server, ServerError, start_gcs_emulator, start_seaweedfs  # 
 #: ``pytest -m "not integration"``).
 INTEGRATION_MODULES = {
     "test_cluster", "test_pipeline_cluster", "test_notebooks", "test_storage", "test_cube_cli", "test_faults",
-    "test_write", "test_search", "test_deploy",
+    "test_write", "test_search", "test_deploy", "test_ranges",
 }
+INTEGRATION_MODULES |= {"test_viz_html"}  # starts a headless Chromium
 
 
 def _stackstac_installed() -> bool:

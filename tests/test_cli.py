@@ -136,3 +136,38 @@ def test_catalogs_lists_profiles():
 def test_missing_required_option_is_not_a_traceback(tmp_path):
     r = cli("compute", "--start", "2024-01-01", "--end", "2024-01-31", "--out", str(tmp_path / "o.zarr"))
     _assert_one_line_error(r, "bbox is missing")
+
+
+def test_compute_with_an_aoi_file_in_another_crs(catalog, tmp_path):
+    """--aoi FILE instead of --bbox: a GeoPackage in UTM 31N; outside pixels NaN with count 0."""
+    import pyogrio.raw
+    import shapely
+    from pyproj import Transformer
+
+    w, s, e, n = SPEC.bbox_lonlat()
+    lon, lat = (w + e) / 2, (s + n) / 2
+    x, y = Transformer.from_crs(4326, 32631, always_xy=True).transform(lon, lat)
+    disc = shapely.Point(x, y).buffer(300)  # a round field, 60 px across
+    gpkg = tmp_path / "field.gpkg"
+    pyogrio.raw.write(str(gpkg), np.array([shapely.to_wkb(disc)], dtype=object), [], [],
+                      geometry_type="Polygon", crs="EPSG:32631", driver="GPKG")
+    out = tmp_path / "aoi.zarr"
+    r = cli("compute", "--aoi", str(gpkg), "--start", "2024-04-20", "--end", "2024-05-15", "--catalog", catalog,
+            "--out", str(out), "--chunk", "64")
+    assert r.returncode == 0, r.stderr
+    ds = xr.open_zarr(out, decode_coords="all")
+    X, Y = np.meshgrid(ds.x.values, ds.y.values)
+    inside = shapely.contains_xy(disc, X, Y)
+    assert 0.5 < inside.mean() < 0.9  # a disc in its bbox: pi / 4
+    assert np.isnan(ds.ndvi.values[:, ~inside]).all() and (ds.valid_count.values[:, ~inside] == 0).all()
+    assert np.isfinite(ds.ndvi.values[:, inside]).mean() > 0.5
+    assert "field.gpkg" in ds.attrs["ndvi_scale_aoi"]
+
+    bad = tmp_path / "bad.geojson"
+    bad.write_text("{not json")
+    for path, needles in ((tmp_path / "nope.gpkg", ["aoi file", "nope.gpkg", "does not exist", "give a GeoJSON"]),
+                          (bad, ["aoi file", "bad.geojson", "cannot be read as vector data", "give a GeoJSON"])):
+        r = cli("compute", "--aoi", str(path), "--start", "2024-04-20", "--end", "2024-05-15", "--catalog",
+                catalog, "--out", str(tmp_path / "never.zarr"))
+        _assert_one_line_error(r, *needles)
+        assert r.returncode == 2 and not (tmp_path / "never.zarr").exists()

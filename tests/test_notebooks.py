@@ -30,6 +30,7 @@ EXPECTED = [
     "02_ndvi_and_cloud_mask.ipynb",
     "03_monthly_composites_dask.ipynb",
     "04_open_zarr_compare_periods.ipynb",
+    "05_parcels_ndvi_curves.ipynb",
 ]
 #: Seconds any one cell may run (the slowest cell takes ~20 s on 2 cores).
 CELL_TIMEOUT = 300

@@ -237,11 +237,16 @@ def test_show_writes_the_quicklook_of_a_written_cube(zarr_path, tmp_path):
     png = tmp_path / "show.png"
     msg = viz.show(str(zarr_path), str(png))
     w, h = Image.open(png).size
-    assert msg.startswith(f"wrote {png} ({w}x{h} px): NDVI 3 periods 2024-04 .. 2024-06 of ")
+    dates = tmp_path / "show-max_date.png"  # a max cube: the day of the maximum beside the NDVI
+    # the first and last periods are labelled with the requested dates (2024-04-20 .. 2024-06-15)
+    assert msg.startswith(
+        f"wrote {png}, {dates} ({w}x{h} px): NDVI 3 periods 2024-04-20..04-30 .. 2024-06-01..06-15 of "
+    )
     assert w == viz.DEFAULT_WIDTH
     _read_png(png)
+    _read_png(dates)
     msg = viz.show(zarr_path, png, time="last", width=400, dpi=80)
-    assert "NDVI 2024-06 of" in msg and Image.open(png).size[0] == 400
+    assert "NDVI 2024-06-01..06-15 of" in msg and Image.open(png).size[0] == 400
 
 
 def test_show_reads_a_cube_on_s3(catalog, s3_bucket, tmp_path):
@@ -253,7 +258,7 @@ def test_show_reads_a_cube_on_s3(catalog, s3_bucket, tmp_path):
     png = tmp_path / "s3.png"
     msg = viz.show(url, png, width=500)
     height = Image.open(png).size[1]
-    assert msg == f"wrote {png} (500x{height} px): NDVI 2 periods 2024-05 .. 2024-06 of {url}"
+    assert msg == f"wrote {png} (500x{height} px): NDVI 2 periods 2024-05 .. 2024-06-01..06-15 of {url}"
     with pytest.raises(InputError, match=rf"zarr store s3://{s3_bucket}/viz/other.zarr does not exist"):
         viz.show(f"s3://{s3_bucket}/viz/other.zarr", png)
 
@@ -391,3 +396,73 @@ def test_bokeh_map_builds(lazy):
     )
     assert (mapper.low, mapper.high) == viz.NDVI_RANGE
     assert len(mapper.palette) == viz.NDVI_NCOLORS
+
+
+# --------------------------------------------------------------------- pages, labels, dates, modes, axes
+
+
+def test_pictures_get_the_umask_permissions(zarr_path, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        viz.show(zarr_path, tmp_path / "a.png", time=0, html=tmp_path / "a.html")
+        os.umask(0o027)
+        viz.show(zarr_path, tmp_path / "b.png", time=0)
+    finally:
+        os.umask(old)
+    for name, mode in (("a.png", 0o644), ("a-max_date.png", 0o644), ("a.html", 0o644), ("b.png", 0o640)):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
+
+
+def test_many_periods_go_to_pages_with_labels_inside_the_requested_dates(catalog, tmp_path):
+    out = tmp_path / "weekly.zarr"
+    ndvi_scale.compute(bbox=SPEC.bbox_lonlat(), start=START, end=END, catalog=catalog, chunk=64, out=str(out),
+                       period="week")
+    ds = viz.open_cube(out)
+    n = ds.sizes["time"]
+    assert n == 9 and str(ds.time_end.values[-1])[:10] == "2024-06-16"  # the last week runs past END
+    msg = viz.show(out, tmp_path / "w.png", per_page=4)
+    pages = [tmp_path / "w.png", tmp_path / "w-2.png", tmp_path / "w-3.png"]
+    assert msg.startswith(f"wrote {', '.join(map(str, pages))} (")
+    assert "9 periods 2024-04-20..04-21 .. 2024-06-10..06-15 of" in msg
+    heights = [Image.open(p).size[1] for p in pages]
+    assert heights[0] == heights[1] > heights[2]  # 4 + 4 + 1 panels
+    assert not (tmp_path / "w-4.png").exists()
+    with pytest.raises(InputError, match="nothing to write"):
+        viz.show(out)
+
+
+def test_max_date_picture_is_the_day_of_the_maximum(zarr_path):
+    ds = viz.open_cube(zarr_path)
+    days = viz._day_of_period(ds["max_date"].isel(time=[1]), 1)[0]
+    ndvi = ds["ndvi"].isel(time=1).values
+    expected = (ds["max_date"].isel(time=1).values.astype("datetime64[D]")
+                - ds["time"].values[1].astype("datetime64[D]")).astype(float) + 1
+    ok = np.isfinite(ndvi)
+    assert ok.any() and np.array_equal(np.isnan(days), ~ok)
+    np.testing.assert_array_equal(days[ok], expected[ok])
+    assert days[ok].min() >= 1 and days[ok].max() <= 31
+
+
+def test_scale_bar_length_is_a_round_share_of_the_panel():
+    assert viz._nice_length(3900.0) == 2000.0
+    assert viz._nice_length(740.0) == 500.0
+    assert viz._nice_length(100.0) == 100.0
+
+
+def test_compute_quicklook_of_a_max_cube_shows_the_date_too(catalog, tmp_path):
+    import subprocess
+    import sys
+
+    out, png = tmp_path / "m.zarr", tmp_path / "q.png"
+    bbox = [f"{v:.5f}" for v in SPEC.bbox_lonlat()]
+    r = subprocess.run([sys.executable, "-m", "ndvi_scale", "compute", "--bbox", *bbox, "--start", "2024-05-01",
+                        "--end", "2024-05-31", "--catalog", catalog, "--out", str(out), "--method", "max",
+                        "--chunk", "64", "--quicklook", str(png)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    dates = tmp_path / "q-max_date.png"
+    assert f"wrote {png}, {dates} (" in r.stdout
+    _read_png(png)
+    _read_png(dates)

@@ -75,6 +75,23 @@ app = typer.Typer(
 T = TypeVar("T")
 
 
+def _default(name: str) -> str:
+    """The default of RunConfig field ``name`` as ``--help`` shows it (``0,1,2,3,8,9,10``, ``10``, ``month``):
+    the options themselves default to None so that a ``--config`` file can fill what the command line omits."""
+    from dataclasses import MISSING, fields
+
+    from .config import RunConfig
+
+    value = next(f.default for f in fields(RunConfig) if f.name == name)
+    if value is MISSING or value is None:
+        return "none"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 #: Longest error line for errors that are not input errors: a read failure lists every unreadable asset
 #: (item, band, href, error), which does not fit :data:`~ndvi_scale.errors.MAX_LINE`.
 MAX_DETAIL_LINE = 1500
@@ -161,20 +178,43 @@ def compute(
     ] = None,
     start: Annotated[str | None, typer.Option(help="First day, YYYY-MM-DD.")] = None,
     end: Annotated[str | None, typer.Option(help="Last day (inclusive), YYYY-MM-DD.")] = None,
+    aoi: Annotated[
+        str | None,
+        typer.Option(metavar="FILE", help="Polygons (GeoJSON, GeoPackage, GeoParquet, Shapefile; any CRS) instead of "
+                     "--bbox: pixels whose centre is outside are NaN."),
+    ] = None,
     window: Annotated[
         str | None,
         typer.Option(help="Relative dates instead of --start/--end: previous-month, previous-dekad, last-N-days, ..."),
     ] = None,
     catalog: Annotated[
-        str | None, typer.Option(help="'sample', a profile (ndvi-scale catalogs), a STAC API URL or an items file.")
+        str | None,
+        typer.Option(help="'sample', a profile (ndvi-scale catalogs), a STAC API URL or an items file.",
+                     show_default=_default("catalog")),
     ] = None,
     out: Annotated[str | None, typer.Option(help="Output Zarr: path, gs://bucket/path or s3://bucket/path.")] = None,
-    period: Annotated[str | None, typer.Option(help="day, week, dekad, month, season or year.")] = None,
-    method: Annotated[str | None, typer.Option(help="median, mean, max, min or a percentile like q25.")] = None,
-    max_cloud: Annotated[
-        str | None, typer.Option(metavar="PCT", help="Skip scenes with eo:cloud_cover above this %.")
+    period: Annotated[
+        str | None, typer.Option(help="day, week, dekad, month, season or year.", show_default=_default("period"))
     ] = None,
-    mask_classes: Annotated[str | None, typer.Option(help="SCL classes to mask, e.g. 0,1,2,3,8,9,10.")] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(help="median, mean, max, min or a percentile like q25.", show_default=_default("method")),
+    ] = None,
+    max_cloud: Annotated[
+        str | None, typer.Option(metavar="PCT", help="Skip scenes with eo:cloud_cover above this %.",
+                                  show_default=_default("max_cloud"))
+    ] = None,
+    mask_classes: Annotated[
+        str | None, typer.Option(help="SCL classes to mask (comma list).", show_default=_default("mask_classes"))
+    ] = None,
+    resolution: Annotated[
+        str | None,
+        typer.Option(metavar="METRES", help="Pixel size in metres.", show_default=_default("resolution")),
+    ] = None,
+    crs: Annotated[
+        str | None,
+        typer.Option(help="'auto' (UTM zone covering most of the bbox) or EPSG:XXXX.", show_default=_default("crs")),
+    ] = None,
     mask_filters: Annotated[
         str | None,
         typer.Option(help="Filters of the cloud/shadow mask, in order, e.g. opening:20,dilation:60 (metres), or none."),
@@ -185,28 +225,33 @@ def compute(
     mask_dilation: Annotated[
         str | None, typer.Option(metavar="METRES", help="Dilation radius of the cloud/shadow mask (0: none).")
     ] = None,
-    resolution: Annotated[str | None, typer.Option(metavar="METRES", help="Pixel size in metres.")] = None,
-    crs: Annotated[str | None, typer.Option(help="'auto' or EPSG:XXXX.")] = None,
     chunk: Annotated[
-        str | None, typer.Option(metavar="PIXELS", help="Spatial chunk in pixels (processing = Zarr chunks).")
+        str | None, typer.Option(metavar="PIXELS", help="Spatial chunk in pixels (processing = Zarr chunks).",
+                     show_default=_default("chunk"))
     ] = None,
-    zarr_format: Annotated[str | None, typer.Option(metavar="3|2", help="Zarr format of a new output: 3 or 2.")] = None,
+    zarr_format: Annotated[
+        str | None,
+        typer.Option(metavar="3|2", help="Zarr format of a new output: 3 or 2 (an existing cube keeps its own).",
+                     show_default="3"),
+    ] = None,
     codec: Annotated[
-        str | None, typer.Option(metavar="zstd|zlib|lz4|none", help="Compression of a new output (default zstd).")
+        str | None, typer.Option(metavar="zstd|zlib|lz4|none", help="Compression of a new output.",
+                     show_default=_default("codec"))
     ] = None,
     overwrite: Annotated[
-        bool | None, typer.Option("--overwrite/--no-overwrite", help="Replace existing output.", show_default=False)
+        bool | None,
+        typer.Option("--overwrite/--no-overwrite", help="Replace existing output.", show_default="no-overwrite"),
     ] = None,
     append: Annotated[
         bool | None,
-        typer.Option("--append/--no-append", help="Add new periods to an existing cube.", show_default=False),
+        typer.Option("--append/--no-append", help="Add new periods to an existing cube.", show_default="no-append"),
     ] = None,
     skip_bad_assets: Annotated[
         bool | None,
         typer.Option(
             "--skip-bad-assets/--no-skip-bad-assets",
             help="Continue past unreadable assets, recording them in the output.",
-            show_default=False,
+            show_default="no-skip-bad-assets",
         ),
     ] = None,
     allow_local: Annotated[
@@ -214,18 +259,18 @@ def compute(
         typer.Option(
             "--allow-local/--no-allow-local",
             help="Read local asset paths from any catalog (default: only inside a local catalog's folder).",
-            show_default=False,
+            show_default="no-allow-local",
         ),
     ] = None,
     cluster: Annotated[
-        str | None, typer.Option(help="threads (default), local, tcp://HOST:PORT, gateway or kubernetes.")
+        str | None, typer.Option(help="threads, local, tcp://HOST:PORT, gateway or kubernetes.", show_default="threads")
     ] = None,
     config: Annotated[
         str | None, typer.Option(help="YAML run config (same fields as these options; options override it).")
     ] = None,
     quicklook: Annotated[
         str | None,
-        typer.Option(metavar="PNG", help="Also write a PNG quicklook of the written cube (all periods)."),
+        typer.Option(metavar="PNG", help="Also write PNG quicklook(s) of the written cube, as show --png does."),
     ] = None,
 ) -> None:
     """Search, mask clouds, compute NDVI, composite per period and write Zarr."""
@@ -235,7 +280,7 @@ def compute(
         from .runfile import run_config_from
 
         values: dict[str, Any] = dict(
-            bbox=bbox, start=start, end=end, window=window, catalog=catalog, out=out, period=period,
+            bbox=bbox, start=start, end=end, aoi=aoi, window=window, catalog=catalog, out=out, period=period,
             method=method, max_cloud=max_cloud, mask_classes=mask_classes, resolution=resolution, crs=crs,
             chunk=chunk, zarr_format=zarr_format, codec=codec, overwrite=overwrite, append=append,
             skip_bad_assets=skip_bad_assets, allow_local=allow_local, cluster=cluster,
@@ -261,10 +306,9 @@ def compute(
                          show_progress=True)
         _out(report.describe())
         if quicklook is not None:
-            from .viz import quicklook_png
+            from .viz import show
 
-            width, height = quicklook_png(cfg.out, quicklook)
-            typer.echo(f"wrote {quicklook} ({width}x{height} px)")
+            typer.echo(show(cfg.out, quicklook))  # pages for many periods, the day of the max/min beside
 
     _guard(go)
 
@@ -292,15 +336,17 @@ def catalogs_cmd(as_json: Annotated[bool, typer.Option("--json", help="One JSON 
 @app.command("inspect")
 def inspect_cmd(
     source: Annotated[str, typer.Argument(help="STAC Item / ItemCollection / search page / JSON array: path or URL.")],
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line (default).")] = True,
+    as_json: Annotated[
+        bool, typer.Option("--json/--no-json", help="One JSON object per line, or one readable line per item.")
+    ] = True,
 ) -> None:
     """Show how each item is interpreted: bands, scale/offset, baseline, CRS, warnings."""
 
     def go() -> None:
-        from .items import inspect
+        from .items import inspect, inspect_line
 
         for rec in inspect(source):
-            _out(json.dumps(rec))
+            _out(json.dumps(rec) if as_json else inspect_line(rec))
 
     _guard(go)
 
@@ -308,20 +354,29 @@ def inspect_cmd(
 @app.command("show")
 def show_cmd(
     zarr: Annotated[str, typer.Argument(help="Cube written by compute: path, gs://bucket/path or s3://bucket/path.")],
-    png: Annotated[str, typer.Option("--png", metavar="PNG", help="PNG file to write.")],
+    png: Annotated[
+        str | None,
+        typer.Option("--png", metavar="PNG", help="PNG file to write (more than --per-page periods: PNG-2.png, ...)."),
+    ] = None,
+    html: Annotated[
+        str | None,
+        typer.Option("--html", metavar="HTML",
+                     help="Self-contained interactive page: time slider, NDVI under the mouse."),
+    ] = None,
     time: Annotated[
         str | None,
         typer.Option(help="Period: index (0, -1), 'last', or a date inside it (2024-06-15). Default: all periods."),
     ] = None,
     width: Annotated[int, typer.Option(help="Image width in pixels.")] = 1200,
     dpi: Annotated[int, typer.Option(help="Dots per inch (text size).")] = 100,
+    per_page: Annotated[int, typer.Option(help="Most periods on one PNG; more go to further files.")] = 24,
 ) -> None:
-    """Write a PNG quicklook of an NDVI cube: every period as small multiples, or one period."""
+    """Draw an NDVI cube: PNG small multiples (one period, or every period) and/or an interactive HTML page."""
 
     def go() -> None:
         from .viz import show
 
-        typer.echo(show(zarr, png, time=time, width=width, dpi=dpi))
+        typer.echo(show(zarr, png, time=time, width=width, dpi=dpi, html=html, per_page=per_page))
 
     _guard(go)
 

@@ -13,9 +13,12 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import InputError, shown
+from .errors import MAX_QUOTED, InputError, cut, shown
+
+if TYPE_CHECKING:
+    from .analytics.aoi import Aoi
 
 #: Composite reducers understood by :mod:`ndvi_scale.composite`. ``max`` is the max-NDVI ("quality mosaic") composite
 #: and also writes the date of the maximum. ``qNN`` is the NN-th percentile (e.g. ``q25``).
@@ -359,6 +362,9 @@ class RunConfig:
     """Compression of a new output's chunks: zstd, zlib (for GDAL builds without zstd), lz4 (blosc) or none."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Free-form options for later stages (kept for provenance)."""
+    aoi: Aoi | None = None
+    """Polygon area of interest (``--aoi FILE``), loaded and checked once: the run's ``bbox`` is its bounds and
+    pixels whose centre is outside it are NaN (count 0). None: the whole bbox."""
 
     @classmethod
     def create(cls, **kwargs: Any) -> RunConfig:
@@ -369,14 +375,24 @@ class RunConfig:
             raise InputError(
                 f"unknown config field(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}"
             )
-        if kwargs.get("bbox") is None:
-            raise InputError("bbox is missing; give --bbox W S E N in degrees, e.g. --bbox 1.4 48.1 1.6 48.3")
         kw: dict[str, Any] = dict(kwargs)
         aliases = {k: kw.pop(k) for k in ("mask_opening", "mask_dilation") if k in kw}
         if aliases:
             kw["mask_filters"] = mask_filter_options(
                 kw.get("mask_filters"), aliases.get("mask_opening"), aliases.get("mask_dilation")
             )
+        if kw.get("aoi") is not None:
+            aoi = load_run_aoi(kw["aoi"], kw.get("resolution", DEFAULT_RESOLUTION))
+            # A bbox equal to the AOI's is accepted: the configuration a cube records (its history line) has both.
+            if kw.get("bbox") is not None and format_bbox(kw["bbox"]).as_tuple() != aoi.bbox:
+                raise InputError(
+                    f"bbox {format_bbox(kw['bbox'])} differs from the bbox of aoi {shown(aoi.source)}; give either "
+                    "--aoi FILE (the bbox is taken from its polygons) or --bbox W S E N"
+                )
+            kw["aoi"], kw["bbox"] = aoi, aoi.bbox
+        if kw.get("bbox") is None:
+            raise InputError("bbox is missing; give --bbox W S E N in degrees, e.g. --bbox 1.4 48.1 1.6 48.3, "
+                             "or --aoi FILE")
         kw["bbox"] = format_bbox(kw["bbox"])  # first: a --bbox short of values swallows the next option
         for name in ("start", "end"):
             if kwargs.get(name) is None:
@@ -471,8 +487,47 @@ class RunConfig:
                 v = [list(e) if isinstance(e, tuple) else e for e in v]
             elif isinstance(v, Mapping):
                 v = dict(v)
+            elif f.name == "aoi" and v is not None:
+                v = v.source  # its digest is in the cube's ndvi_scale_aoi and in the run's fingerprint
             d[f.name] = v
         return d
+
+
+def load_run_aoi(value: Any, resolution: Any) -> Aoi:
+    """The :class:`~ndvi_scale.analytics.aoi.Aoi` of ``value`` (a file path, a GeoDataFrame, shapely polygons in
+    EPSG:4326, or an ``Aoi``), refused (one :class:`InputError` naming the file and the fix) when missing,
+    unreadable, not polygons, invalid or smaller than one pixel of ``resolution`` metres."""
+    import shapely
+
+    from .analytics.aoi import Aoi, load_aoi
+
+    kinds = "GeoJSON, GeoPackage, GeoParquet or Shapefile polygons"
+    if isinstance(value, Aoi):
+        return value
+    if isinstance(value, shapely.Geometry):
+        value = [value]
+    if isinstance(value, str | os.PathLike):
+        path = os.fspath(value)
+        if not isinstance(path, str) or not path.strip():
+            raise InputError(f"aoi {shown(value)} is empty or not text; give --aoi FILE ({kinds})")
+        value = path.strip()
+        if len(value) > 4096 or "\0" in value:  # longer than any path the system accepts
+            raise InputError(f"aoi {shown(value)} is not a file path; give --aoi FILE ({kinds})")
+    elif not (hasattr(value, "geometry") and hasattr(value, "crs")) and not (
+        isinstance(value, list | tuple) and value and all(isinstance(g, shapely.Geometry) for g in value)
+    ):
+        raise InputError(f"aoi {shown(value)} is not a polygon file; give --aoi FILE ({kinds}), or in Python a "
+                         "GeoDataFrame or shapely polygons in EPSG:4326")
+    res = _number(resolution, "resolution", "metres > 0, e.g. 10")
+    try:
+        return load_aoi(value, resolution=res if res > 0 else DEFAULT_RESOLUTION)
+    except InputError as exc:  # the messages name the file as given: a long path is cut, the fix stays
+        if isinstance(value, str) and len(value) > MAX_QUOTED:
+            raise InputError(str(exc).replace(value, cut(value))) from None
+        raise
+    except OSError as exc:  # e.g. a path the system refuses to look at
+        raise InputError(f"aoi {shown(value)} cannot be opened ({type(exc).__name__}); give --aoi FILE "
+                         f"({kinds})") from None
 
 
 def normalise_crs(value: Any) -> str:

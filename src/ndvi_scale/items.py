@@ -46,6 +46,7 @@ __all__ = [
     "epsg_from_mgrs",
     "expected_offset",
     "inspect",
+    "inspect_line",
     "normalize_item",
     "normalize_items",
     "processing_baseline",
@@ -1106,3 +1107,20 @@ def inspect(source: str | os.PathLike[str] | Mapping[str, Any] | list[Any]) -> l
     """Read items from ``source`` and describe how each one is interpreted (or why it is skipped)."""
     items, base = read_items(source)
     return [normalize_item(it, base_href=base).inspect_record() for it in items]
+
+
+def inspect_line(record: Mapping[str, Any]) -> str:
+    """One readable line of an :func:`inspect` record (``ndvi-scale inspect --no-json``): the id, then why it is
+    skipped, or its CRS, baseline, the scale/offset of red and nir, and its warnings."""
+    if "skipped" in record:
+        return f"{record.get('id')}  skipped: {record['skipped']}"
+    bands = record.get("bands") or {}
+    scales = "  ".join(
+        f"{name} x{b.get('scale'):g}{float(b.get('offset') or 0):+g}"
+        for name, b in bands.items()
+        if name in ("red", "nir") and isinstance(b, Mapping) and b.get("scale") is not None
+    )
+    warnings = record.get("warnings") or []
+    tail = f"  warnings: {'; '.join(map(str, warnings))}" if warnings else ""
+    return (f"{record.get('id')}  EPSG:{record.get('epsg')}  baseline {record.get('processing_baseline') or '?'}"
+            f"  {scales}{tail}")

@@ -14,6 +14,7 @@ import dataclasses
 import datetime as dt
 import functools
 import json
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -202,6 +203,7 @@ def build(cfg: RunConfig, plan: Plan | None = None, policy: ReadPolicy | None = 
     cube = composite_cube(
         plan_sources(plan, grid), grid, plan.chunk, method=cfg.method, mask_classes=cfg.mask_classes,
         n_out=n_out, policy=read_policy(plan, policy), mask_filters=cfg.mask_filters,
+        aoi=cfg.aoi.in_crs(f"EPSG:{grid.epsg}") if cfg.aoi is not None else None,
     )
 
     times = pd.DatetimeIndex([np.datetime64(p.start, "ns") for p in plan.periods])
@@ -297,6 +299,7 @@ def provenance_attrs(plan: Plan) -> dict[str, Any]:
         name("skipped"): json.dumps([{"id": s.id, "reason": s.reason} for s in plan.search.skipped]),
         name("search"): json.dumps({"source": plan.search.source, "notes": list(plan.search.notes)}),
         name("versions"): json.dumps(versions, sort_keys=True),
+        **({name("aoi"): json.dumps(aoi_provenance(cfg.aoi))} if cfg.aoi is not None else {}),
     })
 
 
@@ -310,6 +313,15 @@ def mask_filters_provenance(cfg: RunConfig) -> list[dict[str, Any]]:
         {"op": op, "metres": metres, "pixels": metres / cfg.resolution, "classes": classes}
         for op, metres in cfg.mask_filters
     ]
+
+
+def aoi_provenance(aoi: Any) -> dict[str, Any]:
+    """The cube's ``ndvi_scale_aoi``: source, digest, polygon count, bbox, the masking rule and the AOI itself
+    (GeoJSON, EPSG:4326: the footprint of the cube's STAC item)."""
+    import shapely
+
+    return {**aoi.provenance(), "rule": "a pixel is inside when its centre is inside the AOI; outside: NaN, count 0",
+            "geometry": json.loads(shapely.to_geojson(aoi.geometry))}
 
 
 @dataclass(frozen=True)
@@ -363,6 +375,11 @@ def run(
     say = echo or (lambda msg: None)
     loc = (check_output(cfg.out, cfg.overwrite, append=cfg.append, zarr_format=cfg.zarr_format)
            if cfg.out is not None else None)
+    if cfg.catalog == "sample":
+        from .search import prepare_sample
+
+        # generated once, in a minute: say so instead of a silent first run (on stderr for API callers too)
+        prepare_sample(echo or (lambda msg: print(msg, file=sys.stderr, flush=True)))
     plan = make_plan(cfg)
     say(plan.search.summary())
     faults = FaultLog(loc.spec()) if loc is not None else None
@@ -387,9 +404,9 @@ def run(
 
 
 def compute(
-    bbox: Any,
-    start: Any,
-    end: Any,
+    bbox: Any = None,
+    start: Any = None,
+    end: Any = None,
     catalog: str = "sample",
     out: str | None = None,
     *,
@@ -401,6 +418,44 @@ def compute(
 
     Without ``out`` it returns the lazy composite Dataset (nothing read yet: ``.compute()``, ``.hvplot()`` or
     ``.to_zarr()`` it yourself). With ``out`` it writes the Zarr and returns it opened lazily from the store.
+
+    Parameters (each one is a :class:`~ndvi_scale.config.RunConfig` field; loose values are normalised by
+    :meth:`RunConfig.create <ndvi_scale.config.RunConfig.create>`):
+
+    * ``bbox``: W, S, E, N in degrees (EPSG:4326): a 4-sequence, ``"W S E N"`` or ``"W,S,E,N"``.
+    * ``aoi`` (keyword, instead of ``bbox``): a polygon file (GeoJSON, GeoPackage, GeoParquet, Shapefile; any CRS),
+      a GeoDataFrame or shapely polygons in EPSG:4326: the grid is its bounds, pixels whose centre is outside it
+      are NaN (count 0).
+    * ``start``, ``end``: first and last day (inclusive), ``YYYY-MM-DD``, ``datetime.date`` or ``datetime``.
+    * ``catalog``: ``"sample"`` (embedded offline sample), a profile name (``earth-search``,
+      ``planetary-computer``, ``cdse``, ...), a STAC API URL or a local item collection file.
+    * ``out``: Zarr location (path, ``gs://bucket/path``, ``s3://bucket/path``); None = return the lazy Dataset.
+    * ``period``: ``day``, ``week``, ``dekad``, ``month`` (default), ``season`` or ``year``.
+    * ``method``: ``median`` (default), ``mean``, ``max``, ``min`` or a percentile ``qNN`` (e.g. ``q25``).
+
+    Keyword ``**options``:
+
+    * ``max_cloud`` (float, default 100): skip scenes whose ``eo:cloud_cover`` is above this percentage.
+    * ``mask_classes`` (ints or ``"0,1,2"``, default 0,1,2,3,8,9,10): SCL classes masked as not observed.
+    * ``mask_filters`` (default ``opening:20,dilation:60``): morphological filters of the cloud/shadow mask, in
+      order, in metres (``"none"``: exactly the SCL classes); ``mask_opening`` / ``mask_dilation`` (metres) set
+      DEA's pair instead.
+    * ``resolution`` (metres, default 10): output pixel size.
+    * ``crs`` (default ``"auto"``: the UTM zone covering most of the bbox): or ``"EPSG:XXXX"`` (projected).
+    * ``chunk`` (pixels, default 2048): spatial chunk of processing and of the Zarr arrays.
+    * ``zarr_format`` (3 or 2, default 3 for a new cube; an existing cube keeps its own).
+    * ``codec`` (``zstd`` default, ``zlib``, ``lz4``, ``none``): compression of a new cube.
+    * ``overwrite`` (bool, default False): replace an existing output (with ``append``: recompute its periods).
+    * ``append`` (bool, default False): add this run's new periods to an existing cube on the same grid.
+    * ``skip_bad_assets`` (bool, default False): go on past unreadable assets, recording them in the cube.
+    * ``allow_local`` (bool, default False): accept local asset paths from any catalog.
+    * ``cluster`` (str, default threads): ``local``, ``tcp://HOST:PORT``, ``gateway`` or ``kubernetes``
+      (see :func:`ndvi_scale.cluster.connect`).
+    * ``extra`` (mapping): free-form options kept in the provenance.
+
+    Returns the lazy composite (no ``out``) or the written cube opened lazily. Raises
+    :class:`~ndvi_scale.errors.InputError` for bad values (an unknown option included), and the errors of
+    :func:`run` (:class:`~ndvi_scale.errors.NoScenesError`, :class:`~ndvi_scale.errors.OutputExistsError`, ...).
     """
     cluster = options.pop("cluster", None)
     cfg = RunConfig.create(bbox=bbox, start=start, end=end, catalog=catalog, out=out, period=period, method=method,
@@ -418,6 +473,9 @@ def stack(bbox: Any, start: Any, end: Any, catalog: str = "sample", **options: A
     :func:`compute` with the same arguments would use, on its output grid, through ``stackstac.stack`` (one time
     chunk per period). Scale/offset are not applied (they differ per item: see the ``ndvi_scale_items``
     provenance of a cube, or :attr:`S2Item.bands`).
+
+    ``**options`` are :func:`compute`'s (``max_cloud``, ``mask_classes``, ``resolution``, ``crs``, ``chunk``,
+    ``allow_local``, ...; ``period`` sets the time chunks); output options are accepted and ignored.
 
     Needs the optional extra ``pip install "ndvi-scale[stackstac]"`` (stackstac 0.5.1 pins pandas<3). Raises
     :class:`InputError` for bad arguments or a missing stackstac, and the errors of :func:`make_plan`.

@@ -25,7 +25,7 @@ import os
 import re
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -413,6 +413,42 @@ def _local_policy(catalog: str, cfg: RunConfig) -> HrefPolicy:
     return HrefPolicy(remote=False, root=os.path.dirname(os.path.realpath(path)), allow_local=cfg.allow_local)
 
 
+def prepare_sample(
+    echo: Callable[[str], Any],
+    *,
+    after: float = 1.0,
+    cache_dir: str | os.PathLike[str] | None = None,
+    spec: Any = None,
+) -> str:
+    """Path of the embedded sample's ``items.json`` (:func:`ndvi_scale.sample.sample_catalog`), telling ``echo``
+    when it has to be generated: one line once generation has taken ``after`` seconds (the first run must not be
+    silent for a minute), one line when it is done (where, how long). A cached sample returns at once, silently.
+    ``cache_dir``/``spec`` go to ``sample_catalog``. Raises :class:`CatalogError` for an unwritable cache."""
+    import threading
+    import time
+
+    from .sample import sample_catalog
+
+    started, wall = time.monotonic(), time.time()
+    announced = threading.Event()
+
+    def announce() -> None:
+        announced.set()
+        echo("generating the embedded sample catalog (first use only, about a minute)...")
+
+    timer = threading.Timer(after, announce)
+    timer.daemon = True
+    timer.start()
+    try:
+        path = sample_catalog(os.fspath(cache_dir) if cache_dir is not None else None, spec=spec)
+    finally:
+        timer.cancel()
+    if announced.is_set() and path.stat().st_mtime >= wall - 1:  # generated now, not found in the cache
+        echo(f"sample catalog generated in {time.monotonic() - started:.0f} s into {path.parent} (kept for later "
+             "runs; NDVI_SCALE_CACHE chooses the folder)")
+    return str(path)
+
+
 def search(cfg: RunConfig) -> SearchResult:
     """Find the usable scenes for ``cfg``; raise :class:`NoScenesError` if there are none."""
     from .profiles import get_profile, profile_for_url
@@ -462,9 +498,48 @@ def search(cfg: RunConfig) -> SearchResult:
     if not items:
         reasons = result.skipped_reasons().most_common(3)
         why = f"; {len(skipped)} skipped ({', '.join(f'{r} x{n}' for r, n in reasons)})" if skipped else ""
+        covers = _coverage_clause(cfg, raw if cat in _SAMPLE_NAMES or _is_file_like(cat) else [],
+                                  "the sample catalog" if cat in _SAMPLE_NAMES else "the catalog")
         raise NoScenesError(
             f"no Sentinel-2 L2A scenes found in {source} for bbox {cfg.bbox} between {cfg.start} and "
-            f"{cfg.end} with cloud cover <= {cfg.max_cloud:g}%{why}; widen the bbox or the dates, raise "
+            f"{cfg.end} with cloud cover <= {cfg.max_cloud:g}%{why}; {covers}widen the bbox or the dates, raise "
             "--max-cloud, or check the catalog"
         )
     return result
+
+
+def catalog_extent(raw: Sequence[Any]) -> tuple[tuple[float, float, float, float], dt.date, dt.date] | None:
+    """(W, S, E, N) and first/last day of the items of a local catalog (their ``bbox`` and ``datetime``), or
+    None if none of them states both."""
+    boxes: list[list[float]] = []
+    days: list[dt.date] = []
+    for it in raw:
+        if not isinstance(it, Mapping):
+            continue
+        box = _finite_numbers(it.get("bbox"))
+        when = (it.get("properties") or {}).get("datetime") if isinstance(it.get("properties"), Mapping) else None
+        try:
+            day = dt.datetime.fromisoformat(str(when).replace("Z", "+00:00")).date()
+        except ValueError:
+            continue
+        if box is not None and len(box) == 4:
+            boxes.append(box)
+            days.append(day)
+    if not boxes:
+        return None
+    w, s, e, n = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes),
+                  max(b[3] for b in boxes))
+    return (round(w, 3), round(s, 3), round(e, 3), round(n, 3)), min(days), max(days)
+
+
+def _coverage_clause(cfg: RunConfig, raw: Sequence[Any], what: str) -> str:
+    """``the sample catalog covers bbox ... in 2024; your bbox would match with ... swapped: --bbox ...; `` for a
+    no-scenes error, or "" when the catalog's extent is unknown (a STAC API is not listed for it)."""
+    from .hints import coverage_hint
+
+    extent = catalog_extent(raw)
+    if extent is None:
+        return ""
+    box, first, last = extent
+    text = coverage_hint(cfg.bbox.as_tuple(), cfg.start, cfg.end, box, first, last, what)
+    return f"{text}; " if text else ""

@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -201,7 +202,8 @@ class Location:
 
         Object storage: the endpoint must accept a TCP connection (bounded by :data:`CONNECT_TIMEOUT`), the
         bucket must exist and listing the output prefix must be allowed with the resolved credentials. Local
-        paths: the nearest existing parent must be a writable folder. Nothing is written.
+        paths: the nearest existing parent must be a writable folder (an empty folder is created there and removed
+        at once). Nothing else is written.
         """
         if self.is_local:
             self._check_local()
@@ -280,6 +282,15 @@ class Location:
             raise StorageError(
                 f"cannot write to {self.path}: permission denied on {target}; choose a writable --out"
             )
+        # os.access answers "yes" for root on read-only or virtual filesystems (/proc, a ro mount): create and
+        # remove one empty folder there, so such an --out is refused now and not after the search.
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".ndvi-scale-probe-", dir=target))
+        except OSError as exc:
+            raise StorageError(
+                f"cannot write to {self.path}: creating a folder in {target} fails ({exc.strerror or exc}); "
+                "choose a writable --out"
+            ) from None
 
     def _check_tcp(self) -> None:
         """Refuse quickly when nothing listens at the endpoint (gcsfs would retry for ~30 s)."""

@@ -19,8 +19,14 @@ Entry points
 * :func:`ndvi_map`: hvplot image of the composites with a time slider (needs ``hvplot``).
 * :func:`ndvi_timeseries`: hvplot curve of NDVI at one point, marker sizes = clear observations per period.
 * :func:`quicklook_png`: static PNG (matplotlib only) of every period as small multiples, or of one period.
-* :func:`show`: open a written cube (local path, ``gs://``, ``s3://``) and write its quicklook; used by
-  ``ndvi-scale show ZARR --png PNG`` and ``ndvi-scale compute --quicklook PNG``.
+* :func:`show`: open a written cube (local path, ``gs://``, ``s3://``) and write its quicklook (pages of at most
+  :data:`PER_PAGE` panels, the day of the maximum/minimum beside a max/min cube) and/or its interactive HTML view
+  (:mod:`ndvi_scale.viz_html`); used by ``ndvi-scale show ZARR --png PNG --html HTML`` and ``ndvi-scale compute
+  --quicklook PNG``.
+
+Pictures never mislead: panels carry coordinates (km, the cube's CRS) and a scale bar; the first and last period
+labels stop at the dates the run asked for; an incomplete cube (an interrupted write, :mod:`ndvi_scale.cubestate`)
+gets a banner and its regions not computed yet are hatched, unlike pixels without a clear observation (grey).
 
 ``import ndvi_scale.viz`` is cheap: matplotlib and hvplot are imported by the functions that need them.
 """
@@ -207,9 +213,32 @@ def period_label(start: Any, end: Any = None) -> str:
     return f"{t0:%Y-%m-%d}..{t1:%Y-%m-%d}"
 
 
-def _labels(arr: xr.DataArray) -> list[str]:
-    ends = arr["time_end"].values if "time_end" in arr.coords else [None] * arr.sizes["time"]
-    return [period_label(t0, t1) for t0, t1 in zip(arr["time"].values, ends, strict=True)]
+def _labels(arr: xr.DataArray, span: tuple[Any, Any] | None = None) -> list[str]:
+    """Period labels; with ``span`` (the run's requested first and last day) the first and last periods are cut
+    to it: a weekly cube asked up to 2024-12-31 ends with ``2024-12-30..12-31``, not ``..2025-01-05``."""
+    starts = list(arr["time"].values)
+    ends = list(arr["time_end"].values) if "time_end" in arr.coords else [None] * arr.sizes["time"]
+    if span is not None and starts:
+        first, last = (np.datetime64(pd.Timestamp(d).normalize(), "ns") for d in span)
+        if ends[0] is not None and starts[0] < first <= ends[0]:
+            starts[0] = first
+        if ends[-1] is not None and starts[-1] <= last < ends[-1]:
+            ends[-1] = last
+    return [period_label(t0, t1) for t0, t1 in zip(starts, ends, strict=True)]
+
+
+def _requested_span(ds: Any) -> tuple[Any, Any] | None:
+    """(start, end) the cube's last run asked for (its ``ndvi_scale_config``), or None."""
+    import json
+
+    from .cf import get_attr
+
+    raw = get_attr(ds.attrs, "config") if isinstance(ds, xr.Dataset) else None
+    try:
+        cfg = json.loads(raw) if isinstance(raw, str) else raw
+        return (pd.Timestamp(cfg["start"]), pd.Timestamp(cfg["end"])) if isinstance(cfg, dict) else None
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def select_periods(arr: xr.DataArray, time: Any = None) -> list[int]:
@@ -303,7 +332,7 @@ def _require_hvplot() -> Any:
             hv.Store.set_current_backend(before)
     except ImportError:
         raise ImportError(
-            "ndvi_scale.viz.ndvi_map/ndvi_timeseries need hvplot: pip install 'ndvi-scale[viz]' "
+            "ndvi_scale.viz.ndvi_map/ndvi_timeseries need hvplot (an ndvi-scale dependency): pip install hvplot "
             "(quicklook_png and show need matplotlib only)"
         ) from None
     return hv
@@ -591,21 +620,25 @@ def open_cube(url: str | os.PathLike[str], storage_options: Mapping[str, Any] | 
 
 
 def _fig_layout(
-    n: int, ny: int, nx: int, width: int, dpi: int, ncols: int | None, title_lines: int = 1
+    n: int, ny: int, nx: int, width: int, dpi: int, ncols: int | None, title_lines: int = 1, label_chars: int = 8
 ) -> dict[str, Any]:
     """Pixel geometry of the quicklook: columns, rows, panel size, margins, total height."""
     fs = 9.0 * dpi / 72.0  # 9 pt text, in pixels
     pad = 0.8 * fs
     if ncols is None:
         aspect = nx / max(ny, 1)
-        # about as many columns as make a landscape-ish page, never more than 6
-        ncols = max(1, min(n, 6, round(math.sqrt(n * 1.6 / max(aspect, 0.2)))))
+        # about as many columns as make a landscape-ish page, never more than 6, and never so many that the
+        # panel titles (label + clear share, ~0.6 em per character) would run into each other
+        fit = max(1, int((width - 2 * pad) // ((label_chars + 17) * 0.6 * fs + 0.8 * fs)))
+        ncols = max(1, min(n, 6, fit, round(math.sqrt(n * 1.6 / max(aspect, 0.2)))))
     ncols = max(1, min(int(ncols), n))
     nrows = math.ceil(n / ncols)
     hgap = 0.8 * fs
     panel_title = 1.7 * fs
     vgap = 0.6 * fs
-    panel_w = (width - 2 * pad - (ncols - 1) * hgap) / ncols
+    xlabels = 2.6 * fs  # the x coordinates (and their axis label) under the last row
+    axis_w = 4.0 * fs  # the y coordinates (and their axis label) left of the first column
+    panel_w = (width - 2 * pad - axis_w - (ncols - 1) * hgap) / ncols
     if panel_w < 8:
         raise InputError(
             f"width {width} px is too small for {n} panel(s) in {ncols} column(s); "
@@ -614,7 +647,7 @@ def _fig_layout(
     panel_h = panel_w * ny / max(nx, 1)
     title_h = (1.0 + 1.6 * title_lines) * fs
     cbar_block = 4.2 * fs
-    height = pad + title_h + nrows * (panel_title + panel_h) + (nrows - 1) * vgap + cbar_block + pad
+    height = pad + title_h + nrows * (panel_title + panel_h) + (nrows - 1) * vgap + xlabels + cbar_block + pad
     return dict(
         fs=fs,
         pad=pad,
@@ -625,6 +658,7 @@ def _fig_layout(
         panel_title=panel_title,
         panel_w=panel_w,
         panel_h=panel_h,
+        axis_w=axis_w,
         title_h=title_h,
         cbar_block=cbar_block,
         height=int(math.ceil(height)),
@@ -641,6 +675,7 @@ def quicklook_png(
     ncols: int | None = None,
     title: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    var: str = "ndvi",
 ) -> tuple[int, int]:
     """Write a static PNG of NDVI composites in the NDVI colours with a colour bar; return (width, height).
 
@@ -650,26 +685,48 @@ def quicklook_png(
     and the aspect of the area. ``dpi`` sets the text size (9 pt text is ``9 * dpi / 72`` pixels). Each panel
     is block-averaged to about its size in pixels before anything is computed, so a large cube is reduced by
     dask chunk by chunk and never loaded whole. Uses matplotlib only (Agg), never a display.
+
+    ``var="max_date"`` (or ``"min_date"``) draws, for a max/min cube, the day of each period on which the pixel's
+    NDVI was highest (lowest): 1 = the period's first day. Panels carry coordinates (km, the cube's CRS) and a
+    scale bar. An incomplete cube (an interrupted write, :mod:`ndvi_scale.cubestate`) gets a banner, and its
+    regions not computed yet are hatched, never drawn like pixels without a clear observation. The file is
+    written with the permissions the umask gives a new file (0644 under umask 022). Raises :class:`InputError`
+    for a bad ``time``, ``width``, ``dpi`` or ``var``, :class:`OutputError` when the PNG cannot be written.
     """
     width, dpi = _check_size(width, dpi)
     out = check_png_path(png_path)
     if isinstance(ds, str | os.PathLike):
         ds = open_cube(ds, storage_options)
+    kind = "ndvi" if var == "ndvi" else "day"
+    if kind == "day" and (not isinstance(ds, xr.Dataset) or var not in ds.data_vars):
+        raise InputError(f"the cube has no {shown(var)} variable; only max/min cubes have max_date/min_date")
     arr = _ndvi_array(ds)
     idx = select_periods(arr, time)
-    labels = [_labels(arr)[i] for i in idx]
+    labels = [_labels(arr, _requested_span(ds))[i] for i in idx]
     ny, nx = arr.sizes["y"], arr.sizes["x"]
     if ny == 0 or nx == 0:
         raise InputError(f"the cube is empty (y {ny} x {nx} pixels); nothing to draw")
+    from .cubestate import completeness  # imports the write stage: not at import time of viz
+
+    state = completeness(ds) if isinstance(ds, xr.Dataset) else None
+    banner = state.banner() if state is not None else ""
     if title is None:
-        title = _default_title(ds, arr)
+        title = _default_title(ds, arr, var)
     lines = _wrap(title, width, dpi)
-    lay = _fig_layout(len(idx), ny, nx, width, dpi, ncols, len(lines))
+    banner_lines = _wrap(banner, width, dpi) if banner else []
+    lay = _fig_layout(len(idx), ny, nx, width, dpi, ncols, len(lines) + len(banner_lines),
+                      max((len(t) for t in labels), default=8))
     step = max(1, math.floor(min(nx / lay["panel_w"], ny / max(lay["panel_h"], 1))))
-    data = _coarsen(arr.isel(time=idx), step)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        values = np.asarray(data.values, dtype=np.float32)
+        if kind == "day":
+            values = _day_of_period(ds[var].isel(time=idx), step)
+        else:
+            values = np.asarray(_coarsen(arr.isel(time=idx), step).values, dtype=np.float32)
+    computed = None
+    if state is not None and not state.complete:
+        computed = np.stack([state.pixel_mask(i, ny, nx)[: values.shape[1] * step: step,
+                                                          : values.shape[2] * step: step] for i in idx])
     xs, ys = arr["x"].values, arr["y"].values
     dx = abs(float(xs[1] - xs[0])) if nx > 1 else 10.0
     dy = abs(float(ys[1] - ys[0])) if ny > 1 else 10.0
@@ -680,8 +737,23 @@ def quicklook_png(
         float(ys.max()) + dy / 2,
     )
     flip_y = ny > 1 and ys[0] < ys[-1]  # north-up images have y decreasing; draw any grid north up
-    _draw(values, labels, extent, flip_y, lay, width, dpi, "\n".join(lines), out)
+    _draw(values, labels, extent, flip_y, lay, width, dpi, "\n".join(lines), out,
+          computed=computed, banner="\n".join(banner_lines), kind=kind, crs=_crs_name(ds), method=var.split("_")[0])
     return _png_size(out)
+
+
+def _day_of_period(dates: xr.DataArray, step: int) -> np.ndarray:
+    """Day of its period (1 = first day) of each pixel's max/min date, block-sampled by ``step``; NaN if none."""
+    sub = dates.isel(y=slice(0, None, step), x=slice(0, None, step))
+    raw = np.asarray(sub.values)
+    starts = np.asarray(dates["time"].values).astype("datetime64[D]")[:, None, None]
+    if np.issubdtype(raw.dtype, np.datetime64):
+        days = (raw.astype("datetime64[D]") - starts).astype("float64")
+        days[np.isnat(raw)] = np.nan
+    else:  # undecoded: int days since 1970-01-01
+        days = raw.astype("float64") - starts.astype("int64")
+        days[(raw < -10**6) | ~np.isfinite(days)] = np.nan
+    return (days + 1).astype(np.float32)
 
 
 def _check_size(width: Any, dpi: Any) -> tuple[int, int]:
@@ -724,9 +796,11 @@ def check_png_path(png_path: Any) -> Path:
     return out
 
 
-def _default_title(ds: Any, arr: xr.DataArray) -> str:
+def _default_title(ds: Any, arr: xr.DataArray, var: str = "ndvi") -> str:
     attrs = ds.attrs if isinstance(ds, xr.Dataset) else {}
     head = str(attrs.get("title") or "NDVI composites")
+    if var != "ndvi":
+        head = f"{var}: day of each period when NDVI was {'highest' if var.startswith('max') else 'lowest'}"
     crs = _crs_name(ds)
     ny, nx = arr.sizes["y"], arr.sizes["x"]
     xs = arr["x"].values
@@ -744,6 +818,43 @@ def _wrap(title: str, width: int, dpi: int) -> list[str]:
     return textwrap.wrap(title, chars) or [""]
 
 
+#: Colours of the stripes drawn over regions an interrupted write has not computed yet (never like "no data").
+NOT_COMPUTED_COLORS = ("#ffffff", "#e8a0a0")
+
+
+def _hatch(shape: tuple[int, int], period: int = 6) -> np.ndarray:
+    """RGBA (ny, nx, 4) diagonal stripes in :data:`NOT_COMPUTED_COLORS`."""
+    yy, xx = np.indices(shape)
+    stripe = ((yy + xx) // max(period // 2, 1)) % 2 == 0
+    rgba = np.empty((*shape, 4))
+    rgba[stripe] = [*_hex_to_rgb(NOT_COMPUTED_COLORS[0]), 1.0]
+    rgba[~stripe] = [*_hex_to_rgb(NOT_COMPUTED_COLORS[1]), 1.0]
+    return rgba
+
+
+def _nice_length(metres: float) -> float:
+    """Largest 1/2/5 x 10^k metres not above ``metres``."""
+    k = 10 ** math.floor(math.log10(max(metres, 1e-9)))
+    return max(m * k for m in (1, 2, 5) if m * k <= metres)
+
+
+def _scale_bar(ax: Any, extent: tuple[float, float, float, float], fs_pt: float, panel_h: float) -> None:
+    """A scale bar (at most a quarter of the panel width, rounded to 1/2/5 x 10^k) in the lower left corner, 3 px
+    thick whatever the panel size (matplotlib's AnchoredSizeBar)."""
+    from matplotlib.font_manager import FontProperties
+    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+
+    x0, x1, y0, y1 = extent
+    length = _nice_length((x1 - x0) / 4)
+    text = f"{length / 1000:g} km" if length >= 1000 else f"{length:g} m"
+    bar = AnchoredSizeBar(ax.transData, length, text, "lower left", pad=0.3, borderpad=0.5, sep=2, frameon=True,
+                          size_vertical=3 * (y1 - y0) / max(panel_h, 1),
+                          fontproperties=FontProperties(size=fs_pt * 0.8))
+    bar.patch.set_alpha(0.8)
+    bar.patch.set_edgecolor("none")
+    ax.add_artist(bar)
+
+
 def _draw(
     values: np.ndarray,
     labels: Sequence[str],
@@ -754,18 +865,32 @@ def _draw(
     dpi: int,
     title: str,
     out: Path,
+    *,
+    computed: np.ndarray | None = None,
+    banner: str = "",
+    kind: str = "ndvi",
+    crs: str = "",
+    method: str = "max",
 ) -> None:
     from matplotlib.colorbar import ColorbarBase
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     height = lay["height"]
     fs_pt = lay["fs"] * 72.0 / dpi
     # +0.25 px: Agg truncates width*dpi, and W/dpi*dpi may come back as W - 1e-12.
     fig = Figure(figsize=((width + 0.25) / dpi, (height + 0.25) / dpi), dpi=dpi, facecolor="white")
-    cmap = ndvi_cmap()
-    norm = Normalize(*NDVI_RANGE)
+    if kind == "day":
+        from matplotlib import colormaps
+
+        longest = max(31, int(np.nanmax(values)) if np.isfinite(values).any() else 31)
+        cmap = colormaps["viridis"].resampled(longest).with_extremes(bad=NODATA_COLOR)
+        norm = Normalize(0.5, longest + 0.5)
+    else:
+        cmap = ndvi_cmap()
+        norm = Normalize(*NDVI_RANGE)
 
     def box(left: float, top: float, w: float, h: float) -> tuple[float, float, float, float]:
         """Pixel box (from the top-left corner) -> figure fraction (left, bottom, width, height)."""
@@ -782,15 +907,21 @@ def _draw(
         fontweight="bold",
         linespacing=1.15,
     )
+    if banner:
+        fig.text(0.5, 1 - (lay["title_h"] - 0.2 * fs) / height, banner, ha="center", va="bottom", linespacing=1.15,
+                 fontsize=fs_pt, color="#9b1c1c", fontweight="bold",
+                 bbox=dict(facecolor="#fde8e8", edgecolor="#9b1c1c", boxstyle="round,pad=0.25", linewidth=0.8))
+    km = FuncFormatter(lambda v, _pos: f"{v / 1000:g}")
     top0 = pad + lay["title_h"]
+    last_row = (len(labels) - 1) // lay["ncols"]
     for k, (img, label) in enumerate(zip(values, labels, strict=True)):
         r, c = divmod(k, lay["ncols"])
-        left = pad + c * (lay["panel_w"] + lay["hgap"])
+        left = pad + lay["axis_w"] + c * (lay["panel_w"] + lay["hgap"])
         top = top0 + r * (lay["panel_title"] + lay["panel_h"] + lay["vgap"]) + lay["panel_title"]
         ax = fig.add_axes(box(left, top, lay["panel_w"], lay["panel_h"]))
         ax.set_facecolor(NODATA_COLOR)
-        ok = np.isfinite(img)
-        frac = float(ok.mean()) if img.size else 0.0
+        done = computed[k] if computed is not None else np.ones(img.shape, dtype=bool)
+        ok = np.isfinite(img) & done
         ax.imshow(
             img[::-1] if flip_y else img,
             cmap=cmap,
@@ -800,49 +931,89 @@ def _draw(
             aspect="auto",
             origin="upper",
         )
-        ax.set_xticks([])
-        ax.set_yticks([])
+        if not done.all():
+            overlay = _hatch(img.shape, max(4, img.shape[1] // 24))
+            overlay[done, 3] = 0.0
+            ax.imshow(overlay[::-1] if flip_y else overlay, extent=extent, interpolation="nearest", aspect="auto",
+                      origin="upper")
+        ax.set_xlim(extent[0], extent[1])
+        ax.set_ylim(extent[2], extent[3])
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_locator(MaxNLocator(4, steps=[1, 2, 5, 10]))
+            axis.set_major_formatter(km)
+        ax.tick_params(labelsize=fs_pt * 0.75, length=0.25 * fs, pad=0.15 * fs,
+                       labelleft=c == 0, labelbottom=r == last_row or k + lay["ncols"] >= len(labels))
+        if k == 0:
+            _scale_bar(ax, extent, fs_pt, lay["panel_h"])
+        if c == 0:
+            ax.set_ylabel("y (km)", fontsize=fs_pt * 0.75, labelpad=0.2 * fs)
+        if c == 0 and (r == last_row or k + lay["ncols"] >= len(labels)):
+            ax.set_xlabel(f"x (km, {crs})" if crs else "x (km)", fontsize=fs_pt * 0.75, labelpad=0.15 * fs,
+                          loc="left")
         for spine in ax.spines.values():
             spine.set_linewidth(0.5)
             spine.set_color("#666666")
-        ax.set_title(f"{label}  ({frac:.0%} clear)" if frac < 1 else label, fontsize=fs_pt, pad=0.25 * fs)
-        if not ok.any():
-            ax.text(
-                0.5,
-                0.5,
-                "no clear observation",
-                ha="center",
-                va="center",
-                transform=ax.transAxes,
-                fontsize=fs_pt,
-                color="#444444",
-            )
-    # colour bar with the "below range" arrow (deep water), then a swatch for no data on its right
+        n_done = int(done.sum())
+        frac = float(ok.sum()) / n_done if n_done else 0.0
+        if n_done == 0:
+            note = "not computed"
+        elif n_done < done.size:
+            note = f"{n_done / done.size:.0%} computed"
+        elif kind == "day":
+            note = ""
+        else:
+            note = f"{frac:.0%} clear" if frac < 1 else ""
+        ax.set_title(f"{label}  ({note})" if note else label, fontsize=fs_pt, pad=0.25 * fs)
+        if n_done and not ok.any():
+            ax.text(0.5, 0.5, "no clear observation", ha="center", va="center", transform=ax.transAxes,
+                    fontsize=fs_pt, color="#444444")
+        elif n_done == 0:
+            ax.text(0.5, 0.5, "not computed yet", ha="center", va="center", transform=ax.transAxes,
+                    fontsize=fs_pt, color="#9b1c1c", bbox=dict(facecolor="white", edgecolor="none", alpha=0.8))
+    # colour bar (NDVI: with the "below range" arrow, deep water), then swatches for no data and not computed
     avail = width - 2 * pad
-    cb_w = max(min(0.6 * width, avail - 8 * fs), 0.45 * avail)
+    cb_w = max(min(0.55 * width, avail - 16 * fs), 0.4 * avail)
     cb_h = 0.9 * fs
     cb_top = height - pad - lay["cbar_block"] + 0.9 * fs
     swatch = 1.2 * fs
-    cb_left = pad + (avail - cb_w - 7 * fs) / 2 if cb_w + 7 * fs <= avail else pad
+    cb_left = pad + max((avail - cb_w - 15 * fs) / 2, 0)
     cax = fig.add_axes(box(cb_left, cb_top, cb_w, cb_h))
-    every = 0.2 if cb_w / fs >= 14 else 0.4
-    ticks = [t for t in np.arange(-0.2, 0.91, every).round(1) if NDVI_RANGE[0] <= t <= NDVI_RANGE[1]]
-    bar = ColorbarBase(cax, cmap=cmap, norm=norm, orientation="horizontal", extend="min", ticks=ticks)
+    if kind == "day":
+        longest = int(float(norm.vmax or 31.5) - 0.5)
+        ticks = [1, *range(5, longest + 1, 5)]
+        bar = ColorbarBase(cax, cmap=cmap, norm=norm, orientation="horizontal", ticks=ticks)
+        label = (f"day of the period when NDVI was {'highest' if method == 'max' else 'lowest'} "
+                 "(1 = the period's first day)")
+    else:
+        every = 0.2 if cb_w / fs >= 14 else 0.4
+        ticks = [t for t in np.arange(-0.2, 0.91, every).round(1) if NDVI_RANGE[0] <= t <= NDVI_RANGE[1]]
+        bar = ColorbarBase(cax, cmap=cmap, norm=norm, orientation="horizontal", extend="min", ticks=ticks)
+        label = "NDVI  (blue < 0: water, snow;  brown 0-0.3: bare soil;  yellow to green: vegetation)"
     bar.ax.tick_params(labelsize=fs_pt * 0.9, length=0.3 * fs)
-    bar.set_label("NDVI (below -0.2: water)", fontsize=fs_pt * 0.9)
-    sx = min(cb_left + cb_w + 1.5 * fs, width - pad - 5.5 * fs)
-    sax = fig.add_axes(box(sx, cb_top - (swatch - cb_h) / 2, swatch, swatch))
-    sax.add_patch(Rectangle((0, 0), 1, 1, facecolor=NODATA_COLOR, edgecolor="#666666", linewidth=0.5))
-    sax.set_axis_off()
-    fig.text(
-        (sx + swatch + 0.4 * fs) / width,
-        1 - (cb_top + cb_h / 2) / height,
-        "no data",
-        ha="left",
-        va="center",
-        fontsize=fs_pt * 0.9,
-    )
-    # write next to the target and rename: a reader never sees half a PNG
+    bar.set_label(label, fontsize=fs_pt * 0.9)
+    sx = min(cb_left + cb_w + 1.5 * fs, width - pad - 14 * fs)
+    swatches: list[tuple[Any, str]] = [(NODATA_COLOR, "no clear observation")]
+    if computed is not None and not computed.all():
+        swatches.append((None, "not computed"))
+    for i, (color, text) in enumerate(swatches):
+        top = cb_top - (swatch - cb_h) / 2 + i * 1.6 * fs - (0.8 * fs if len(swatches) > 1 else 0)
+        sax = fig.add_axes(box(sx, top, swatch, swatch))
+        if color is None:
+            sax.imshow(_hatch((12, 12), 4), extent=(0, 1, 0, 1), interpolation="nearest")
+            sax.add_patch(Rectangle((0, 0), 1, 1, facecolor="none", edgecolor="#666666", linewidth=0.5))
+        else:
+            sax.add_patch(Rectangle((0, 0), 1, 1, facecolor=color, edgecolor="#666666", linewidth=0.5))
+        sax.set_xlim(0, 1)
+        sax.set_ylim(0, 1)
+        sax.set_axis_off()
+        fig.text((sx + swatch + 0.4 * fs) / width, 1 - (top + swatch / 2) / height, text, ha="left",
+                 va="center", fontsize=fs_pt * 0.9)
+    _save(fig, out, dpi)
+
+
+def _save(fig: Any, out: Path, dpi: int) -> None:
+    """Write ``fig`` next to ``out`` and rename it into place (a reader never sees half a PNG), with the
+    permissions the umask gives any new file (``mkstemp`` alone would leave 0600)."""
     try:
         fd, tmp = tempfile.mkstemp(
             prefix=f".{out.name}.", suffix=".png", dir=out.parent if str(out.parent) else "."
@@ -854,6 +1025,7 @@ def _draw(
         ) from None
     try:
         fig.savefig(tmp, dpi=dpi, format="png", facecolor="white")
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, out)
     except OSError as exc:
         raise OutputError(
@@ -864,6 +1036,13 @@ def _draw(
             os.unlink(tmp)
 
 
+def _umask() -> int:
+    """The process umask (read by setting it and setting it back: there is no other way in Python)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _png_size(path: Path) -> tuple[int, int]:
     """(width, height) from the PNG header (IHDR), without decoding the image."""
     with open(path, "rb") as f:
@@ -871,27 +1050,68 @@ def _png_size(path: Path) -> tuple[int, int]:
     return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
 
 
+#: Most panels on one PNG page of :func:`show`: more (a weekly year has 53) go to further pages, so that every
+#: panel stays large enough to read (4-6 columns at the default width).
+PER_PAGE = 24
+
+
+def _page_path(png: str, page: int, suffix: str = "") -> str:
+    """``june.png`` for page 1, ``june-2.png`` for page 2; ``suffix`` before the number (``-max_date``)."""
+    stem, ext = os.path.splitext(png)
+    return f"{stem}{suffix}{'' if page == 1 else f'-{page}'}{ext}"
+
+
 def show(
     zarr_url: str | os.PathLike[str],
-    png: str | os.PathLike[str],
+    png: str | os.PathLike[str] | None = None,
     time: Any = None,
     *,
     width: int = DEFAULT_WIDTH,
     dpi: int = DEFAULT_DPI,
     storage_options: Mapping[str, Any] | None = None,
+    html: str | os.PathLike[str] | None = None,
+    per_page: int = PER_PAGE,
 ) -> str:
-    """Open a written cube (local path, ``gs://``, ``s3://``), write its quicklook PNG, return a summary line.
+    """Open a written cube (local path, ``gs://``, ``s3://``), write its pictures, return a summary line.
 
-    ``time`` as in :func:`select_periods` (``None``: every period). Raises :class:`InputError` for a missing
-    store, a store that is not an ndvi-scale cube or a bad ``time``; :class:`OutputError` when the PNG cannot
-    be written; :class:`~ndvi_scale.errors.StorageError` when object storage refuses or is unreachable.
+    ``png``: quicklook PNG(s) of the periods ``time`` picks (:func:`select_periods`; ``None``: every period), at
+    most ``per_page`` panels per file: ``june.png``, then ``june-2.png``, ... For a max/min cube, the day of the
+    extreme goes beside them (``june-max_date.png``). ``html``: a self-contained interactive page of the same
+    periods (:func:`ndvi_scale.viz_html.write_html`: time slider, NDVI under the mouse). At least one of the two.
+    Raises :class:`InputError` for a missing store, a store that is not an ndvi-scale cube, a bad ``time`` or
+    neither output; :class:`OutputError` when a file cannot be written;
+    :class:`~ndvi_scale.errors.StorageError` when object storage refuses or is unreachable.
     """
     _check_size(width, dpi)
-    check_png_path(png)
+    if png is None and html is None:
+        raise InputError("nothing to write: give --png FILE.png, --html FILE.html or both")
+    if png is not None:
+        check_png_path(png)
+    if html is not None:
+        from .viz_html import check_html_path
+
+        check_html_path(html)
+    if not isinstance(per_page, int) or per_page < 1:
+        raise InputError(f"per_page {shown(per_page)} is invalid; expected a whole number of panels >= 1, e.g. 24")
     ds = open_cube(zarr_url, storage_options)
     arr = _ndvi_array(ds)
     idx = select_periods(arr, time)
-    w, h = quicklook_png(ds, png, idx if len(idx) > 1 else idx[0], width=width, dpi=dpi)
-    labels = _labels(arr)
+    labels = _labels(arr, _requested_span(ds))
     span = labels[idx[0]] if len(idx) == 1 else f"{len(idx)} periods {labels[idx[0]]} .. {labels[idx[-1]]}"
-    return f"wrote {os.fspath(png)} ({w}x{h} px): NDVI {span} of {ds.attrs.get('ndvi_scale_url', zarr_url)}"
+    written: list[str] = []
+    size = ""
+    if png is not None:
+        pages = [idx[i: i + per_page] for i in range(0, len(idx), per_page)]
+        dates = [v for v in ("max_date", "min_date") if v in ds.data_vars]
+        for number, page in enumerate(pages, start=1):
+            for var, suffix in [("ndvi", ""), *((v, f"-{v}") for v in dates)]:
+                path = _page_path(os.fspath(png), number, suffix) if len(pages) > 1 or suffix else os.fspath(png)
+                w, h = quicklook_png(ds, path, page if len(page) > 1 else page[0], width=width, dpi=dpi, var=var)
+                written.append(path)
+                size = size or f" ({w}x{h} px)"
+    if html is not None:
+        from .viz_html import write_html
+
+        write_html(ds, html, idx)
+        written.append(os.fspath(html))
+    return f"wrote {', '.join(written)}{size}: NDVI {span} of {ds.attrs.get('ndvi_scale_url', zarr_url)}"

@@ -97,6 +97,12 @@ RUNS_ATTR = "ndvi_scale_runs"
 #: Prefix (inside the store) of the progress markers; removed when a write completes.
 MARKER_PREFIX = ".ndvi-scale"
 MARKER_DIR = f"{MARKER_PREFIX}/done"
+#: Metadata object that makes :data:`MARKER_PREFIX` an empty Zarr group, per Zarr format (path parts, bytes).
+_STATE_GROUP_DOC: dict[int, tuple[tuple[str, ...], bytes]] = {
+    3: ((MARKER_PREFIX, "zarr.json"), b'{"zarr_format": 3, "node_type": "group", "attributes": '
+        b'{"description": "ndvi-scale run state of an unfinished write, removed when it completes"}}'),
+    2: ((MARKER_PREFIX, ".zgroup"), b'{"zarr_format": 2}'),
+}
 #: Chunk length of the 1-D coordinates along time: one object for up to 512 periods.
 TIME_COORD_CHUNK = 512
 STAC_SUFFIX = ".stac-item.json"
@@ -259,9 +265,8 @@ def _write_cube_leased(
             loc.delete()
             return writer.new(new_format)
         raise OutputExistsError(
-            f"output {loc.url} holds an unfinished write of another run (periods "
-            f"{', '.join(state.get('periods', [])) or '?'}); rerun that exact command to finish it, or pass "
-            "--overwrite without --append to replace the whole cube"
+            f"output {loc.url} holds an unfinished write of another run ({_other_run(existing, ds)}); rerun "
+            "that exact command to finish it, or pass --overwrite without --append to replace the whole cube"
         )
     if overwrite and not append:
         loc.delete()
@@ -441,6 +446,9 @@ def run_fingerprint(ds: xr.Dataset, zarr_format: int) -> str:
         "chunks": [int(ds["ndvi"].data.chunks[1][0]), int(ds["ndvi"].data.chunks[2][0])],
         "zarr_format": int(zarr_format),
     }
+    aoi = aoi_digest(ds.attrs)
+    if aoi is not None:  # only then: the fingerprints of cubes without an AOI stay what they were
+        payload["aoi"] = aoi
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -724,6 +732,22 @@ def _inspect(loc: Location) -> _Existing:
     return _Existing("cube", "an ndvi-scale cube", fmt, attrs, write)
 
 
+def _other_run(existing: _Existing, ds: xr.Dataset) -> str:
+    """How the run that left ``existing`` unfinished differs from this one (``ds``): the settings that differ,
+    old -> new (``method 'median' -> 'max'``), else that the scenes or the grid differ; then its periods."""
+    from .cf import attr_name
+    from .hints import config_changes, describe_changes
+
+    periods = list(existing.write.get("periods", []))
+    span = (f"periods {periods[0]}" if len(periods) == 1 else
+            f"{len(periods)} periods {periods[0]}..{periods[-1]}" if periods else "periods ?")
+    old, new = (_json_attr((a or {}).get(attr_name("config"))) for a in (existing.attrs, ds.attrs))
+    changes = config_changes(old if isinstance(old, dict) else None, new if isinstance(new, dict) else None)
+    if changes:
+        return f"its settings differ, then -> now: {describe_changes(changes)}; {span}"
+    return f"same settings, but other scenes or another grid: the catalog changed meanwhile; {span}"
+
+
 def _finish_pending(loc: Location, existing: _Existing) -> bool:
     """True if the complete cube ``existing`` lacks what the end of a write adds after marking it complete:
     markers removed, metadata consolidated, STAC item written (a run killed in between leaves such a cube)."""
@@ -811,6 +835,7 @@ class _Writer:
                 "compute; rerun the command that started it, or pass --overwrite to replace the cube"
             )
         log.info("resuming the unfinished write of %s (periods %s)", self.loc.url, ", ".join(periods))
+        self._declare_state_group(fmt)  # a cube interrupted by an older version has a bare folder there
         _remove_partial_files(self.loc)  # temporary files of chunk writes the killed run left behind
         if state.get("state") == "template":
             if int(state.get("n_before", 0)) == 0:
@@ -1210,6 +1235,9 @@ class _Writer:
             diffs.append(
                 f"chunking: cube {chunks_a[0]}x{chunks_a[1]} px, this run {chunks_b[0]}x{chunks_b[1]} px"
             )
+        aoi_diff = _aoi_difference(cube.attrs, ds.attrs)
+        if aoi_diff:
+            diffs.append(aoi_diff)
         if diffs:
             raise GridMismatchError(
                 f"cannot append to {self.loc.url}: its grid differs from this run's - {'; '.join(diffs)}. "
@@ -1239,6 +1267,18 @@ class _Writer:
         try:
             group = zarr.open_group(self._store(), mode="r+", zarr_format=_zf(fmt), use_consolidated=False)
             group.attrs.update({WRITE_ATTR: _dumps(state)})
+        except Exception as exc:
+            raise _as_error(exc, self.loc, "writing") from None
+        if state.get("state") != "complete":
+            self._declare_state_group(fmt)
+
+    def _declare_state_group(self, fmt: int) -> None:
+        """Make the run-state folder (:data:`MARKER_PREFIX`: progress markers, fault records) an empty Zarr group,
+        so that zarr and xarray opening an unfinished cube see a known node instead of warning
+        ``Object at .ndvi-scale is not recognized as a component of a Zarr hierarchy``. Same place as before,
+        so cubes interrupted by an older version resume as they are (they get the group doc on resume)."""
+        try:
+            self.loc.fs.pipe_file(self.loc.join(*_STATE_GROUP_DOC[fmt][0]), _STATE_GROUP_DOC[fmt][1])
         except Exception as exc:
             raise _as_error(exc, self.loc, "writing") from None
 
@@ -1455,6 +1495,9 @@ def stac_item_dict(
     lats = [p[1] for p in ring]
     bbox = [min(lons), min(lats), max(lons), max(lats)]
     geometry = {"type": "Polygon", "coordinates": [[[round(a, 7), round(b, 7)] for a, b in ring]]}
+    aoi = _json_attr(get_attr(cube.attrs, "aoi"))
+    if isinstance(aoi, dict) and isinstance(aoi.get("geometry"), dict):  # the footprint is the AOI, not the grid
+        geometry, bbox = _rounded_geometry(aoi["geometry"])
     starts = cube["time"].values
     ends = cube["time_end"].values if "time_end" in cube.coords else starts
     start = _iso(starts.min())
@@ -1561,6 +1604,36 @@ def _mask_filters_property(attrs: Mapping[str, Any]) -> dict[str, Any]:
     nothing for a cube written before they existed."""
     filters = _json_attr(get_attr(attrs, "mask_filters"))
     return {"ndvi_scale:mask_filters": filters} if isinstance(filters, list) else {}
+
+
+def aoi_digest(attrs: Mapping[str, Any]) -> str | None:
+    """The AOI digest in a cube's (or run's) attributes, None without an AOI."""
+    aoi = _json_attr(get_attr(attrs, "aoi"))
+    return str(aoi.get("digest")) if isinstance(aoi, dict) and aoi.get("digest") else None
+
+
+def _aoi_difference(cube_attrs: Mapping[str, Any], run_attrs: Mapping[str, Any]) -> str | None:
+    """How the AOI of a cube and of a run differ (digest and source), None when they are the same."""
+    a, b = aoi_digest(cube_attrs), aoi_digest(run_attrs)
+    if a == b:
+        return None
+
+    def what(attrs: Mapping[str, Any], digest: str | None) -> str:
+        if digest is None:
+            return "none (the whole bbox)"
+        aoi = _json_attr(get_attr(attrs, "aoi"))
+        source = str(aoi.get("source", "?"))
+        return f"{digest[:19]}… from {shown_text(source.rstrip('/').rsplit('/', 1)[-1])}"  # the file's name
+
+    return f"AOI: cube {what(cube_attrs, a)}, this run {what(run_attrs, b)} (use the cube's --aoi)"
+
+
+def _rounded_geometry(geometry: Mapping[str, Any]) -> tuple[dict[str, Any], list[float]]:
+    """A GeoJSON (Multi)Polygon with coordinates rounded to 7 decimals (~1 cm), and its bbox."""
+    import shapely
+
+    geom = shapely.set_precision(shapely.from_geojson(json.dumps(geometry)), 1e-7)
+    return json.loads(shapely.to_geojson(geom)), [float(v) for v in shapely.bounds(geom)]
 
 
 def _skipped_property(attrs: Mapping[str, Any]) -> dict[str, Any]:

@@ -55,15 +55,28 @@ def read_all(items: list, grid: OutputGrid, chunk: int) -> tuple[np.ndarray, dic
     return out, paths
 
 
+@pytest.fixture(params=["tiles", "gdal"])
+def aligned_path(request: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Aligned reads by the engine's own tile fetch and decode (the default for local and http(s) COGs), or by
+    GDAL (s3://, gs://, files the engine does not decode itself)."""
+    monkeypatch.setattr(reader_mod.owntiles, "OWN_TILES", request.param == "tiles")
+    return str(request.param)
+
+
+def which_path(items: list, grid: OutputGrid) -> set[str | None]:
+    return {reader_for(it.bands[b].href, grid).path for it in items for b in BANDS}
+
+
 @pytest.mark.parametrize("where", ["inside-A", "across-overlap", "partly-outside"])
 @pytest.mark.parametrize("chunk", [16, 50, 2048])
-def test_aligned_reads_equal_the_reference_stack(sample, where, chunk, monkeypatch):
+def test_aligned_reads_equal_the_reference_stack(sample, where, chunk, aligned_path, monkeypatch):
     spec, catalog = sample
     items, grid = items_and_grid(catalog, bboxes(spec)[where])
     ref = reference_stack(items, grid)
     got, paths = read_all(items, grid, chunk)
     assert got.dtype == np.uint16 and np.array_equal(got, ref), f"{where}, chunk {chunk}"
     assert paths == {"B04.tif": {True}, "B08.tif": {True}, "SCL.tif": {True}}  # never the warper
+    assert which_path(items, grid) == {aligned_path}
     if spec.blocksize < spec.size and chunk < spec.size:
         assert TILE_CACHE.hits > 0  # tiles cut by chunk edges were decoded once, then shared
     assert (ref != 0).any() and (where == "inside-A" or (ref == 0).any())
@@ -110,11 +123,12 @@ def test_coarser_output_mixes_paths(sample):
     check_reads(items, grid, 40, red_nir_aligned=False, scl_aligned=True)
 
 
-def test_finer_output_repeats_pixels(sample):
+def test_finer_output_repeats_pixels(sample, aligned_path):
     spec, catalog = sample
     items, grid = items_and_grid(catalog, bboxes(spec)["across-overlap"], resolution=5)
     # 5 m output: red/nir are repeated 2 x 2, SCL 4 x 4, exactly as GDAL's nearest
     check_reads(items, grid, 56, red_nir_aligned=True, scl_aligned=True)
+    assert which_path(items, grid) == {aligned_path}
 
 
 def test_reader_is_made_once_per_process_and_knows_its_extent(sample):
@@ -150,7 +164,7 @@ def test_missing_asset_fails_naming_it_or_is_skipped(sample, tmp_path):
     reader_mod._GIVEN_UP.clear()
 
 
-def test_out_of_file_descriptors_is_not_blamed_on_the_asset(sample, monkeypatch):
+def test_out_of_file_descriptors_is_not_blamed_on_the_asset(sample, aligned_path, monkeypatch):
     """EMFILE is the process's limit, not the asset's fault: no retries, no skip record, a ReadError that says
     how to fix it."""
     spec, catalog = sample
@@ -161,7 +175,10 @@ def test_out_of_file_descriptors_is_not_blamed_on_the_asset(sample, monkeypatch)
         calls.append(url)
         raise OSError(errno.EMFILE, "Too many open files")
 
-    monkeypatch.setattr(rasterio, "open", no_fds)
+    if aligned_path == "tiles":
+        monkeypatch.setattr(reader_mod.ranges, "fetch", no_fds)
+    else:
+        monkeypatch.setattr(rasterio, "open", no_fds)
     policy = ReadPolicy(backoff=0.0, skip=True)
     with pytest.raises(ReadError, match="file descriptors.*NDVI_SCALE_MAX_OPEN_FILES") as err:
         reader_for(items[0].bands["red"].href, grid).read(Window(0, 0, 4, 4), policy)
@@ -245,3 +262,56 @@ def test_handle_pool_is_thread_safe():
     for t in threads:
         t.join()
     assert not clash.is_set() and pool.open_count <= 4 + 8  # in-use handles may exceed the cap briefly
+
+
+def test_tiles_that_do_not_decode_are_read_again_under_the_policy(sample, monkeypatch):
+    """The engine's own path decodes in the task's thread, after the fetch: bytes that fail to decode there (a file
+    replaced or corrupted meanwhile) are read again under the read policy, with the same pixels."""
+    spec, catalog = sample
+    items, grid = items_and_grid(catalog, bboxes(spec)["across-overlap"])
+    ref = reference_stack(items, grid)
+    from ndvi_scale.engine import owntiles
+
+    real, failures = owntiles.decode_tile, []
+
+    def flaky(layout: Any, data: Any, out: Any = None) -> Any:
+        if not failures:
+            failures.append(1)
+            raise ValueError("a tile decoded to 12 bytes, 524288 expected (corrupt or truncated data)")
+        return real(layout, data, out=out)
+
+    monkeypatch.setattr(owntiles, "decode_tile", flaky)
+    monkeypatch.setattr(TILE_CACHE, "max_bytes", 0)  # every tile decoded by the finisher
+    height, width = grid.shape
+    red = reader_for(items[0].bands["red"].href, grid)
+    finish = red.start(Window(0, 0, width, height), FAST_POLICY)
+    assert failures == []  # nothing decoded yet: the fetch only
+    np.testing.assert_array_equal(finish(), ref[0, 0])
+    assert failures == [1] and red.path == "tiles"
+
+
+def test_reads_cut_by_the_process_exiting_are_not_blamed_on_the_asset(sample, monkeypatch):
+    """A run that failed exits while other reads are in flight: their pools refuse work (PoolClosed). That is not
+    the asset's fault: no retries, no skip, no fault record."""
+    from ndvi_scale.engine import fetch, owntiles
+
+    spec, catalog = sample
+    items, grid = items_and_grid(catalog, bboxes(spec)["across-overlap"])
+
+    class Closed:
+        def submit(self, *args: Any) -> Any:
+            raise fetch.PoolClosed("cannot schedule new futures after shutdown")
+
+    monkeypatch.setattr(owntiles, "DECODE_POOL", Closed())
+    monkeypatch.setattr(TILE_CACHE, "max_bytes", 0)
+    records: list[Any] = []
+
+    class Log:
+        def record(self, fault: Any) -> None:
+            records.append(fault)
+
+    policy = ReadPolicy(backoff=0.0, skip=True, log=Log())  # type: ignore[arg-type]
+    finish = reader_for(items[0].bands["red"].href, grid).start(Window(0, 0, 8, 8), policy)
+    with pytest.raises(fetch.PoolClosed):
+        finish()
+    assert records == [] and not reader_mod._GIVEN_UP

@@ -117,9 +117,9 @@ def test_a_task_keeps_many_requests_in_flight(sample, monkeypatch):
     spec, catalog = sample
     c = cfg(catalog, bboxes(spec)["partly-outside"], chunk=4096)
     active, peak, lock = 0, 0, threading.Lock()
-    original = AssetReader._read_once
+    original = AssetReader._fetch_once  # the I/O half of a read (the decode half runs in the task's thread)
 
-    def slow(self: Any, window: Any) -> np.ndarray:
+    def slow(self: Any, window: Any) -> Any:
         nonlocal active, peak
         with lock:
             active += 1
@@ -131,7 +131,7 @@ def test_a_task_keeps_many_requests_in_flight(sample, monkeypatch):
             with lock:
                 active -= 1
 
-    monkeypatch.setattr(AssetReader, "_read_once", slow)
+    monkeypatch.setattr(AssetReader, "_fetch_once", slow)
     got = build(c).compute(scheduler="sync")  # one task at a time: the concurrency is the task's own
     assert peak >= 6, peak
     np.testing.assert_array_equal(got.ndvi.values, stack_then_reduce(c)["ndvi"])

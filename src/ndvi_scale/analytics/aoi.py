@@ -48,7 +48,11 @@ class Aoi:
 def load_aoi(path: Any, resolution: float = 10.0, crs: Any = None) -> Aoi:
     """The AOI of ``path`` (or a GeoDataFrame / shapely polygons in ``crs``, default EPSG:4326); refused when its
     area is below one ``resolution`` x ``resolution`` pixel."""
-    zones = read_zones(path, crs=crs)
+    try:
+        zones = read_zones(path, crs=crs)
+    except InputError as exc:  # the same checks as for zones, named for what the user gave
+        text = str(exc)
+        raise InputError("aoi " + text.removeprefix("zones ") if text.startswith("zones ") else text) from None
     geoms = to_crs(zones.geoms, zones.crs, WGS84)
     union = shapely.union_all(geoms)
     w, s, e, n = shapely.bounds(union).tolist()

@@ -40,6 +40,13 @@ class Zones:
         return len(self.geoms)
 
 
+def _detail(exc: BaseException, path: str) -> str:
+    """The reader's own reason, short and last in the line (the fix comes first and is never cut): its first
+    line, without the path the message already names."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text.replace(repr(path), 'it').replace(path, 'it')[:100]}"
+
+
 def _read_geoparquet(path: str) -> tuple[np.ndarray, dict[str, np.ndarray], CRS | None]:
     try:
         import pyarrow.parquet as pq
@@ -49,8 +56,7 @@ def _read_geoparquet(path: str) -> tuple[np.ndarray, dict[str, np.ndarray], CRS 
         table = pq.read_table(path)
     except Exception as exc:  # noqa: BLE001
         raise InputError(
-            f"zones file {path} is not a readable GeoParquet file ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:150] if str(exc) else ''}); give a {_FORMATS} file"
+            f"zones file {path} is not a readable GeoParquet file; give a {_FORMATS} file ({_detail(exc, path)})"
         ) from None
     meta = json.loads((table.schema.metadata or {}).get(b"geo", b"{}") or b"{}")
     column = meta.get("primary_column", "geometry")
@@ -76,10 +82,8 @@ def _read_ogr(path: str) -> tuple[np.ndarray, dict[str, np.ndarray], CRS | None]
     try:
         meta, _fids, wkb, field_data = pyogrio.raw.read(path)
     except Exception as exc:  # noqa: BLE001  (pyogrio/GDAL errors of all kinds: say which file and what to give)
-        detail = str(exc).splitlines()[0][:150] if str(exc) else ""
         raise InputError(
-            f"zones file {path} cannot be read as vector data ({type(exc).__name__}: {detail}); "
-            f"give a {_FORMATS} file"
+            f"zones file {path} cannot be read as vector data; give a {_FORMATS} file ({_detail(exc, path)})"
         ) from None
     if wkb is None:
         raise InputError(f"zones file {path} has no geometry column; give a {_FORMATS} file with polygons")

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
-__all__ = ["POOL", "PREFETCH_POOL", "READ_AHEAD_BYTES", "READ_CONCURRENCY", "ordered_reads"]
+__all__ = ["POOL", "PREFETCH_POOL", "LazyPool", "PoolClosed", "READ_AHEAD_BYTES", "READ_CONCURRENCY", "ordered_reads"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -42,10 +42,10 @@ def _env_int(name: str, default: int, minimum: int) -> int:
 #: (:data:`READ_AHEAD_BYTES`), not by this number.
 READ_CONCURRENCY = _env_int("NDVI_SCALE_READ_CONCURRENCY", min(64, max(32, 16 * (os.cpu_count() or 2))), 1)
 
-#: Bytes of read-but-not-yet-folded pixels one task may hold (``NDVI_SCALE_READ_AHEAD_MB``). 64 MB: 8 windows of a
-#: 2048-px chunk (8 MB of uint16 each), i.e. 8 requests in flight per task, 16 for two tasks on 2 cores: enough
-#: at 100 ms (see :data:`READ_CONCURRENCY`), and what it adds to a worker's peak memory stays small (192 MB took
-#: the benchmark from 1.6 to 2.0 GB).
+#: Bytes of fetched-but-not-yet-folded reads one task may hold (``NDVI_SCALE_READ_AHEAD_MB``): compressed tiles on
+#: the engine's own COG path (decoded when folded), uint16 windows through GDAL. 64 MB: 8 windows of a 2048-px
+#: chunk through GDAL (8 MB of uint16 each), two to three times as many compressed; what it adds to a worker's
+#: peak memory stays small (192 MB of GDAL windows took the benchmark from 1.6 to 2.0 GB).
 READ_AHEAD_BYTES = _env_int("NDVI_SCALE_READ_AHEAD_MB", 64, 1) * 2**20
 
 
@@ -68,31 +68,41 @@ def _tame_malloc() -> None:
         pass
 
 
-class _Pool:
+class LazyPool:
     """A lazily started, process-wide thread pool (restarted after a fork: threads do not survive one)."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, name: str = "ndvi-scale-read") -> None:
         self.workers = workers
+        self.name = name
         self._pool: ThreadPoolExecutor | None = None
         self._pid = 0
         self._lock = threading.Lock()
 
     def submit(self, fn: Callable[..., R], *args: Any) -> Future[R]:
+        """``fn(*args)`` in the pool. Raises :class:`PoolClosed` once the interpreter is shutting down."""
         with self._lock:
             if self._pool is None or self._pid != os.getpid():
                 _tame_malloc()
-                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="ndvi-scale-read")
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=self.name)
                 self._pid = os.getpid()
             pool = self._pool
-        return pool.submit(fn, *args)
+        try:
+            return pool.submit(fn, *args)
+        except RuntimeError as e:  # "cannot schedule new futures after interpreter shutdown"
+            raise PoolClosed(str(e)) from None
+
+
+class PoolClosed(RuntimeError):
+    """The process is shutting down (a run that failed is exiting): reads still in flight end with this, which
+    is nobody's fault and never recorded as an unreadable asset."""
 
 
 #: The process's read threads.
-POOL = _Pool(READ_CONCURRENCY)
+POOL = LazyPool(READ_CONCURRENCY)
 
 #: Threads that open the files of the periods about to be read (header round trips), beside :data:`POOL` so that
 #: they never queue in front of the reads of the period being computed.
-PREFETCH_POOL = _Pool(max(8, READ_CONCURRENCY // 2))
+PREFETCH_POOL = LazyPool(max(8, READ_CONCURRENCY // 2))
 
 
 def ordered_reads(

@@ -25,6 +25,7 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
+import shapely
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
@@ -56,21 +57,33 @@ def composite_cube(
     n_out: int,
     policy: ReadPolicy,
     mask_filters: Sequence[tuple[str, float]] = (),
+    aoi: Any = None,
 ) -> da.Array:
     """(periods, n_out * y, x) float32 packed composites of every period (None: no scene, NaN and count 0).
-    ``mask_filters``: ``(op, metres)`` filters of the cloud/shadow mask (:func:`~.task.composite_block`)."""
+
+    ``mask_filters``: ``(op, metres)`` filters of the cloud/shadow mask (:func:`~.task.composite_block`).
+    ``aoi``: a polygon in the grid's CRS (None: everything). A chunk it does not reach is an empty block (no task
+    reads it, its header reads are not started); a chunk it covers wholly is computed as without it; the others
+    get the AOI's part that reaches them and mask after the reduction (:func:`composite_block`).
+    """
     chunks_y, chunks_x = grid.chunks(chunk)
-    windows = list(grid.windows(chunk))
+    all_windows = list(grid.windows(chunk))
+    pieces = _aoi_pieces(aoi, grid, all_windows)
+    windows = [w for w in all_windows if pieces.get((w[0], w[1]), True) is not False]
     mask_classes = tuple(int(c) for c in mask_classes)
     filters = tuple((str(op), float(metres)) for op, metres in mask_filters)
-    token = tokenize(grid, chunk, list(periods), method, mask_classes, n_out, policy, filters)
+    aoi_token = None if aoi is None else shapely.to_wkb(aoi)
+    token = tokenize(grid, chunk, list(periods), method, mask_classes, n_out, policy, aoi_token, filters)
     name = f"ndvi-composite-{method}-{token}"
     table_name = f"ndvi-sources-{token}"
     table: dict[Any, Any] = {}
     dsk: dict[Any, Any] = {}
     k = 0
     live = [p for p in periods if p is not None]
+    outside = [w for w in all_windows if pieces.get((w[0], w[1]), True) is False]
     for t, p in enumerate(periods):
+        for i, j, _ in outside:
+            dsk[(name, t, i, j)] = (empty_block, n_out, chunks_y[i], chunks_x[j])
         if p is None:
             for i, j, _ in windows:
                 dsk[(name, t, i, j)] = (empty_block, n_out, chunks_y[i], chunks_x[j])
@@ -82,11 +95,38 @@ def composite_cube(
             mask_classes=mask_classes, n_out=n_out, policy=policy, mask_filters=filters,
         )
         for i, j, sl in windows:
-            dsk[(name, t, i, j)] = (func, (table_name, k), (t, i, j), sl)
+            piece = pieces.get((i, j))
+            task = func if piece is None else functools.partial(func, aoi=piece)
+            dsk[(name, t, i, j)] = (task, (table_name, k), (t, i, j), sl)
         k += 1
     graph = HighLevelGraph({table_name: table, name: dsk}, {table_name: set(), name: {table_name}})
     chunks = ((1,) * len(periods), tuple(n_out * c for c in chunks_y), chunks_x)
     return da.Array(graph, name, chunks=chunks, meta=np.empty((0, 0, 0), dtype=np.float32))
+
+
+def _aoi_pieces(aoi: Any, grid: OutputGrid, windows: Sequence[tuple[int, int, tuple[slice, slice]]]) -> dict[
+    tuple[int, int], Any
+]:
+    """Per chunk (i, j) the part of ``aoi`` its task needs: ``False`` where the AOI does not reach the chunk,
+    no entry where it covers the chunk wholly, else the AOI clipped to the chunk (each task carries its own
+    small piece, not the whole polygon)."""
+    if aoi is None:
+        return {}
+    shapely.prepare(aoi)
+    left, top, res = grid.bounds[0], grid.bounds[3], grid.resolution
+    out: dict[tuple[int, int], Any] = {}
+    for i, j, (rows, cols) in windows:
+        box = shapely.box(left + cols.start * res, top - rows.stop * res, left + cols.stop * res,
+                          top - rows.start * res)
+        if not shapely.intersects(aoi, box):
+            out[(i, j)] = False
+        elif not shapely.contains(aoi, box):
+            # Polygonal parts only: where the AOI merely touches the chunk, the intersection holds lines or
+            # points, which a rasteriser would burn as pixels.
+            parts = [g for g in shapely.get_parts(shapely.get_parts(shapely.intersection(aoi, box)))
+                     if shapely.get_type_id(g) == 3]
+            out[(i, j)] = shapely.multipolygons(parts) if parts else False
+    return out
 
 
 def _period_sources(

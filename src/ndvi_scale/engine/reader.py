@@ -18,6 +18,12 @@ For Sentinel-2 cut to a bbox nothing needs warping in the common case: the outpu
 Pixels equal to the asset's nodata, and pixels outside the asset, are :data:`FILL` (0, Sentinel-2's no-data DN).
 Digital numbers are returned raw (uint16): scale/offset differ per item and are applied by the kernel.
 
+On the aligned paths, COGs over http(s) and on local disk are read by the engine itself: the header is fetched
+once (:mod:`.cog` parses the tile offsets from it), a window's tiles are fetched with one call
+(:mod:`.ranges`: merged ranges, many calls waiting at once in the I/O pool) and decoded with imagecodecs, at most
+:data:`~.owntiles.DECODE_THREADS` at once. Other files (s3://, gs://, JPEG 2000, anything :mod:`.cog` does not decode
+exactly as GDAL would) are read through GDAL.
+
 Shared tiles go through :data:`~ndvi_scale.engine.tiles.TILE_CACHE`; handles through
 :data:`~ndvi_scale.engine.handles.HANDLES` (capped open files). Every read follows a
 :class:`~ndvi_scale.faults.ReadPolicy`: a failed read is tried again from scratch (handles dropped, GDAL's cached
@@ -36,6 +42,7 @@ import logging
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +54,9 @@ from rasterio.windows import Window
 
 from ..errors import ReadError, exception_chain
 from ..faults import AssetFault, AssetReadError, ReadPolicy, SkippedAssetWarning, clean_href, error_text
+from . import owntiles, ranges
+from .cog import CogLayout, parse_cog
+from .fetch import PoolClosed
 from .grid import OutputGrid
 from .handles import GDAL_OPEN_OPTIONS, GDAL_READ_OPTIONS, HANDLES, gdal_env
 from .tiles import TILE_CACHE, TileCache, paste, scratch, upsample_into
@@ -67,6 +77,7 @@ _ALIGN_TOL = 1e-6
 
 #: Drivers read without a warp: GDAL's GTiff driver reads windows of a COG by tiles.
 _ALIGNED_DRIVERS = frozenset({"GTiff"})
+
 
 
 @dataclass(frozen=True)
@@ -132,6 +143,8 @@ class _Aligned:
     src_dtype: np.dtype
     grid: tuple[int, int, int, int]
     """The output grid in asset pixels (row0, row1, col0, col1), clipped to the asset."""
+    layout: CogLayout | None = None
+    """Where the tiles are, when the engine fetches and decodes them itself (:mod:`.cog`); None: through GDAL."""
 
 
 @dataclass(frozen=True)
@@ -168,6 +181,36 @@ class AssetReader:
         plan = self._plan
         return None if plan is None else isinstance(plan, _Aligned)
 
+    @property
+    def path(self) -> str | None:
+        """``"tiles"`` (aligned, tiles fetched and decoded by the engine), ``"gdal"`` (aligned, GDAL reads the
+        window), ``"warped"``, or None before the first read."""
+        plan = self._plan
+        if plan is None:
+            return None
+        if isinstance(plan, _Aligned):
+            return "tiles" if plan.layout is not None else "gdal"
+        return "warped"
+
+    def cost(self, window: Window) -> int:
+        """Bytes a read of ``window`` holds between :meth:`start` and its finisher: the compressed tiles on the
+        engine's own COG path (once the file's header is known), else the uint16 window."""
+        plan = self._plan
+        h, w = int(window.height), int(window.width)
+        if not isinstance(plan, _Aligned) or plan.layout is None:
+            return 2 * h * w
+        m, lay = plan.match, plan.layout
+        k = m.factor
+        r0 = max(0, (int(window.row_off) - m.row_off) // k)
+        r1 = min(lay.height, (int(window.row_off) + h - 1 - m.row_off) // k + 1)
+        c0 = max(0, (int(window.col_off) - m.col_off) // k)
+        c1 = min(lay.width, (int(window.col_off) + w - 1 - m.col_off) // k + 1)
+        if r0 >= r1 or c0 >= c1:
+            return 0
+        th, tw = lay.tile_height, lay.tile_width
+        return sum(lay.tile_range(tr, tc)[1] for tr in range(r0 // th, (r1 - 1) // th + 1)
+                   for tc in range(c0 // tw, (c1 - 1) // tw + 1))
+
     def coverage(self) -> tuple[int, int, int, int] | None:
         """Output-grid pixels (row0, row1, col0, col1) the asset's raster covers, exactly, on the aligned path
         (the asset is opened to decide, as the first read would); None on the warped path or when the open
@@ -188,14 +231,45 @@ class AssetReader:
             return rasterio.open(self.url, sharing=False)
 
     def _decide(self) -> _Aligned | _Warped:
-        """Open the asset once and choose the path (thread-safe, once per reader and attempt)."""
+        """Open the asset once and choose the path (thread-safe, once per reader and attempt): from the COG's
+        header read by the engine itself where it can (http(s) and local files, see :mod:`.cog`), else through
+        GDAL."""
         with self._lock:
             if self._plan is not None:
                 return self._plan
-            with HANDLES.use(self.url, self._open) as ds:
-                plan = self._plan_for(ds)
+            plan: _Aligned | _Warped | None = None
+            if owntiles.OWN_TILES and ranges.supported(self.url):
+                plan = self._plan_from_header()
+            if plan is None:
+                with HANDLES.use(self.url, self._open) as ds:
+                    plan = self._plan_for(ds)
             self._plan = plan
             return plan
+
+    def _plan_from_header(self) -> _Aligned | _Warped | None:
+        """The plan from the file's own header (one range request); None when GDAL must read this file."""
+        try:
+            layout = parse_cog(owntiles.Header(self.url).read)
+        except owntiles.NotCog:
+            return None
+        if layout is None:
+            return None
+        grid = self.grid
+        shape = (layout.height, layout.width)
+        src_dtype = np.dtype(layout.dtype)
+        if not np.can_cast(src_dtype, DTYPE, "safe"):
+            return None
+        nodata: int | None = None
+        if layout.nodata is not None:
+            if not float(layout.nodata).is_integer():
+                return None
+            nodata = int(layout.nodata)
+        match = match_grid(layout.transform, shape, layout.epsg, grid.transform, grid.epsg)
+        if match is None:
+            same = layout.epsg == grid.epsg and layout.transform == tuple(grid.transform)[:6] and shape == grid.shape
+            return _Warped(same_grid=bool(same))
+        return _Aligned(match, nodata, (layout.tile_height, layout.tile_width), src_dtype,
+                        _clip(match, grid.shape), layout)
 
     def _plan_for(self, ds: Any) -> _Aligned | _Warped:
         if ds.count != 1:
@@ -227,15 +301,7 @@ class AssetReader:
         if match is None:
             return warped
         block = tuple(int(v) for v in ds.block_shapes[0])
-        out_h, out_w = grid.shape
-        k = match.factor
-        clip = (
-            max(0, -match.row_off // k),
-            min(match.height, -(-(out_h - match.row_off) // k)),
-            max(0, -match.col_off // k),
-            min(match.width, -(-(out_w - match.col_off) // k)),
-        )
-        return _Aligned(match, nodata, (block[0], block[1]), src_dtype, clip)
+        return _Aligned(match, nodata, (block[0], block[1]), src_dtype, _clip(match, grid.shape))
 
     # -- reading ------------------------------------------------------------------------------------------
 
@@ -243,6 +309,33 @@ class AssetReader:
         """The asset's uint16 pixels in ``window`` of the output grid (:data:`FILL` outside it and at its
         nodata), under ``policy``. Raises :class:`AssetReadError` (policy without skip) or
         :class:`~ndvi_scale.errors.ReadError` (the process is out of file descriptors)."""
+        got = self._with_policy(window, policy, self._read_once)
+        return got if isinstance(got, np.ndarray) else got()
+
+    def start(self, window: Window, policy: ReadPolicy) -> Callable[[], np.ndarray]:
+        """Fetch what :meth:`read` of ``window`` needs, under ``policy`` (in an I/O thread), and return the
+        function that finishes it (in the task's thread): on the engine's own COG path the tiles are decoded
+        there, elsewhere it returns what was read. Same results and errors as :meth:`read`; a finisher whose
+        bytes do not decode (a file changed or corrupt since) reads the window again under ``policy``."""
+        got = self._with_policy(window, policy, self._fetch_once)
+        if isinstance(got, np.ndarray):
+            return lambda: got
+
+        def finish() -> np.ndarray:
+            try:
+                return got()
+            except _NOT_THE_ASSETS_FAULT:
+                raise
+            except Exception as e:
+                log.info("decoding %s failed, reading it again: %s", clean_href(self.url), error_text(e))
+                self._reset(policy)
+                return self.read(window, policy)
+
+        return finish
+
+    def _with_policy(self, window: Window, policy: ReadPolicy,
+                     once: Callable[[Window], Any]) -> Any:
+        """``once(window)`` with the read policy's attempts; the fill array when the asset is skipped."""
         # An asset given up on for another window of this run gets one attempt, not the whole backoff again:
         # a file that is gone is gone for every chunk (36 of them per 2048-px granule).
         given_up = _GIVEN_UP.get(clean_href(self.url))
@@ -250,10 +343,12 @@ class AssetReader:
         attempt = 1
         while True:
             try:
-                return self._read_once(window)
-            except (MemoryError, TypeError, AttributeError, NameError, AssertionError):
-                raise  # not a fault of the asset: a bug or the machine; retrying or skipping would hide it
+                return once(window)
+            except _NOT_THE_ASSETS_FAULT:
+                raise  # a bug or the machine; retrying or skipping would hide it
             except Exception as e:
+                if any(isinstance(x, PoolClosed) for x in exception_chain(e)):
+                    raise  # the process is exiting (a run that failed): nothing to retry or record
                 if _out_of_files(e):
                     raise ReadError(
                         f"this process ran out of file descriptors while reading {clean_href(self.url)} (not a "
@@ -302,11 +397,20 @@ class AssetReader:
                 except Exception as e:  # signing service down: retry with the old href, the read will tell
                     log.warning("could not re-sign %s: %s", clean_href(old), error_text(e))
 
-    def _read_once(self, window: Window) -> np.ndarray:
+    def _read_once(self, window: Window) -> Callable[[], np.ndarray] | np.ndarray:
         plan = self._plan if self._plan is not None else self._decide()
         try:
             if isinstance(plan, _Aligned):
-                return self._read_aligned(plan, window)
+                return self._aligned(plan, window)()
+            return self._read_warped(plan, window)
+        except Exception as e:
+            raise RuntimeError(f"Error reading {window} from {clean_href(self.url)!r}: {e!r}") from e
+
+    def _fetch_once(self, window: Window) -> Callable[[], np.ndarray] | np.ndarray:
+        plan = self._plan if self._plan is not None else self._decide()
+        try:
+            if isinstance(plan, _Aligned):
+                return self._aligned(plan, window)
             return self._read_warped(plan, window)
         except Exception as e:
             raise RuntimeError(f"Error reading {window} from {clean_href(self.url)!r}: {e!r}") from e
@@ -344,7 +448,9 @@ class AssetReader:
 
     # -- the aligned path ---------------------------------------------------------------------------------
 
-    def _read_aligned(self, plan: _Aligned, window: Window) -> np.ndarray:
+    def _aligned(self, plan: _Aligned, window: Window) -> Callable[[], np.ndarray]:
+        """Fetch ``window`` on the aligned path; the finisher makes the output window. Through GDAL everything is
+        read here; on the engine's own path the tiles are fetched here and decoded by the finisher."""
         m = plan.match
         k = m.factor
         r0, c0 = int(window.row_off), int(window.col_off)
@@ -354,33 +460,22 @@ class AssetReader:
         rr0, rr1 = max(r0, e_r0), min(r0 + h, e_r1)
         cc0, cc1 = max(c0, e_c0), min(c0 + w, e_c1)
         if rr0 >= rr1 or cc0 >= cc1:
-            return np.full((h, w), FILL, dtype=DTYPE)
-        out = np.empty((h, w), dtype=DTYPE)
-        # fill only the margins the asset does not cover
-        out[: rr0 - r0] = FILL
-        out[rr1 - r0 :] = FILL
-        out[rr0 - r0 : rr1 - r0, : cc0 - c0] = FILL
-        out[rr0 - r0 : rr1 - r0, cc1 - c0 :] = FILL
-        dst = out[rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0]
+            return lambda: np.full((h, w), FILL, dtype=DTYPE)
         # Asset pixels under it: output pixel j (from the asset's edge) has its centre in asset pixel j // k.
         sr0, sc0 = (rr0 - m.row_off) // k, (cc0 - m.col_off) // k
         sr1, sc1 = (rr1 - 1 - m.row_off) // k + 1, (cc1 - 1 - m.col_off) // k + 1
-        if k == 1:
-            self._read_into(plan, sr0, sr1, sc0, sc1, dst)
-        else:
-            src = np.empty((sr1 - sr0, sc1 - sc0), dtype=plan.src_dtype)
-            self._read_into(plan, sr0, sr1, sc0, sc1, src)
-            dr, dc = (rr0 - m.row_off) - sr0 * k, (cc0 - m.col_off) - sc0 * k
-            upsample_into(dst, src, k, dr, dc)
-        if plan.nodata is not None and plan.nodata != FILL:
-            dst[dst == plan.nodata] = FILL
-        return out
+        inner = (rr0 - r0, rr1 - r0, cc0 - c0, cc1 - c0)
+        shift = ((rr0 - m.row_off) - sr0 * k, (cc0 - m.col_off) - sc0 * k)
+        if plan.layout is not None:
+            batch = owntiles.collect(self.url, plan.layout, plan.nodata, plan.grid, sr0, sr1, sc0, sc1)
+            return functools.partial(_finish_aligned, plan, (h, w), inner, shift, batch.place)
 
-    def _read_into(self, plan: _Aligned, r0: int, r1: int, c0: int, c1: int, target: np.ndarray) -> None:
-        """Asset pixels [r0, r1) x [c0, c1) into ``target``; tiles the window only partly covers go through
-        the tile cache (:mod:`ndvi_scale.engine.tiles`)."""
-        with HANDLES.use(self.url, self._open) as ds:
-            self._read_tiles(plan, ds, r0, r1, c0, c1, target)
+        def gdal(target: np.ndarray) -> None:
+            with HANDLES.use(self.url, self._open) as ds:
+                self._read_tiles(plan, ds, sr0, sr1, sc0, sc1, target)
+
+        out = _finish_aligned(plan, (h, w), inner, shift, gdal)
+        return lambda: out
 
     def _read_tiles(
         self, plan: _Aligned, ds: Any, r0: int, r1: int, c0: int, c1: int, target: np.ndarray
@@ -444,6 +539,45 @@ class AssetReader:
             paste(target, r0, c0, got, t_r0, t_c0)
 
 
+def _finish_aligned(plan: _Aligned, shape: tuple[int, int], inner: tuple[int, int, int, int],
+                    shift: tuple[int, int], fill: Callable[[np.ndarray], None]) -> np.ndarray:
+    """The output window of ``shape``: :data:`FILL` outside ``inner`` (rows/cols the asset covers, relative to the
+    window), inside it the asset pixels that ``fill(target)`` writes (from asset pixel (sr0, sc0) on), repeated
+    ``k`` x ``k`` from ``shift`` (the offset of the window's first pixel in that first asset pixel) if the asset
+    is coarser, its nodata made :data:`FILL`."""
+    i_r0, i_r1, i_c0, i_c1 = inner
+    out = np.empty(shape, dtype=DTYPE)
+    # fill only the margins the asset does not cover
+    out[:i_r0] = FILL
+    out[i_r1:] = FILL
+    out[i_r0:i_r1, :i_c0] = FILL
+    out[i_r0:i_r1, i_c1:] = FILL
+    dst = out[i_r0:i_r1, i_c0:i_c1]
+    k = plan.match.factor
+    if k == 1:
+        fill(dst)
+    else:
+        dr, dc = shift
+        src = np.empty(((dr + dst.shape[0] - 1) // k + 1, (dc + dst.shape[1] - 1) // k + 1), dtype=plan.src_dtype)
+        fill(src)
+        upsample_into(dst, src, k, dr, dc)
+    if plan.nodata is not None and plan.nodata != FILL:
+        dst[dst == plan.nodata] = FILL
+    return out
+
+
+def _clip(match: GridMatch, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The output grid of ``shape`` in asset pixels (row0, row1, col0, col1), clipped to the asset."""
+    out_h, out_w = shape
+    k = match.factor
+    return (
+        max(0, -match.row_off // k),
+        min(match.height, -(-(out_h - match.row_off) // k)),
+        max(0, -match.col_off // k),
+        min(match.width, -(-(out_w - match.col_off) // k)),
+    )
+
+
 def _gdal_read(ds: Any, r0: int, r1: int, c0: int, c1: int, out: np.ndarray) -> None:
     with gdal_env(GDAL_READ_OPTIONS):
         ds.read(1, window=Window(c0, r0, c1 - c0, r1 - r0), out=out, boundless=False)
@@ -457,6 +591,9 @@ def _out_of_files(exc: BaseException) -> bool:
             return True
     return False
 
+
+#: Errors that are not the asset's fault (a bug or the machine): never retried, skipped or blamed on a file.
+_NOT_THE_ASSETS_FAULT = (MemoryError, TypeError, AttributeError, NameError, AssertionError, PoolClosed)
 
 #: Readers of this process by (href, grid): an asset is opened and decided once per process, whatever the number
 #: of chunks and tasks that read it. Bounded (least recently used dropped first); handles are capped separately.

@@ -1,7 +1,8 @@
 """One (period, chunk): read every item's red, nir and scl window, fold its NDVI into the day layers, reduce.
 
-This is the only per-pixel path of ndvi-scale. No uint16 stack of the period is made: reads run in the process's
-I/O pool (:mod:`ndvi_scale.engine.fetch`, many requests in flight, bounded read-ahead) and each item is folded
+This is the only per-pixel path of ndvi-scale. No uint16 stack of the period is made: reads are fetched in the
+process's I/O pool (:mod:`ndvi_scale.engine.fetch`, many requests in flight, bounded read-ahead), finished
+(decoded, on the engine's own COG path) in the task's thread when it is their turn, and each item is folded
 into its day's float32 layer as soon as it is its turn (:func:`ndvi_scale.kernel.ndvi_into`: mask, NDVI,
 same-day mosaic, first valid wins); then the days are reduced (:func:`ndvi_scale.kernel.reduce_days`). A task
 holds the (days, y, x) float32 NDVI and the read-ahead windows.
@@ -9,7 +10,8 @@ holds the (days, y, x) float32 NDVI and the read-ahead windows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from rasterio import windows
@@ -53,8 +55,13 @@ def composite_block(
     policy: ReadPolicy,
     read_ahead: int = READ_AHEAD_BYTES,
     mask_filters: tuple[tuple[str, float], ...] = (),
+    aoi: Any = None,
 ) -> np.ndarray:
     """The packed (1, n_out * height, width) float32 block of one period and chunk: value, count[, date].
+
+    ``aoi`` (a polygon in the grid's CRS, or None for the whole chunk): pixels whose centre is outside it are NaN
+    with count 0, set after the reduction (inside pixels are exactly those of a run without it); a chunk without
+    any pixel centre inside reads nothing.
 
     Days are visited from a start that differs between neighbouring chunks (``block_id`` = (period, i, j)):
     two tasks on adjacent chunks then read different items at a time, so a COG tile they share is inflated by
@@ -71,6 +78,9 @@ def composite_block(
     """
     rows, cols = slices
     height, width = rows.stop - rows.start, cols.stop - cols.start
+    inside = _aoi_inside(aoi, grid, rows, cols) if aoi is not None else None
+    if inside is not None and not inside.any():
+        return empty_block(n_out, height, width)
     window = windows.Window.from_slices(rows, cols)
     filters_px = tuple((op, float(metres) / grid.resolution) for op, metres in mask_filters)
     reach = filter_reach(filters_px)
@@ -96,15 +106,15 @@ def composite_block(
     def window_of(job: tuple[int, AssetSource]) -> windows.Window:
         return scl_window if filters_px and job[1].band == "scl" else window
 
-    def read(job: tuple[int, AssetSource]) -> np.ndarray:
-        return reader_for(job[1].href, grid).read(window_of(job), policy)
+    def start(job: tuple[int, AssetSource]) -> Callable[[], np.ndarray]:
+        return reader_for(job[1].href, grid).start(window_of(job), policy)
 
-    def size(job: tuple[int, AssetSource]) -> int:
-        w = window_of(job)
-        return 2 * int(w.height) * int(w.width)
+    def cost(job: tuple[int, AssetSource]) -> int:
+        return reader_for(job[1].href, grid).cost(window_of(job))
 
     got: dict[str, np.ndarray] = {}
-    for (i, asset), data in ordered_reads(jobs, read, size, read_ahead):
+    for (i, asset), finish in ordered_reads(jobs, start, cost, read_ahead):
+        data = finish()  # decoding happens here, in the task's thread (one per core), not in the I/O pool
         w = window_of((i, asset))
         if data.shape != (int(w.height), int(w.width)):
             raise RuntimeError(f"reader returned {data.shape} for a {int(w.height)} x {int(w.width)} window")
@@ -122,7 +132,20 @@ def composite_block(
         days[~started] = np.nan
     out = np.empty((1, n_out, height, width), dtype=np.float32)
     reduce_days(days, method, np.asarray(day_numbers, dtype=np.int64), out=out[0])
+    if inside is not None:
+        outside = ~inside
+        out[0, :, outside] = np.nan  # value and date layers
+        out[0, 1, outside] = 0  # valid_count
     return out.reshape(1, n_out * height, width)
+
+
+def _aoi_inside(aoi: Any, grid: OutputGrid, rows: slice, cols: slice) -> np.ndarray:
+    """Pixels of the chunk whose centre is inside ``aoi`` (grid CRS): the AOI rule, see ndvi_scale.analytics.aoi."""
+    from ..analytics.aoi import aoi_mask  # only runs with an AOI need shapely/rasterio's rasteriser
+
+    res = grid.resolution
+    left, top = grid.bounds[0] + cols.start * res, grid.bounds[3] - rows.start * res
+    return aoi_mask(aoi, left, top, res, (rows.stop - rows.start, cols.stop - cols.start))
 
 
 def _fold(
