@@ -46,6 +46,22 @@ def test_compute_writes_a_zarr_with_crs(catalog, tmp_path):
     assert ds.sizes["time"] == 2 and np.isfinite(ds.ndvi.values).any()
 
 
+def test_compute_records_the_mask_filters(catalog, tmp_path):
+    """The filters a cube was made with are in its attributes, its configuration and its STAC item."""
+    import json
+
+    out = tmp_path / "ndvi.zarr"
+    r = cli("compute", "--bbox", *bbox_args(), "--start", "2024-04-20", "--end", "2024-05-15", "--catalog", catalog,
+            "--out", str(out), "--chunk", "64", "--mask-opening", "0", "--mask-dilation", "40")
+    assert r.returncode == 0, r.stderr
+    ds = xr.open_zarr(out, decode_coords="all", consolidated=False)
+    want = [{"op": "dilation", "metres": 40.0, "pixels": 4.0, "classes": [3, 8, 9, 10]}]
+    assert json.loads(ds.attrs["ndvi_scale_mask_filters"]) == want
+    assert json.loads(ds.attrs["ndvi_scale_config"])["mask_filters"] == [["dilation", 40.0]]
+    item = json.loads((tmp_path / "ndvi.zarr.stac-item.json").read_text())
+    assert item["properties"]["ndvi_scale:mask_filters"] == want
+
+
 def _assert_one_line_error(r, *needles):
     assert r.returncode != 0
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
@@ -67,6 +83,9 @@ def _assert_one_line_error(r, *needles):
         (["--start", "2023-01-01", "--end", "2023-01-31"], ["no Sentinel-2 L2A scenes found", "widen"]),
         (["--method", "mode"], ["method 'mode' is unknown"]),
         (["--period", "fortnight"], ["period 'fortnight' is unknown"]),
+        (["--mask-dilation", "wide"], ["mask filters dilation radius 'wide' is not a number"]),
+        (["--mask-filters", "blur:20"], ["mask filters op 'blur' is unknown", "opening:20,dilation:60"]),
+        (["--mask-filters", "dilation:20", "--mask-opening", "10"], ["--mask-filters or --mask-opening"]),
     ],
 )
 def test_bad_input_is_one_clear_line_and_writes_nothing(catalog, tmp_path, args, needles):

@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from ndvi_scale.config import BBox, RunConfig, format_bbox
+from ndvi_scale.config import DEFAULT_MASK_FILTERS, BBox, RunConfig, format_bbox
 from ndvi_scale.errors import InputError
 
 OK = dict(bbox=(1.4, 48.1, 1.6, 48.3), start="2024-01-01", end="2024-02-29")
@@ -76,3 +76,52 @@ def test_normalised_values():
     assert cfg.to_dict()["bbox"] == [1.4, 48.1, 1.6, 48.3]
     with pytest.raises(AttributeError):
         cfg.method = "mean"  # type: ignore[misc]  # frozen
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("opening:20,dilation:60", (("opening", 20.0), ("dilation", 60.0))),
+        ("Dilation = 40 ; erosion 10", (("dilation", 40.0), ("erosion", 10.0))),
+        ([("opening", 20), ["dilation", "60"]], (("opening", 20.0), ("dilation", 60.0))),
+        ([{"op": "closing", "metres": 30}], (("closing", 30.0),)),
+        (["dilation:0", "opening:20"], (("opening", 20.0),)),
+        ("none", ()),
+        ([], ()),
+        (None, ()),
+    ],
+)
+def test_mask_filters_loose_forms(value, expected):
+    cfg = RunConfig.create(**OK, mask_filters=value)
+    assert cfg.mask_filters == expected
+    assert cfg.to_dict()["mask_filters"] == [list(f) for f in expected]
+
+
+def test_mask_filters_default_and_dea_pair():
+    assert RunConfig.create(**OK).mask_filters == DEFAULT_MASK_FILTERS
+    assert [op for op, _ in DEFAULT_MASK_FILTERS] == ["opening", "dilation"]  # DEA's order
+    default = dict(DEFAULT_MASK_FILTERS)
+    pair = (("opening", default["opening"]), ("dilation", 100))
+    assert RunConfig.create(**OK, mask_dilation=100).mask_filters == pair
+    assert RunConfig.create(**OK, mask_opening="0", mask_dilation=30).mask_filters == (("dilation", 30.0),)
+    assert RunConfig.create(**OK, mask_opening=0, mask_dilation=0).mask_filters == ()
+
+
+@pytest.mark.parametrize(
+    ("kw", "needle"),
+    [
+        ({"mask_filters": "blur:20"}, "mask filters op 'blur' is unknown; expected a list of op:metres"),
+        ({"mask_filters": "dilation:-5"}, "mask filters dilation radius -5 m is out of range; expected metres 0-1000"),
+        ({"mask_filters": "dilation:5000"}, "mask filters dilation radius 5000 m is out of range"),
+        ({"mask_filters": "dilation:nan"}, "mask filters dilation radius 'nan' is not a finite number"),
+        ({"mask_filters": "dilation"}, "mask filters entry 'dilation' is not op and radius"),
+        ({"mask_filters": {"op": "dilation"}}, "mask filters {'op': 'dilation'} are not a list"),
+        ({"mask_dilation": "wide"}, "mask filters dilation radius 'wide' is not a number"),
+        ({"mask_filters": "dilation:20", "mask_opening": 10}, "mask filters are given both as a list and as"),
+        ({"mask_filters": ["dilation:1"] * 100}, "are more than 64"),
+    ],
+)
+def test_bad_mask_filters_are_named(kw, needle):
+    with pytest.raises(InputError) as e:
+        RunConfig.create(**OK, **kw)
+    assert needle in str(e.value) and len(str(e.value)) <= 300

@@ -35,7 +35,11 @@ from ndvi_scale.load import auto_epsg, choose_epsg, utm_epsg, utm_zone_shares
 from ndvi_scale.pipeline import build, make_plan
 from ndvi_scale.sample import SampleSpec, Truth, generate_zones, straddling_specs
 
-WEST, EAST = straddling_specs(size=128, blocksize=128, start=dt.date(2024, 4, 1), end=dt.date(2024, 5, 10))
+# A perfect SCL and no mask filters: these tests check reprojection against the truth's clear flags point by point;
+# the SCL's errors and the filters are measured in tests/test_pipeline.py and tests/engine.
+WEST, EAST = straddling_specs(
+    size=128, blocksize=128, start=dt.date(2024, 4, 1), end=dt.date(2024, 5, 10), scl_errors=False
+)
 SPECS = (WEST, EAST)
 START, END = "2024-04-01", "2024-05-10"
 #: Straddles 0 degrees: about 1/3 in zone 30 (reprojected when the output is in 31), 2/3 in zone 31.
@@ -57,7 +61,7 @@ def zones(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cfg(catalog: Path | str, **kw: Any) -> RunConfig:
-    base: dict[str, Any] = dict(bbox=BBOX, start=START, end=END, catalog=str(catalog), chunk=64)
+    base: dict[str, Any] = dict(bbox=BBOX, start=START, end=END, catalog=str(catalog), chunk=64, mask_filters=())
     base.update(kw)
     return RunConfig.create(**base)
 
@@ -300,7 +304,7 @@ def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str
 def test_cli_forced_to_the_minority_zone_writes_that_grid(zones: Path, tmp_path: Path) -> None:
     out = tmp_path / "z30.zarr"
     r = _cli("compute", "--bbox", *map(str, BBOX), "--start", START, "--end", END, "--catalog", str(zones),
-             "--out", str(out), "--crs", "EPSG:32630", "--chunk", "64")
+             "--out", str(out), "--crs", "EPSG:32630", "--chunk", "64", "--mask-filters", "none")
     assert r.returncode == 0, r.stderr
     ds = xr.open_zarr(out, decode_coords="all", consolidated=None)
     assert ds.rio.crs.to_epsg() == 32630

@@ -1,16 +1,17 @@
-"""The kernel's compiled reducers against the numpy/bottleneck reference."""
+"""The kernel's compiled reducers against the numpy/bottleneck reference; its mask filters against scipy.ndimage."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from ndvi_scale import kernel
 from ndvi_scale.kernel import sorting_pairs
+from ndvi_scale.testing.reference import clear_mask, disk, filtered_clear_mask, mask_filter
 
 
 @pytest.mark.parametrize("method", ["median", "mean", "max", "min", "q25"])
 def test_fast_reducers_are_bit_identical(method):
-    from ndvi_scale import kernel
     from ndvi_scale.composite import reduce_days
 
     rng = np.random.default_rng(7)
@@ -55,3 +56,91 @@ def test_sorting_network_sorts_anything():
         assert (np.diff(vals, axis=1) >= 0).all(), n
 
 
+
+
+# ------------------------------------------------------------------------------------------------ mask filters
+
+
+@pytest.mark.parametrize("radius", [0.5, 1, 1.5, 2, 2.5, 3, 6, 10])
+@pytest.mark.parametrize("density", [0.002, 0.05, 0.5])
+def test_dilation_and_erosion_equal_scipy_on_random_masks(radius, density):
+    rng = np.random.default_rng(int(radius * 100) + int(density * 1000))
+    for shape in ((1, 1), (7, 3), (57, 91), (130, 64)):
+        mask = rng.random(shape) < density
+        np.testing.assert_array_equal(kernel.dilate(mask, radius), mask_filter(mask, [("dilation", radius)]))
+        np.testing.assert_array_equal(kernel.erode(mask, radius), mask_filter(mask, [("erosion", radius)]))
+
+
+def test_disk_is_skimage_disk():
+    # skimage.morphology.disk(2) and disk(3), written out
+    two = np.array([[0, 0, 1, 0, 0], [0, 1, 1, 1, 0], [1, 1, 1, 1, 1], [0, 1, 1, 1, 0], [0, 0, 1, 0, 0]], bool)
+    np.testing.assert_array_equal(disk(2), two)
+    assert disk(3).sum() == 29 and disk(3).shape == (7, 7)
+    mask = np.zeros((11, 11), dtype=bool)
+    mask[5, 5] = True
+    np.testing.assert_array_equal(kernel.dilate(mask, 2)[3:8, 3:8], two)
+    assert kernel.dilate(mask, 2).sum() == two.sum()
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [
+        [("opening", 2), ("dilation", 6)],
+        [("closing", 3)],
+        [("opening", 1.5), ("dilation", 2), ("erosion", 1), ("closing", 2.5)],
+    ],
+)
+def test_filter_chains_equal_scipy_and_reach_is_enough(filters):
+    rng = np.random.default_rng(7)
+    # blobs (a smoothed random field) with speckle: what a cloud mask looks like
+    field = rng.random((120, 150))
+    for _ in range(3):
+        field = (field + sum(np.roll(field, s, a) for s in (1, -1) for a in (0, 1))) / 5
+    mask = (field > np.quantile(field, 0.7)) | (rng.random(field.shape) < 0.01)
+    whole = kernel.apply_mask_filters(mask, filters)
+    np.testing.assert_array_equal(whole, mask_filter(mask, filters))
+    # a window read with the filters' reach gives the whole array's result inside it (chunk independence)
+    reach = kernel.filter_reach(filters)
+    r0, r1, c0, c1 = 40, 80, 50, 100
+    part = kernel.apply_mask_filters(mask[r0 - reach : r1 + reach, c0 - reach : c1 + reach], filters)
+    np.testing.assert_array_equal(part[reach:-reach, reach:-reach], whole[r0:r1, c0:c1])
+
+
+def test_filtered_clear_reshapes_only_cloud_and_shadow():
+    rng = np.random.default_rng(3)
+    scl = rng.integers(0, 12, size=(64, 80)).astype(np.uint16)
+    scl[rng.random(scl.shape) < 0.7] = 4  # mostly vegetation, scattered other classes
+    classes = (0, 1, 2, 3, 8, 9, 10)
+    filters = [("opening", 1), ("dilation", 2.5)]
+    ones = np.ones_like(scl)
+    np.testing.assert_array_equal(
+        kernel.filtered_clear(scl, classes, filters), filtered_clear_mask(scl, ones, ones, classes, filters)
+    )
+    got = kernel.filtered_clear(scl, classes, filters)
+    assert not got[np.isin(scl, (0, 1, 2))].any()  # never unmasked by the opening, never grown
+    np.testing.assert_array_equal(kernel.filtered_clear(scl, classes, ()), clear_mask(scl, ones, ones, classes))
+    # classes not masked are not filtered: with only no-data masked, nothing grows
+    np.testing.assert_array_equal(kernel.filtered_clear(scl, (0,), [("dilation", 2)]), scl != 0)
+    no_shadow = [0, 8, 9, 10]
+    np.testing.assert_array_equal(
+        kernel.filtered_clear(scl, no_shadow, [("dilation", 2)]),
+        filtered_clear_mask(scl, ones, ones, no_shadow, [("dilation", 2)]),
+    )
+
+
+@pytest.mark.parametrize("engine", ["numpy", *(["numba"] if kernel.NUMBA else [])])
+def test_ndvi_into_with_a_filtered_mask_equals_the_reference(engine, monkeypatch):
+    from ndvi_scale.testing.reference import ndvi
+
+    monkeypatch.setenv("NDVI_SCALE_NUMBA", "1" if engine == "numba" else "0")
+    rng = np.random.default_rng(11)
+    red = rng.integers(0, 3000, size=(40, 70)).astype(np.uint16)
+    nir = rng.integers(0, 6000, size=(40, 70)).astype(np.uint16)
+    scl = rng.choice(np.array([0, 3, 4, 5, 8, 9], dtype=np.uint16), size=(40, 70), p=[0.05, 0.1, 0.5, 0.2, 0.1, 0.05])
+    filters = [("opening", 1), ("dilation", 2)]
+    clear = kernel.filtered_clear(scl, (0, 1, 2, 3, 8, 9, 10), filters)
+    want = ndvi(red, nir, 1e-4, -0.1, filtered_clear_mask(scl, red, nir, (0, 1, 2, 3, 8, 9, 10), filters))
+    out = np.empty((40, 70), dtype=np.float32)
+    kernel.ndvi_into(out, red, nir, scl, 1e-4, -0.1, 1e-4, -0.1, (0,), first=True, clear=clear)
+    np.testing.assert_array_equal(out, want)
+    assert np.isnan(out).any() and not np.isnan(out).all()

@@ -216,6 +216,16 @@ def compute(
         str | None,
         typer.Option(help="'auto' (UTM zone covering most of the bbox) or EPSG:XXXX.", show_default=_default("crs")),
     ] = None,
+    mask_filters: Annotated[
+        str | None,
+        typer.Option(help="Filters of the cloud/shadow mask, in order, e.g. opening:20,dilation:60 (metres), or none."),
+    ] = None,
+    mask_opening: Annotated[
+        str | None, typer.Option(metavar="METRES", help="Opening radius of the cloud/shadow mask (0: none).")
+    ] = None,
+    mask_dilation: Annotated[
+        str | None, typer.Option(metavar="METRES", help="Dilation radius of the cloud/shadow mask (0: none).")
+    ] = None,
     chunk: Annotated[
         str | None, typer.Option(metavar="PIXELS", help="Spatial chunk in pixels (processing = Zarr chunks).",
                      show_default=_default("chunk"))
@@ -271,6 +281,7 @@ def compute(
     """Search, mask clouds, compute NDVI, composite per period and write Zarr."""
 
     def go() -> None:
+        from .config import mask_filter_options
         from .runfile import run_config_from
 
         values: dict[str, Any] = dict(
@@ -279,6 +290,7 @@ def compute(
             chunk=chunk, zarr_format=zarr_format, codec=codec, overwrite=overwrite, append=append,
             skip_bad_assets=skip_bad_assets, allow_local=allow_local, cluster=cluster,
             allow_large=True if yes else None,
+            mask_filters=mask_filter_options(mask_filters, mask_opening, mask_dilation),
         )
         cfg, merged = run_config_from(config, {k: v for k, v in values.items() if v is not None})
         if cfg.out is None:

@@ -33,6 +33,19 @@ PERIODS = ("day", "week", "dekad", "month", "season", "year")
 #: Kept: 4 vegetation, 5 not vegetated, 6 water, 7 unclassified, 11 snow/ice (a real observation of the surface).
 DEFAULT_MASK_CLASSES: tuple[int, ...] = (0, 1, 2, 3, 8, 9, 10)
 
+#: Morphological operations a mask filter may apply to the cloud/shadow mask (DEA ``mask_filters``' names).
+MASK_FILTER_OPS = ("opening", "closing", "dilation", "erosion")
+
+#: Mask filters by default, in metres, in DEA's order: an opening removes cloud/shadow specks smaller than its disk
+#: (bright soil flagged as cloud), then a dilation masks the haze, fringes and penumbrae SCL leaves just outside its
+#: cloud and shadow edges. Radii chosen by measurement on the realistic sample (benchmarks/quality.py,
+#: benchmarks/RESULTS.md).
+DEFAULT_MASK_FILTERS: tuple[tuple[str, float], ...] = (("opening", 20.0), ("dilation", 60.0))
+
+#: Largest radius of one mask filter (metres): the margin every chunk reads grows with it; a kilometre is far past
+#: the cloud buffers in common use (sen2r's SCL mask buffer defaults to 250 m).
+MAX_MASK_FILTER_METRES = 1000.0
+
 #: Output pixel size in metres (Sentinel-2 red/nir native resolution).
 DEFAULT_RESOLUTION = 10.0
 
@@ -240,6 +253,67 @@ def normalise_mask_classes(value: Any) -> tuple[int, ...]:
     return classes
 
 
+def normalise_mask_filters(value: Any) -> tuple[tuple[str, float], ...]:
+    """``(op, metres)`` pairs from ``"opening:20,dilation:60"``, ``"none"``, a list of pairs, of ``"op:metres"``
+    strings or of ``{"op": ..., "metres": ...}`` mappings. Radii of 0 are dropped (no-ops).
+
+    Raises :class:`InputError` naming the bad entry."""
+    expected = f"a list of op:metres with op one of {', '.join(MASK_FILTER_OPS)}, e.g. opening:20,dilation:60, or none"
+    raw = value
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        text = _short_text(value)
+        if text in ("", "none", "off", "[]"):
+            return ()
+        value = [p for p in re.split(r"[,;]+", text) if p.strip()]
+    elif isinstance(value, Mapping) or not isinstance(value, Iterable):
+        raise InputError(f"mask filters {shown(raw)} are not a list; expected {expected}")
+    out: list[tuple[str, float]] = []
+    for entry in list(value)[:65]:
+        if isinstance(entry, str):
+            parts = [p for p in re.split(r"[:=\s]+", entry.strip()) if p]
+        elif isinstance(entry, Mapping):
+            parts = [entry.get("op"), entry.get("metres", entry.get("radius"))]
+        elif isinstance(entry, Iterable):
+            parts = list(entry)[:3]
+        else:
+            parts = [entry]
+        if len(parts) != 2:
+            raise InputError(f"mask filters entry {shown(entry)} is not op and radius; expected {expected}")
+        op = _short_text(parts[0])
+        if op not in MASK_FILTER_OPS:
+            raise InputError(f"mask filters op {shown(parts[0])} is unknown; expected {expected}")
+        metres = _number(parts[1], f"mask filters {op} radius", "metres 0-1000, e.g. 60")
+        if not 0 <= metres <= MAX_MASK_FILTER_METRES:
+            raise InputError(
+                f"mask filters {op} radius {metres:g} m is out of range; expected metres 0-{MAX_MASK_FILTER_METRES:g}"
+            )
+        if metres > 0:
+            out.append((op, metres))
+    if len(list(value)) > 64:
+        raise InputError(f"mask filters {shown(raw)} are more than 64; expected {expected}")
+    return tuple(out)
+
+
+def mask_filter_options(filters: Any = None, opening: Any = None, dilation: Any = None) -> Any:
+    """The ``mask_filters`` value of the options ``--mask-filters``, ``--mask-opening``, ``--mask-dilation`` (None:
+    none given). Opening and dilation make DEA's pair ``[opening, dilation]``, the one not given at its default
+    (:data:`DEFAULT_MASK_FILTERS`); 0 turns one off. Raises :class:`InputError` if the list and either are given."""
+    if opening is None and dilation is None:
+        return filters
+    if filters is not None:
+        raise InputError(
+            "mask filters are given both as a list and as an opening/dilation radius; give either --mask-filters or "
+            "--mask-opening/--mask-dilation"
+        )
+    default = dict(DEFAULT_MASK_FILTERS)
+    return [
+        ("opening", default.get("opening", 0.0) if opening is None else opening),
+        ("dilation", default.get("dilation", 0.0) if dilation is None else dilation),
+    ]
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one run needs, validated. Build it with :meth:`RunConfig.create` from loose input."""
@@ -262,6 +336,10 @@ class RunConfig:
     """Drop scenes whose ``eo:cloud_cover`` is above this percentage (0-100)."""
     mask_classes: tuple[int, ...] = DEFAULT_MASK_CLASSES
     """SCL classes treated as invalid (cloud, shadow, nodata, ...)."""
+    mask_filters: tuple[tuple[str, float], ...] = DEFAULT_MASK_FILTERS
+    """Morphological filters of the cloud/shadow mask (the masked classes among 3, 8, 9, 10), in order, as
+    ``(op, radius in metres)`` with op opening, closing, dilation or erosion; a disk on the output grid. Empty:
+    exactly the SCL classes. ``mask_opening``/``mask_dilation`` keywords of :meth:`create` build DEA's pair."""
     resolution: float = DEFAULT_RESOLUTION
     """Output pixel size in metres."""
     crs: str = "auto"
@@ -294,13 +372,18 @@ class RunConfig:
     @classmethod
     def create(cls, **kwargs: Any) -> RunConfig:
         """Validate and normalise loose keyword input (CLI strings, YAML values, Python objects)."""
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} | {"mask_opening", "mask_dilation"}
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise InputError(
                 f"unknown config field(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}"
             )
         kw: dict[str, Any] = dict(kwargs)
+        aliases = {k: kw.pop(k) for k in ("mask_opening", "mask_dilation") if k in kw}
+        if aliases:
+            kw["mask_filters"] = mask_filter_options(
+                kw.get("mask_filters"), aliases.get("mask_opening"), aliases.get("mask_dilation")
+            )
         if kw.get("aoi") is not None:
             aoi = load_run_aoi(kw["aoi"], kw.get("resolution", DEFAULT_RESOLUTION))
             # A bbox equal to the AOI's is accepted: the configuration a cube records (its history line) has both.
@@ -329,6 +412,8 @@ class RunConfig:
             kw["method"] = normalise_method(kw["method"])
         if "mask_classes" in kw:
             kw["mask_classes"] = normalise_mask_classes(kw["mask_classes"])
+        if "mask_filters" in kw:
+            kw["mask_filters"] = normalise_mask_filters(kw["mask_filters"])
         if "catalog" in kw:
             cat = kw["catalog"]
             if not isinstance(cat, str | os.PathLike):
@@ -402,7 +487,7 @@ class RunConfig:
             elif isinstance(v, dt.date):
                 v = v.isoformat()
             elif isinstance(v, tuple):
-                v = list(v)
+                v = [list(e) if isinstance(e, tuple) else e for e in v]
             elif isinstance(v, Mapping):
                 v = dict(v)
             elif f.name == "aoi" and v is not None:

@@ -188,7 +188,7 @@ def build(cfg: RunConfig, plan: Plan | None = None, policy: ReadPolicy | None = 
     n_out = 2 + len(extras)
     cube = composite_cube(
         plan_sources(plan, grid), grid, plan.chunk, method=cfg.method, mask_classes=cfg.mask_classes,
-        n_out=n_out, policy=read_policy(plan, policy),
+        n_out=n_out, policy=read_policy(plan, policy), mask_filters=cfg.mask_filters,
         aoi=cfg.aoi.in_crs(f"EPSG:{grid.epsg}") if cfg.aoi is not None else None,
     )
 
@@ -279,6 +279,7 @@ def provenance_attrs(plan: Plan) -> dict[str, Any]:
         name("mask_classes"): json.dumps(
             {str(c): SCL_CLASSES[c] for c in cfg.mask_classes}
         ),
+        name("mask_filters"): json.dumps(mask_filters_provenance(cfg)),
         name("config"): json.dumps(safe_config, sort_keys=True),
         name("items"): json.dumps(items),
         name("skipped"): json.dumps([{"id": s.id, "reason": s.reason} for s in plan.search.skipped]),
@@ -286,6 +287,18 @@ def provenance_attrs(plan: Plan) -> dict[str, Any]:
         name("versions"): json.dumps(versions, sort_keys=True),
         **({name("aoi"): json.dumps(aoi_provenance(cfg.aoi))} if cfg.aoi is not None else {}),
     })
+
+
+def mask_filters_provenance(cfg: RunConfig) -> list[dict[str, Any]]:
+    """The run's mask filters as recorded in the cube (``ndvi_scale_mask_filters``) and its STAC item: in order,
+    each op, its radius in metres and in output pixels, and the SCL classes whose mask it reshapes."""
+    from .kernel import FILTERED_CLASSES
+
+    classes = [c for c in FILTERED_CLASSES if c in cfg.mask_classes]
+    return [
+        {"op": op, "metres": metres, "pixels": metres / cfg.resolution, "classes": classes}
+        for op, metres in cfg.mask_filters
+    ]
 
 
 def aoi_provenance(aoi: Any) -> dict[str, Any]:
@@ -415,6 +428,9 @@ def compute(
 
     * ``max_cloud`` (float, default 100): skip scenes whose ``eo:cloud_cover`` is above this percentage.
     * ``mask_classes`` (ints or ``"0,1,2"``, default 0,1,2,3,8,9,10): SCL classes masked as not observed.
+    * ``mask_filters`` (default ``opening:20,dilation:60``): morphological filters of the cloud/shadow mask, in
+      order, in metres (``"none"``: exactly the SCL classes); ``mask_opening`` / ``mask_dilation`` (metres) set
+      DEA's pair instead.
     * ``resolution`` (metres, default 10): output pixel size.
     * ``crs`` (default ``"auto"``: the UTM zone covering most of the bbox): or ``"EPSG:XXXX"`` (projected).
     * ``chunk`` (pixels, default 2048): spatial chunk of processing and of the Zarr arrays.

@@ -28,6 +28,14 @@ Scene design
   grid (the same sky over both granules): SCL 9 in blob cores, 8 on their rims, 10 in a thin-cirrus band, 3
   where the blob field shifted by the sun direction is cloudy. Cloud/cirrus/shadow pixels get reflectances
   that move NDVI far from the truth, so any leak of a masked pixel into a composite is detectable.
+* **SCL errors** (``scl_errors``, on by default since sample version 2): the SCL misses what Sen2Cor misses.
+  Beyond every labelled cloud rim, haze (up to 30 % cloud mixed in, fading over 60 m) labelled as the surface;
+  beyond a cirrus band its fringe (40 m), beyond a shadow its penumbra (40 m); 20 % of rim and cirrus pixels
+  labelled as their surface (thin cloud called vegetation or bare soil), 15 % of shadow pixels labelled dark area
+  (2) and 15 % water (6); 0.1 % of pixels on every date saturated (SCL 1, both bands at reflectance 1); 3 % of the
+  clean bare-soil pixels flagged as cloud (8, single 20 m pixels). :meth:`Truth.contaminated` says which
+  observations are off the surface NDVI by more than :data:`CONTAMINATION_TOLERANCE`, whatever the SCL says;
+  :meth:`Truth.apparent_ndvi` is what the files hold.
 * **No-data.** On every second acquisition ("the other relative orbit") granule A loses a slanted strip on its
   east side, entirely inside the A/B overlap (B still sees it), and B loses its north-east corner (a real hole
   with no data from any granule). Beyond those edges every band is 0 and SCL is 0.
@@ -52,7 +60,7 @@ import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from enum import IntEnum
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -69,6 +77,7 @@ from .config import DEFAULT_MASK_CLASSES, normalise_method, parse_date
 from .errors import CatalogError, InputError
 
 __all__ = [
+    "CONTAMINATION_TOLERANCE",
     "COG_MEDIA_TYPE",
     "Granule",
     "LandCover",
@@ -86,7 +95,7 @@ __all__ = [
 ]
 
 #: Bump whenever the generated scene changes: it names the cache folder of :func:`sample_catalog`.
-SAMPLE_VERSION = 1
+SAMPLE_VERSION = 2
 
 #: W, S, E, N (degrees) well inside the union of the two granules of the default sample (``size=1024``):
 #: about 404-417 km E, 5351-5359.5 km N in UTM 31N. It spans the east of granule A, the whole A/B overlap
@@ -111,6 +120,8 @@ STAC_EXTENSIONS = [
 
 # Scene classification (SCL) values used by the sample.
 SCL_NODATA = 0
+SCL_DEFECTIVE = 1
+SCL_DARK = 2
 SCL_CLOUD_SHADOW = 3
 SCL_VEGETATION = 4
 SCL_NOT_VEGETATED = 5
@@ -155,6 +166,29 @@ _CLOUD_RIM, _CLOUD_CORE, _CIRRUS_LEVEL = 0.45, 1.0, 0.5
 # that a tiny test granule looks like the default one): the sun is to the south-south-east at 10:56 UTC, so
 # shadows fall ~7 % of M north and ~2 % west of their cloud (for M=512: 720 m north, 200 m west).
 _SHADOW_DU, _SHADOW_DW = -0.02, -0.07
+
+# SCL errors (``SampleSpec.scl_errors``), after what SCL is known to miss (Baetens et al. 2019: ~84 % overall
+# accuracy, errors concentrated on thin cloud and cloud edges; Skakun et al. 2022, CMIX). Distances are in 20 m
+# pixels and do NOT scale with the granule (haze is physical): a tiny test granule gets the same few pixels.
+#: Haze beyond a labelled cloud rim: up to 30 % cloud mixed in at the rim, fading to 0 over 3 pixels (60 m);
+#: on vegetation more than 1.3 % of cloud moves NDVI by > 0.02, so nearly all of the 60 m is contaminated.
+_HAZE_MAX, _HAZE_WIDTH = 0.3, 3.0
+#: Blob field below which there is no haze (the first-order distance to the rim is meaningless far away).
+_HAZE_FLOOR = 0.05
+#: Reflectance a thin-cirrus band adds; its fringe fades to 0 over 2 pixels beyond the labelled band.
+_CIRRUS_VEIL, _VEIL_WIDTH = 0.08, 2.0
+#: Penumbra beyond a labelled shadow: up to half the shadow's darkening, fading over 2 pixels.
+_PENUMBRA_MAX, _PENUMBRA_WIDTH = 0.5, 2.0
+#: Share of cloud-rim (8) and cirrus (10) pixels labelled as their surface (vegetation / not vegetated / water).
+_THIN_AS_SURFACE = 0.2
+#: Shares of cloud-shadow pixels labelled dark area (2) and water (6).
+_SHADOW_AS_DARK, _SHADOW_AS_WATER = 0.15, 0.15
+#: Share of pixels, any date, saturated or defective (SCL 1).
+_DEFECTIVE = 0.001
+#: Share of clean bare-soil pixels flagged as cloud (SCL 8: commission, single 20 m pixels).
+_COMMISSION = 0.03
+#: An observation is contaminated when the sky moves its NDVI by more than this from the surface's.
+CONTAMINATION_TOLERANCE = 0.02
 
 
 @dataclass(frozen=True)
@@ -311,6 +345,11 @@ class SampleSpec:
     """UTM northing of granule A's top-left corner (a multiple of 20 m)."""
     tiles: tuple[str, str] = field(default=("31UCQ", "31UDQ"))
     """MGRS names of granules A and B (synthetic: they only need a zone, a band letter and a square)."""
+    scl_errors: bool = True
+    """Give the SCL the errors real Sen2Cor makes (haze and cirrus fringes beyond the labelled edges, penumbrae,
+    a share of thin cloud labelled as the surface, shadows labelled dark area or water, defective pixels, bright
+    soil flagged as cloud), with their truth (:meth:`Truth.contaminated`). False: every cloud, cirrus and shadow
+    pixel labelled exactly, nothing else touched (the sample of version 1)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "start", parse_date(self.start, name="start"))
@@ -579,30 +618,111 @@ def _blob_field(sky: _Sky, u: np.ndarray, w: np.ndarray) -> np.ndarray:
     return f
 
 
-def _sky_class(spec: SampleSpec, col: np.ndarray, row: np.ndarray, d: dt.date) -> np.ndarray:
-    """Sky SCL on the global 20 m grid: 0 (clear sky), 3, 8, 9 or 10."""
+def _rim_distance(sky: _Sky, u: np.ndarray, w: np.ndarray, f: np.ndarray) -> np.ndarray:
+    """Distance (20 m pixels) from each point outside the blob field's rim (f <= rim) to the rim, to first order:
+    ``(rim - f) / |grad f|``. Inside the rim: 0. Where the field is flat (far from every blob): inf."""
+    shape = np.shape(f)
+    gu = np.zeros(shape)
+    gw = np.zeros(shape)
+    for bu, bw, sigma, amp in sky.blobs:
+        eu = amp * np.exp(-0.5 * ((u - bu) / sigma) ** 2)
+        ew = np.exp(-0.5 * ((w - bw) / sigma) ** 2)
+        gu += (eu * ((bu - u) / sigma**2)) * ew
+        gw += eu * (ew * ((bw - w) / sigma**2))
+    grad = np.hypot(gu, gw)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dist = np.where(grad > 1e-12, (_CLOUD_RIM - f) / grad, np.inf)
+    return np.where(f > _CLOUD_RIM, 0.0, dist)
+
+
+@dataclass(frozen=True)
+class _SkyState:
+    """The sky over points of the global 20 m grid on one date: what is really there, and what SCL says."""
+
+    sky: np.ndarray
+    """True sky class (uint8): 0 clear, 3 cloud shadow, 8 cloud rim, 9 cloud core, 10 thin cirrus."""
+    label: np.ndarray
+    """What the SCL says of the sky (uint8): 0 = the surface class, else the class written (1, 2, 3, 6, 8, 9, 10)."""
+    haze: np.ndarray
+    """Fraction (0-:data:`_HAZE_MAX`) of cloud mixed into the surface reflectance beyond the labelled rims."""
+    veil: np.ndarray
+    """Reflectance added to both bands by the fringe of a thin-cirrus band beyond its labelled edge."""
+    penumbra: np.ndarray
+    """Partial shadow (0-:data:`_PENUMBRA_MAX`) beyond the shadow's labelled edge."""
+    defective: np.ndarray
+    """True where the detector saturated (SCL 1, both bands read as reflectance 1.0)."""
+
+
+def _uniform(spec: SampleSpec, col: np.ndarray, row: np.ndarray, ordinal: int) -> np.ndarray:
+    """A uniform [0, 1) draw per 20 m pixel and date: which pixel gets which SCL error (pure, platform-stable)."""
+    salt = _mix64(((spec.seed & _M64) * _GOLDEN + ordinal * 0xD1B54A32D192ED03 + 0x5CE1) & _M64)
+    h = _hash2(np.asarray(col), np.asarray(row), salt)
+    return (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def _sky_state(spec: SampleSpec, col: np.ndarray, row: np.ndarray, d: dt.date) -> _SkyState:
+    """The sky (true classes, SCL labels and the contamination SCL misses) at global 20 m indices on date ``d``."""
     sky = _sky(spec, d.toordinal())
     shape = np.broadcast_shapes(np.shape(col), np.shape(row))
     out = np.zeros(shape, dtype=np.uint8)
-    if not sky.blobs and sky.cirrus is None and sky.base == 0.0:
-        return out
-    u = col + 0.5  # 20 m pixel centres, in 20 m pixel units
-    w = row + 0.5
-    f = _blob_field(sky, u, w)
-    m = spec.size20
-    shadow = _blob_field(sky, u - _SHADOW_DU * m, w - _SHADOW_DW * m) > _CLOUD_RIM
-    cloudy = f > _CLOUD_RIM
-    if sky.cirrus is not None:
-        cu, cw, cos, sin, sigma = sky.cirrus
-        dist = (u - cu) * sin - (w - cw) * cos  # distance to the band's centre line
-        cirrus = (np.exp(-0.5 * (dist / sigma) ** 2) > _CIRRUS_LEVEL) & ~cloudy
-        out[np.broadcast_to(cirrus, shape)] = SCL_THIN_CIRRUS
-    else:
-        cirrus = np.zeros(shape, dtype=bool)
-    out[np.broadcast_to(shadow & ~cloudy & ~cirrus, shape)] = SCL_CLOUD_SHADOW
-    out[np.broadcast_to(cloudy, shape)] = SCL_CLOUD_MEDIUM
-    out[np.broadcast_to(f > _CLOUD_CORE, shape)] = SCL_CLOUD_HIGH
-    return out
+    zero = np.zeros(shape)
+    haze, veil, penumbra = zero, zero, zero
+    if sky.blobs or sky.cirrus is not None or sky.base != 0.0:
+        u = col + 0.5  # 20 m pixel centres, in 20 m pixel units
+        w = row + 0.5
+        f = _blob_field(sky, u, w)
+        m = spec.size20
+        us, ws = u - _SHADOW_DU * m, w - _SHADOW_DW * m
+        fs = _blob_field(sky, us, ws)
+        shadow = fs > _CLOUD_RIM
+        cloudy = f > _CLOUD_RIM
+        if sky.cirrus is not None:
+            cu, cw, cos, sin, sigma = sky.cirrus
+            dist = (u - cu) * sin - (w - cw) * cos  # distance to the band's centre line
+            cirrus = (np.exp(-0.5 * (dist / sigma) ** 2) > _CIRRUS_LEVEL) & ~cloudy
+            out[np.broadcast_to(cirrus, shape)] = SCL_THIN_CIRRUS
+            beyond = np.abs(dist) - sigma * math.sqrt(2.0 * math.log(1.0 / _CIRRUS_LEVEL))  # past the edge
+            if spec.scl_errors:
+                veil = np.broadcast_to(_CIRRUS_VEIL * np.clip(1.0 - beyond / _VEIL_WIDTH, 0.0, 1.0), shape)
+        else:
+            cirrus = np.zeros(shape, dtype=bool)
+        out[np.broadcast_to(shadow & ~cloudy & ~cirrus, shape)] = SCL_CLOUD_SHADOW
+        out[np.broadcast_to(cloudy, shape)] = SCL_CLOUD_MEDIUM
+        out[np.broadcast_to(f > _CLOUD_CORE, shape)] = SCL_CLOUD_HIGH
+        if spec.scl_errors:
+            clear = out == 0
+            near = clear & (f > _HAZE_FLOOR)  # the first-order distance is only meaningful near a blob
+            if near.any():
+                d_rim = np.where(near, _rim_distance(sky, u, w, np.broadcast_to(f, shape)), np.inf)
+                haze = np.where(near, _HAZE_MAX * np.clip(1.0 - d_rim / _HAZE_WIDTH, 0.0, 1.0), 0.0)
+            near_s = clear & (fs > _HAZE_FLOOR)
+            if near_s.any():
+                d_sh = np.where(near_s, _rim_distance(sky, us, ws, np.broadcast_to(fs, shape)), np.inf)
+                penumbra = np.where(near_s, _PENUMBRA_MAX * np.clip(1.0 - d_sh / _PENUMBRA_WIDTH, 0.0, 1.0), 0.0)
+            veil = np.where(clear, veil, 0.0)
+    label = out.copy()
+    defective = np.zeros(shape, dtype=bool)
+    if spec.scl_errors:
+        draw = np.broadcast_to(_uniform(spec, col, row, d.toordinal()), shape)
+        thin = (out == SCL_CLOUD_MEDIUM) | (out == SCL_THIN_CIRRUS)
+        label[thin & (draw < _THIN_AS_SURFACE)] = 0
+        in_shadow = out == SCL_CLOUD_SHADOW
+        label[in_shadow & (draw < _SHADOW_AS_DARK)] = SCL_DARK
+        label[in_shadow & (draw >= _SHADOW_AS_DARK) & (draw < _SHADOW_AS_DARK + _SHADOW_AS_WATER)] = SCL_WATER
+        defective = draw >= 1.0 - _DEFECTIVE
+        label[defective] = SCL_DEFECTIVE
+    return _SkyState(out, label, haze, veil, penumbra, defective)
+
+
+def _upsampled(state: _SkyState, shape20: tuple[int, int]) -> _SkyState:
+    """``state`` of a 20 m grid repeated onto its 10 m grid (each 20 m pixel -> 2 x 2)."""
+
+    def up(a: np.ndarray) -> np.ndarray:
+        if not np.any(a):  # most fields are empty on most dates: a 0-d zero broadcasts like the full array
+            return np.zeros((), dtype=a.dtype)
+        return np.repeat(np.repeat(np.broadcast_to(a, shape20), 2, axis=0), 2, axis=1)
+
+    return _SkyState(*(up(getattr(state, f.name)) for f in fields(_SkyState)))
 
 
 def _outside(spec: SampleSpec, g: Granule, col: np.ndarray, row: np.ndarray, d: dt.date) -> np.ndarray:
@@ -627,8 +747,10 @@ def _global20(spec: SampleSpec, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarra
     return col, row
 
 
-def _scl(spec: SampleSpec, g: Granule, col: np.ndarray, row: np.ndarray, d: dt.date) -> np.ndarray:
-    """Granule ``g``'s SCL at global 20 m indices."""
+def _scl(
+    spec: SampleSpec, g: Granule, col: np.ndarray, row: np.ndarray, d: dt.date, state: _SkyState | None = None
+) -> np.ndarray:
+    """Granule ``g``'s SCL at global 20 m indices (``state``: their :func:`_sky_state`, if already known)."""
     # surface class from the truth at the 20 m pixel centre
     xc = spec.x0 + 20.0 * (col + 0.5)
     yc = spec.y0 - 20.0 * (row + 0.5)
@@ -637,9 +759,75 @@ def _scl(spec: SampleSpec, g: Granule, col: np.ndarray, row: np.ndarray, d: dt.d
     surface = np.where(
         cover == LandCover.WATER, SCL_WATER, np.where(v > 0.4, SCL_VEGETATION, SCL_NOT_VEGETATED)
     )
-    sky = _sky_class(spec, col, row, d)
-    scl = np.where(sky != 0, sky, surface).astype(np.uint8)
+    state = state if state is not None else _sky_state(spec, col, row, d)
+    scl = np.where(state.label != 0, state.label, surface).astype(np.uint8)
+    if spec.scl_errors:
+        # commission: bright bare soil flagged as cloud, single pixels, on a surface that is really clean
+        draw = _uniform(spec, col, row, d.toordinal())
+        quiet = (state.label == 0) & (state.haze == 0) & (state.veil == 0) & (state.penumbra == 0)
+        false_cloud = quiet & (cover == LandCover.BARE) & (draw >= 0.5) & (draw < 0.5 + _COMMISSION)
+        scl = np.where(false_cloud, np.uint8(SCL_CLOUD_MEDIUM), scl)
     return np.where(_outside(spec, g, col, row, d), np.uint8(SCL_NODATA), scl)
+
+
+def _reflectance(
+    spec: SampleSpec,
+    x: np.ndarray,
+    y: np.ndarray,
+    cover: np.ndarray,
+    texture: np.ndarray,
+    state: _SkyState,
+    d: dt.date,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Red and NIR reflectance (float64, before DN rounding) of the pixels at (x, y) under the sky ``state`` (its
+    arrays broadcastable to the points): the surface, changed by what is really between it and the sensor."""
+    v = _ndvi(cover, texture, d)
+    s = _BRIGHTNESS[cover]
+    red = np.asarray(s * (1.0 - v) / 2.0)  # fresh arrays (0-d for scalar input): safe to edit in place
+    nir = np.asarray(s * (1.0 + v) / 2.0)
+    shape = red.shape
+    sky = np.broadcast_to(state.sky, shape)
+
+    def cloud_red() -> np.ndarray:
+        # clouds: bright and flat (red 0.36-0.44, nir +0.03), NDVI ~0.04 whatever is below
+        return np.broadcast_to(0.40 + 0.04 * np.sin(np.asarray(x) / 53.0) * np.cos(np.asarray(y) / 71.0), shape)
+
+    # masked pixels are rewritten in place (they are few on most dates, so this is much cheaper than np.where)
+    cloud = (sky == SCL_CLOUD_MEDIUM) | (sky == SCL_CLOUD_HIGH)
+    if cloud.any():
+        c = cloud_red()[cloud]
+        red[cloud] = c
+        nir[cloud] = c + 0.03
+    cirrus = sky == SCL_THIN_CIRRUS
+    if cirrus.any():  # a thin veil adds the same path radiance to both bands
+        red[cirrus] += _CIRRUS_VEIL
+        nir[cirrus] += _CIRRUS_VEIL
+    shadow = sky == SCL_CLOUD_SHADOW
+    if shadow.any():  # diffuse light only: NIR is darkened more than red
+        red[shadow] *= 0.5
+        nir[shadow] *= 0.25
+    haze = np.broadcast_to(state.haze, shape)
+    hazy = haze > 0
+    if hazy.any():  # beyond the labelled rim: a fraction t of cloud mixed into the surface
+        t = haze[hazy]
+        c = cloud_red()[hazy]
+        red[hazy] = (1.0 - t) * red[hazy] + t * c
+        nir[hazy] = (1.0 - t) * nir[hazy] + t * (c + 0.03)
+    veil = np.broadcast_to(state.veil, shape)
+    veiled = veil > 0
+    if veiled.any():  # the fringe of a cirrus band, fainter with the distance from its labelled edge
+        red[veiled] += veil[veiled]
+        nir[veiled] += veil[veiled]
+    pen = np.broadcast_to(state.penumbra, shape)
+    dim = pen > 0
+    if dim.any():  # penumbra: part of the shadow's darkening
+        red[dim] *= 1.0 - 0.5 * pen[dim]
+        nir[dim] *= 1.0 - 0.75 * pen[dim]
+    bad = np.broadcast_to(state.defective, shape)
+    if bad.any():  # saturated detector: both bands at full scale
+        red[bad] = 1.0
+        nir[bad] = 1.0
+    return red, nir
 
 
 def _dn(
@@ -648,33 +836,14 @@ def _dn(
     y: np.ndarray,
     cover: np.ndarray,
     texture: np.ndarray,
-    scl: np.ndarray,
+    state: _SkyState,
+    nodata: np.ndarray,
     d: dt.date,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Red and NIR DNs (uint16) of the pixels at (x, y) whose class is ``scl``."""
-    v = _ndvi(cover, texture, d)
-    s = _BRIGHTNESS[cover]
-    red = np.asarray(s * (1.0 - v) / 2.0)  # fresh arrays (0-d for scalar input): safe to edit in place
-    nir = np.asarray(s * (1.0 + v) / 2.0)
-    shape = red.shape
-    # masked pixels are rewritten in place (they are few on most dates, so this is much cheaper than np.where)
-    cloud = (scl == SCL_CLOUD_MEDIUM) | (scl == SCL_CLOUD_HIGH)
-    if cloud.any():
-        # clouds: bright and flat (red 0.36-0.44, nir +0.03), NDVI ~0.04 whatever is below
-        cloud_red = 0.40 + 0.04 * np.sin(np.asarray(x) / 53.0) * np.cos(np.asarray(y) / 71.0)
-        cloud_red = np.broadcast_to(cloud_red, shape)[cloud]
-        red[cloud] = cloud_red
-        nir[cloud] = cloud_red + 0.03
-    cirrus = scl == SCL_THIN_CIRRUS
-    if cirrus.any():  # a thin veil adds the same path radiance to both bands
-        red[cirrus] += 0.08
-        nir[cirrus] += 0.08
-    shadow = scl == SCL_CLOUD_SHADOW
-    if shadow.any():  # diffuse light only: NIR is darkened more than red
-        red[shadow] *= 0.5
-        nir[shadow] *= 0.25
+    """Red and NIR DNs (uint16, 0 where ``nodata``) of the pixels at (x, y) under the sky ``state``."""
+    red, nir = _reflectance(spec, x, y, cover, texture, state, d)
     offset = spec.dn_offset(d)
-    nodata = scl == SCL_NODATA
+    nodata = np.broadcast_to(nodata, red.shape)
 
     def to_dn(r: np.ndarray) -> np.ndarray:
         r /= _SCALE
@@ -755,8 +924,9 @@ class Truth:
         d = _as_date(when)
         col, row = _global20(spec, x, y)
         out = np.zeros(np.broadcast_shapes(col.shape, row.shape), dtype=np.uint8)
+        state = _sky_state(spec, col, row, d)
         for g in _selection(spec, granule):
-            out = np.where(out == SCL_NODATA, _scl(spec, g, col, row, d), out)
+            out = np.where(out == SCL_NODATA, _scl(spec, g, col, row, d, state), out)
         return out
 
     @staticmethod
@@ -772,8 +942,38 @@ class Truth:
         x = np.asarray(x, dtype=np.float64)
         y = np.asarray(y, dtype=np.float64)
         cover = _land_cover(spec, x, y)
-        scl = Truth.scl(spec, x, y, d, granule)
-        return _dn(spec, x, y, cover, _texture(x, y, cover), scl, d)
+        nodata = Truth.scl(spec, x, y, d, granule) == SCL_NODATA
+        state = _sky_state(spec, *_global20(spec, x, y), d)
+        return _dn(spec, x, y, cover, _texture(x, y, cover), state, nodata, d)
+
+    @staticmethod
+    def apparent_ndvi(
+        spec: SampleSpec, x: Any, y: Any, when: When, granule: GranuleSelection = None
+    ) -> np.ndarray:
+        """NDVI (float64) of the reflectance stored in the files, before rounding to DNs: :meth:`ndvi` where the
+        sky is clean, moved by cloud, haze, cirrus, shadow or a defect elsewhere; NaN where no granule (of
+        ``granule``, as in :meth:`scl`) has data. The files' NDVI is within 0.005 of it (DN rounding)."""
+        d = _as_date(when)
+        x = np.asarray(x, dtype=np.float64)
+        y = np.asarray(y, dtype=np.float64)
+        cover = _land_cover(spec, x, y)
+        state = _sky_state(spec, *_global20(spec, x, y), d)
+        red, nir = _reflectance(spec, x, y, cover, _texture(x, y, cover), state, d)
+        v = (nir - red) / (nir + red)
+        return np.where(Truth.scl(spec, x, y, d, granule) == SCL_NODATA, np.nan, v)
+
+    @staticmethod
+    def contaminated(
+        spec: SampleSpec, x: Any, y: Any, when: When, granule: GranuleSelection = None
+    ) -> np.ndarray:
+        """True where an observation exists and its NDVI is off the surface's by more than
+        :data:`CONTAMINATION_TOLERANCE` (cloud, haze, cirrus, shadow, penumbra, defect), whatever the SCL says.
+
+        The analytic truth of the SCL's errors: contaminated pixels the SCL labels clear (4, 5, 6) are what a
+        composite shows unless a mask filter removes them. False where no granule has data."""
+        apparent = Truth.apparent_ndvi(spec, x, y, when, granule)
+        with np.errstate(invalid="ignore"):
+            return np.abs(apparent - Truth.ndvi(spec, x, y, when)) > CONTAMINATION_TOLERANCE
 
     @staticmethod
     def is_clear(
@@ -796,24 +996,49 @@ class Truth:
         dates: Iterable[When | pystac.Item | Mapping[str, Any]],
         method: str = "median",
         mask_classes: Iterable[int] = DEFAULT_MASK_CLASSES,
+        mask_filters: Sequence[tuple[str, float]] = (),
+        resolution: float = 10.0,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The composite a perfect pipeline would produce from the given acquisitions.
+        """The composite a perfect pipeline masking the SCL ``mask_classes`` would produce from the acquisitions.
 
-        Reduces the true NDVI over the dates where the pixel is clear, with one observation per date: the
+        Reduces the NDVI the files hold (:meth:`apparent_ndvi`: the true NDVI wherever the sky is clean, and what
+        the SCL's errors let through elsewhere) over the dates where the pixel is clear by the SCL, with one
+        observation per date: the
         mosaic of the granules (never one observation per granule, so the A/B overlap is not counted twice).
         ``dates`` holds dates (both granules observed) or STAC items (``pystac.Item`` or dicts): then each
         date's mosaic uses only the granules of the items given, e.g. what survived an ``eo:cloud_cover``
         filter. ``method``: ``median``, ``mean``, ``max``, ``min`` or ``qNN``. Returns ``(values float64, NaN
         where no clear observation; counts int64)``. Memory is dates x grid: call it per compositing period.
+
+        ``mask_filters`` (``(op, metres)``, as :attr:`ndvi_scale.config.RunConfig.mask_filters`): each granule's
+        cloud/shadow mask goes through them before the mosaic, by the reference of
+        :func:`ndvi_scale.testing.reference.filtered_clear_mask` (needs scipy). ``x``, ``y`` must then be the
+        pixel centres of a north-up raster of ``resolution`` metres (e.g. a meshgrid of a cube's coordinates):
+        the filters run on that raster, as a pipeline runs them on its output grid.
         """
         method = normalise_method(method)
         classes = tuple(mask_classes)
         shape = np.broadcast_shapes(np.shape(x), np.shape(y))
         observed = _observations(spec, dates)
         stack = np.full((len(observed), *shape), np.nan)
+        filters = [(op, float(metres) / resolution) for op, metres in mask_filters]
+        if filters:
+            from .testing.reference import filtered_clear_mask
+
+            if len(shape) != 2:
+                raise InputError(f"points of shape {shape} are not a raster; mask filters need 2-D x and y")
         for k, (d, granules) in enumerate(observed.items()):
-            clear = Truth.is_clear(spec, x, y, d, classes, granules)
-            stack[k] = np.where(clear, Truth.ndvi(spec, x, y, d), np.nan)
+            apparent = Truth.apparent_ndvi(spec, x, y, d, granules)
+            if not filters:
+                clear = Truth.is_clear(spec, x, y, d, classes, granules)
+                stack[k] = np.where(clear, apparent, np.nan)
+                continue
+            for g in granules:  # each granule's mask is filtered on its own, then the first clear one wins
+                scl = np.broadcast_to(Truth.scl(spec, x, y, d, g), shape)
+                data = (scl != SCL_NODATA).astype(np.uint8)
+                clear = filtered_clear_mask(scl, data, data, classes, filters)
+                take = clear & np.isnan(stack[k])
+                stack[k][take] = np.broadcast_to(apparent, shape)[take]
         if not observed:
             return np.full(shape, np.nan), np.zeros(shape, dtype=np.int64)
         counts = np.sum(~np.isnan(stack), axis=0).astype(np.int64)
@@ -895,9 +1120,11 @@ def _write_item(
 ) -> dict[str, Any]:
     g = grids.granule
     d = when.date()
-    scl20 = _scl(spec, g, grids.col20, grids.row20, d)
-    scl10 = np.repeat(np.repeat(scl20, 2, axis=0), 2, axis=1)
-    red, nir = _dn(spec, grids.x10, grids.y10, grids.cover10, grids.texture10, scl10, d)
+    state20 = _sky_state(spec, grids.col20, grids.row20, d)
+    scl20 = _scl(spec, g, grids.col20, grids.row20, d, state20)
+    nodata10 = np.repeat(np.repeat(scl20 == SCL_NODATA, 2, axis=0), 2, axis=1)
+    state10 = _upsampled(state20, g.shape20)
+    red, nir = _dn(spec, grids.x10, grids.y10, grids.cover10, grids.texture10, state10, nodata10, d)
 
     item_id = spec.item_id(d, g)
     folder = root / item_id

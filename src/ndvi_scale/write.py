@@ -1595,6 +1595,7 @@ def stac_item_dict(
         "ndvi_scale:fingerprint": fingerprint,
         "ndvi_scale:periods": len(starts),
         **_skipped_property(cube.attrs),
+        **_mask_filters_property(cube.attrs),
         "cube:dimensions": {
             "time": {"type": "temporal", "extent": [start, end]},
             "x": {
@@ -1663,6 +1664,13 @@ def stac_item_dict(
         "links": [{"rel": "self", "href": loc.sibling(STAC_SUFFIX).url, "type": "application/geo+json"}],
         "assets": {"zarr": asset},
     }
+
+
+def _mask_filters_property(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """``ndvi_scale:mask_filters``: the cube's mask filters (op, metres, pixels, classes), as its attribute says;
+    nothing for a cube written before they existed."""
+    filters = _json_attr(get_attr(attrs, "mask_filters"))
+    return {"ndvi_scale:mask_filters": filters} if isinstance(filters, list) else {}
 
 
 def aoi_digest(attrs: Mapping[str, Any]) -> str | None:

@@ -58,10 +58,12 @@ def composite_cube(
     mask_classes: Sequence[int],
     n_out: int,
     policy: ReadPolicy,
+    mask_filters: Sequence[tuple[str, float]] = (),
     aoi: Any = None,
 ) -> da.Array:
     """(periods, n_out * y, x) float32 packed composites of every period (None: no scene, NaN and count 0).
 
+    ``mask_filters``: ``(op, metres)`` filters of the cloud/shadow mask (:func:`~.task.composite_block`).
     ``aoi``: a polygon in the grid's CRS (None: everything). A chunk it does not reach is an empty block (no task
     reads it, its header reads are not started); a chunk it covers wholly is computed as without it; the others
     get the AOI's part that reaches them and mask after the reduction (:func:`composite_block`).
@@ -71,11 +73,12 @@ def composite_cube(
     pieces = _aoi_pieces(aoi, grid, all_windows)
     windows = [w for w in all_windows if pieces.get((w[0], w[1]), True) is not False]
     mask_classes = tuple(int(c) for c in mask_classes)
+    filters = tuple((str(op), float(metres)) for op, metres in mask_filters)
     aoi_token = None if aoi is None else shapely.to_wkb(aoi)
     # The periods' specs hashed as one pickle: dask's tokenize walks every dataclass field of 10^4-10^5 specs
     # (~2 s at 8 x 8 tiles x 73 dates); their pickle is plain values, the same bytes for the same specs.
     specs = hashlib.sha256(pickle.dumps(list(periods), protocol=5)).hexdigest()
-    token = tokenize(grid, chunk, specs, method, mask_classes, n_out, policy, aoi_token)
+    token = tokenize(grid, chunk, specs, method, mask_classes, n_out, policy, aoi_token, filters)
     name = f"ndvi-composite-{method}-{token}"
     table_name = f"ndvi-sources-{token}"
     table: dict[Any, Any] = {}
@@ -94,7 +97,7 @@ def composite_cube(
         table[(table_name, k)] = (_period_sources, p.items, after, grid, tuple(s for _, _, s in windows))
         func = functools.partial(
             composite_block, grid=grid, day_numbers=p.day_numbers, method=method,
-            mask_classes=mask_classes, n_out=n_out, policy=policy,
+            mask_classes=mask_classes, n_out=n_out, policy=policy, mask_filters=filters,
         )
         for i, j, sl in windows:
             piece = pieces.get((i, j))

@@ -17,7 +17,7 @@ import numpy as np
 from rasterio import windows
 
 from ..faults import ReadPolicy
-from ..kernel import ndvi_into, reduce_days
+from ..kernel import filter_reach, filtered_clear, ndvi_into, reduce_days
 from .fetch import PREFETCH_POOL, READ_AHEAD_BYTES, ordered_reads
 from .grid import OutputGrid
 from .reader import reader_for
@@ -76,6 +76,7 @@ def composite_block(
     n_out: int,
     policy: ReadPolicy,
     read_ahead: int = READ_AHEAD_BYTES,
+    mask_filters: tuple[tuple[str, float], ...] = (),
     aoi: Any = None,
 ) -> np.ndarray:
     """The packed (1, n_out * height, width) float32 block of one period and chunk: value, count[, date].
@@ -96,7 +97,8 @@ def composite_block(
 
     def part(rows: slice) -> np.ndarray:
         return _composite_part(sources, block_id, (rows, cols), grid=grid, day_numbers=day_numbers, method=method,
-                               mask_classes=mask_classes, n_out=n_out, policy=policy, read_ahead=read_ahead)
+                               mask_classes=mask_classes, n_out=n_out, policy=policy, read_ahead=read_ahead,
+                               mask_filters=mask_filters)
 
     if step >= height:
         out = part(rows)
@@ -124,6 +126,7 @@ def _composite_part(
     n_out: int,
     policy: ReadPolicy,
     read_ahead: int = READ_AHEAD_BYTES,
+    mask_filters: tuple[tuple[str, float], ...] = (),
 ) -> np.ndarray:
     """The (n_out, height, width) float32 layers of one period over the window ``slices`` (a chunk or a strip
     of one): value, count[, date].
@@ -134,12 +137,25 @@ def _composite_part(
     still folded in their own order (the mosaic rule: first valid wins), and each day has its own layer, so the
     result does not depend on the visiting order.
 
+    ``mask_filters``: ``(op, metres)`` morphological filters of the cloud/shadow mask
+    (:func:`ndvi_scale.kernel.filtered_clear`). The SCL is then read with the margin they reach (clipped to the
+    grid), so the mask of the chunk is the mask of the whole grid cut to it: results do not depend on the chunk.
+
     Raises :class:`~ndvi_scale.faults.AssetReadError` (a read failed and ``policy`` does not skip) or
     :class:`~ndvi_scale.errors.ReadError`.
     """
     rows, cols = slices
     height, width = rows.stop - rows.start, cols.stop - cols.start
     window = windows.Window.from_slices(rows, cols)
+    filters_px = tuple((op, float(metres) / grid.resolution) for op, metres in mask_filters)
+    reach = filter_reach(filters_px)
+    grid_h, grid_w = grid.shape
+    # the SCL window: the chunk plus the filters' reach, inside the grid; (top, left) = the chunk's offset in it
+    scl_rows = slice(max(0, rows.start - reach), min(grid_h, rows.stop + reach))
+    scl_cols = slice(max(0, cols.start - reach), min(grid_w, cols.stop + reach))
+    scl_window = windows.Window.from_slices(scl_rows, scl_cols)
+    inner = (slice(rows.start - scl_rows.start, rows.stop - scl_rows.start),
+             slice(cols.start - scl_cols.start, cols.stop - scl_cols.start))
     n_days = len(day_numbers)
     days = np.empty((n_days, height, width), dtype=np.float32)
     started = np.zeros(n_days, dtype=bool)
@@ -152,20 +168,27 @@ def _composite_part(
     reading = [i for i in order if sources[i].red.reaches(rows, cols) and sources[i].nir.reaches(rows, cols)]
     jobs = [(i, a) for i in reading for a in sources[i].assets]
 
+    def window_of(job: tuple[int, AssetSource]) -> windows.Window:
+        return scl_window if filters_px and job[1].band == "scl" else window
+
     def start(job: tuple[int, AssetSource]) -> Callable[[], np.ndarray]:
-        return reader_for(job[1].href, grid).start(window, policy)
+        return reader_for(job[1].href, grid).start(window_of(job), policy)
 
     def cost(job: tuple[int, AssetSource]) -> int:
-        return reader_for(job[1].href, grid).cost(window)
+        return reader_for(job[1].href, grid).cost(window_of(job))
 
     got: dict[str, np.ndarray] = {}
     for (i, asset), finish in ordered_reads(jobs, start, cost, read_ahead):
         data = finish()  # the tiles are decoded now (decode pool, one thread per core), not while in flight
-        if data.shape != (height, width):
-            raise RuntimeError(f"reader returned {data.shape} for a {height} x {width} window")
+        w = window_of((i, asset))
+        if data.shape != (int(w.height), int(w.width)):
+            raise RuntimeError(f"reader returned {data.shape} for a {int(w.height)} x {int(w.width)} window")
         got[asset.band] = data
         if asset.band != "scl":
             continue
+        if filters_px:
+            got["clear"] = filtered_clear(data, mask_classes, filters_px)[inner]
+            got["scl"] = data[inner]
         src = sources[i]
         _fold(days[src.day], not started[src.day], src, got, grid, rows, cols, mask_classes)
         started[src.day] = True
@@ -216,6 +239,7 @@ def _fold(
         src.nir_offset,
         mask_classes,
         first=first,
+        clear=got["clear"][pr, pc] if "clear" in got else None,
     )
 
 

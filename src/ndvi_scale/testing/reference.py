@@ -22,7 +22,20 @@ from ..kernel import _ndvi_item_numba, _ndvi_item_numpy, _use_numba, reflectance
 from ..mask import _lookup
 from ..ndvi import reflectance
 
-__all__ = ["clear_mask", "mosaic_days", "ndvi", "ndvi_days", "reference_stack", "stack_then_reduce"]
+__all__ = [
+    "clear_mask",
+    "disk",
+    "filtered_clear_mask",
+    "mask_filter",
+    "mosaic_days",
+    "ndvi",
+    "ndvi_days",
+    "reference_stack",
+    "stack_then_reduce",
+]
+
+#: The classes mask filters reshape, written out here (not imported): the oracle states the contract itself.
+FILTERED = (3, 8, 9, 10)
 
 
 def clear_mask(scl: np.ndarray, red: np.ndarray, nir: np.ndarray, mask_classes: Sequence[int]) -> np.ndarray:
@@ -33,6 +46,54 @@ def clear_mask(scl: np.ndarray, red: np.ndarray, nir: np.ndarray, mask_classes: 
     table = _lookup(mask_classes)
     scl_idx = np.minimum(scl, 255).astype(np.uint8, copy=False)
     return table[scl_idx] & (red != 0) & (nir != 0)
+
+
+def disk(radius: float) -> np.ndarray:
+    """The structuring element of a disk of ``radius`` pixels: ``dx^2 + dy^2 <= radius^2`` (skimage's ``disk`` for an
+    integer radius), as a bool (2R + 1, 2R + 1) array."""
+    big = int(np.floor(radius + 1e-9))
+    dy, dx = np.mgrid[-big : big + 1, -big : big + 1]
+    return (dx * dx + dy * dy) <= radius * radius + 1e-9
+
+
+def mask_filter(mask: np.ndarray, filters: Sequence[tuple[str, float]]) -> np.ndarray:
+    """``mask`` through ``filters`` (``(op, radius in pixels)``) with ``scipy.ndimage``: dilation with outside =
+    False, erosion with outside = True (so a mask is never eaten from beyond the array)."""
+    from scipy import ndimage
+
+    def dil(m: np.ndarray, se: np.ndarray) -> np.ndarray:
+        return np.asarray(ndimage.binary_dilation(m, structure=se, border_value=0))
+
+    def ero(m: np.ndarray, se: np.ndarray) -> np.ndarray:
+        return np.asarray(ndimage.binary_erosion(m, structure=se, border_value=1))
+
+    out = np.asarray(mask, dtype=bool)
+    for op, radius in filters:
+        se = disk(radius)
+        if op == "dilation":
+            out = dil(out, se)
+        elif op == "erosion":
+            out = ero(out, se)
+        elif op == "opening":
+            out = dil(ero(out, se), se)
+        elif op == "closing":
+            out = ero(dil(out, se), se)
+        else:
+            raise ValueError(f"unknown mask filter {op!r}")
+    return out
+
+
+def filtered_clear_mask(
+    scl: np.ndarray, red: np.ndarray, nir: np.ndarray, mask_classes: Sequence[int], filters: Sequence[tuple[str, float]]
+) -> np.ndarray:
+    """:func:`clear_mask` once the cloud/shadow part of the mask (classes 3, 8, 9, 10 among ``mask_classes``) went
+    through ``filters`` (radii in pixels): the other masked classes and no-data stay masked as they are."""
+    clear = clear_mask(scl, red, nir, mask_classes)
+    if not filters:
+        return clear
+    cloud = np.isin(scl, [c for c in FILTERED if c in mask_classes])
+    filtered = mask_filter(cloud, filters)
+    return (clear | (cloud & (red != 0) & (nir != 0))) & ~filtered
 
 
 def ndvi(
@@ -155,9 +216,10 @@ def stack_then_reduce(cfg: Any) -> dict[str, np.ndarray]:
                 layers[k].append(np.zeros(grid.shape, np.float32) if k == 1 else empty)
             continue
         block = reference_stack(p.items, grid)
+        filters = [(op, metres / grid.resolution) for op, metres in getattr(cfg, "mask_filters", ())]
         per_item = np.stack([
             ndvi(block[i, 0], block[i, 1], p.red_scale[i], p.red_offset[i],
-                 clear_mask(block[i, 2], block[i, 0], block[i, 1], cfg.mask_classes),
+                 filtered_clear_mask(block[i, 2], block[i, 0], block[i, 1], cfg.mask_classes, filters),
                  p.nir_scale[i], p.nir_offset[i])
             for i in range(len(p.items))
         ])
