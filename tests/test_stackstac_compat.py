@@ -163,7 +163,7 @@ def test_stackstac_suite_in_its_own_environment(tmp_path):
     python = stackstac_python()
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     proc = subprocess.run(
-        [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "stackstac", "--basetemp",
+        [str(python), "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-m", "stackstac", "--basetemp",
          str(tmp_path / "t"), str(TESTS / "test_stackstac_compat.py"), str(TESTS / "test_items.py")],
         capture_output=True, text=True, env=env, cwd=TESTS.parent, timeout=900,
     )
