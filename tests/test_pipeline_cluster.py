@@ -410,7 +410,7 @@ def test_configmap_run_file_runs_with_local_catalog_and_out(tmp_path: Path) -> N
     assert [str(t)[:10] for t in ds.time.values] in [[m.isoformat()] for m in months]
     assert ds.rio.crs.to_epsg() == 32631 and int(ds.valid_count.max()) > 0
     config = json.loads(ds.attrs["ndvi_scale_config"])
-    assert config["max_cloud"] == 80 and config["skip_bad_assets"] is True and config["append"] is True
+    assert config["max_cloud"] == 80 and config["skip_bad_assets"] is False and config["append"] is True
     assert config["bbox"] == values["bbox"]
 
 
