@@ -26,6 +26,27 @@ import pytest  # noqa: E402
 
 from servers import Server, ServerError, start_gcs_emulator, start_seaweedfs  # noqa: E402
 
+#: A short temporary root when none is given (``--basetemp``): error lines cut every quoted value at 80 characters,
+#: and tests check that the paths they name are whole. pytest's default root plus xdist's per-worker folder
+#: (``/tmp/pytest-of-USER/pytest-N/popen-gwK/``) pushed some test paths past 80.
+_SHORT_BASETEMP: str | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _SHORT_BASETEMP
+    if config.option.basetemp or hasattr(config, "workerinput"):  # given, or an xdist worker (gets the root's)
+        return
+    import tempfile
+
+    _SHORT_BASETEMP = config.option.basetemp = tempfile.mkdtemp(prefix="nst-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _SHORT_BASETEMP is not None:
+        import shutil
+
+        shutil.rmtree(_SHORT_BASETEMP, ignore_errors=True)
+
 #: Test modules that start real servers, clusters or notebook kernels: marked ``integration`` (a unit run is
 #: ``pytest -m "not integration"``).
 INTEGRATION_MODULES = {
