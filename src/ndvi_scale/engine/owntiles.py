@@ -27,7 +27,7 @@ import numpy as np
 from . import ranges
 from .cog import CogLayout, decode_tile
 from .fetch import LazyPool
-from .tiles import TILE_CACHE, TileCache, paste, scratch
+from .tiles import TILE_CACHE, TileCache, needed_elsewhere, paste, scratch, tile_extent, window_tiles
 
 __all__ = ["DECODE_THREADS", "OWN_TILES", "Header", "NotCog", "TileBatch", "collect"]
 
@@ -88,16 +88,10 @@ class TileBatch:
         self.raw: dict[Tile, bytes | memoryview | None] = {}
         """Tile -> its bytes (None: a sparse tile, all nodata)."""
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes held until placed (compressed tiles; decoded tiles are the cache's)."""
-        return sum(len(b) for b in self.raw.values() if b is not None)
-
     def extent(self, tile: Tile) -> tuple[int, int, int, int]:
         """Asset pixels (row0, row1, col0, col1) of ``tile``."""
         lay = self.layout
-        r, c = tile[0] * lay.tile_height, tile[1] * lay.tile_width
-        return r, min(r + lay.tile_height, lay.height), c, min(c + lay.tile_width, lay.width)
+        return tile_extent(tile, (lay.tile_height, lay.tile_width), (lay.height, lay.width))
 
     def place(self, target: np.ndarray) -> None:
         """Decode the compressed tiles (in :data:`DECODE_POOL`, so a task alone on a worker still uses every core)
@@ -132,18 +126,10 @@ def collect(url: str, layout: CogLayout, nodata: int | None, grid: tuple[int, in
     pixels (row0, row1, col0, col1): a tile partly in the window and partly in the rest of the grid is needed by
     another window too, and goes through the tile cache. Raises ``OSError``/``ValueError`` (fetch or decode)."""
     batch = TileBatch(layout, nodata, r0, c0)
-    bh, bw = layout.tile_height, layout.tile_width
-    tiles = [(tr, tc) for tr in range(r0 // bh, (r1 - 1) // bh + 1) for tc in range(c0 // bw, (c1 - 1) // bw + 1)]
-    g_r0, g_r1, g_c0, g_c1 = grid
-
-    def whole(tile: Tile) -> bool:
-        """No other window of the output grid needs this tile."""
-        t_r0, t_r1, t_c0, t_c1 = batch.extent(tile)
-        t_r0, t_r1, t_c0, t_c1 = max(t_r0, g_r0), min(t_r1, g_r1), max(t_c0, g_c0), min(t_c1, g_c1)
-        return r0 <= t_r0 and t_r1 <= r1 and c0 <= t_c0 and t_c1 <= c1
-
+    tiles = window_tiles(r0, r1, c0, c1, (layout.tile_height, layout.tile_width))
     cache: TileCache = TILE_CACHE
-    shared = [t for t in tiles if cache.max_bytes > 0 and not whole(t)]
+    shared = [t for t in tiles
+              if cache.max_bytes > 0 and needed_elsewhere(batch.extent(t), grid, r0, r1, c0, c1)]
     have, mine, pending = cache.claim([(url, *t) for t in shared]) if shared else ({}, [], {})
     try:
         own = [key[1:] for key in mine]

@@ -59,7 +59,7 @@ from .cog import CogLayout, parse_cog
 from .fetch import PoolClosed
 from .grid import OutputGrid
 from .handles import GDAL_OPEN_OPTIONS, GDAL_READ_OPTIONS, HANDLES, gdal_env
-from .tiles import TILE_CACHE, TileCache, paste, scratch, upsample_into
+from .tiles import TILE_CACHE, TileCache, needed_elsewhere, paste, scratch, tile_extent, upsample_into, window_tiles
 
 log = logging.getLogger(__name__)
 
@@ -207,9 +207,7 @@ class AssetReader:
         c1 = min(lay.width, (int(window.col_off) + w - 1 - m.col_off) // k + 1)
         if r0 >= r1 or c0 >= c1:
             return 0
-        th, tw = lay.tile_height, lay.tile_width
-        return sum(lay.tile_range(tr, tc)[1] for tr in range(r0 // th, (r1 - 1) // th + 1)
-                   for tc in range(c0 // tw, (c1 - 1) // tw + 1))
+        return sum(lay.tile_range(*t)[1] for t in window_tiles(r0, r1, c0, c1, plan.block))
 
     def coverage(self) -> tuple[int, int, int, int] | None:
         """Output-grid pixels (row0, row1, col0, col1) the asset's raster covers, exactly, on the aligned path
@@ -397,12 +395,13 @@ class AssetReader:
                 except Exception as e:  # signing service down: retry with the old href, the read will tell
                     log.warning("could not re-sign %s: %s", clean_href(old), error_text(e))
 
-    def _read_once(self, window: Window) -> Callable[[], np.ndarray] | np.ndarray:
-        plan = self._plan if self._plan is not None else self._decide()
+    def _read_once(self, window: Window) -> np.ndarray:
+        """:meth:`_fetch_once`, then its finisher, both in this thread."""
+        got = self._fetch_once(window)
+        if isinstance(got, np.ndarray):
+            return got
         try:
-            if isinstance(plan, _Aligned):
-                return self._aligned(plan, window)()
-            return self._read_warped(plan, window)
+            return got()
         except Exception as e:
             raise RuntimeError(f"Error reading {window} from {clean_href(self.url)!r}: {e!r}") from e
 
@@ -484,24 +483,15 @@ class AssetReader:
         if cache.max_bytes <= 0:
             _gdal_read(ds, r0, r1, c0, c1, target)
             return
-        bh, bw = plan.block
-        height, width = plan.match.height, plan.match.width
-        tiles = [
-            (tr, tc)
-            for tr in range(r0 // bh, (r1 - 1) // bh + 1)
-            for tc in range(c0 // bw, (c1 - 1) // bw + 1)
-        ]
+        tiles = window_tiles(r0, r1, c0, c1, plan.block)
+        shape = (plan.match.height, plan.match.width)
 
         def extent(tile: tuple[int, int]) -> tuple[int, int, int, int]:
-            return tile[0] * bh, min((tile[0] + 1) * bh, height), tile[1] * bw, min((tile[1] + 1) * bw, width)
-
-        g_r0, g_r1, g_c0, g_c1 = plan.grid
+            return tile_extent(tile, plan.block, shape)
 
         def whole(tile: tuple[int, int]) -> bool:
             """No other window of the output grid needs this tile: do not cache it."""
-            t_r0, t_r1, t_c0, t_c1 = extent(tile)
-            t_r0, t_r1, t_c0, t_c1 = max(t_r0, g_r0), min(t_r1, g_r1), max(t_c0, g_c0), min(t_c1, g_c1)
-            return r0 <= t_r0 and t_r1 <= r1 and c0 <= t_c0 and t_c1 <= c1
+            return not needed_elsewhere(extent(tile), plan.grid, r0, r1, c0, c1)
 
         partial = [t for t in tiles if not whole(t)]
         have, mine, pending = cache.claim([(self.url, *t) for t in partial])

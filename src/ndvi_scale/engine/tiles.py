@@ -21,7 +21,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DEFAULT_TILE_CACHE_MB", "TILE_CACHE", "TileCache", "paste", "scratch", "upsample_into"]
+__all__ = [
+    "DEFAULT_TILE_CACHE_MB", "TILE_CACHE", "TileCache", "needed_elsewhere", "paste", "scratch", "tile_extent",
+    "upsample_into", "window_tiles",
+]
 
 #: Default budget of :data:`TILE_CACHE` in MiB; ``NDVI_SCALE_TILE_CACHE_MB`` overrides it (0 disables it).
 #: The edge tiles one 2048-px chunk of 12 two-band items leaves behind are ~150-400 MB of uint16.
@@ -216,3 +219,26 @@ def paste(target: np.ndarray, t_r0: int, t_c0: int, src: np.ndarray, s_r0: int, 
             src[y0 - s_r0 : y1 - s_r0, x0 - s_c0 : x1 - s_c0],
             casting="safe",
         )
+
+
+def window_tiles(r0: int, r1: int, c0: int, c1: int, block: tuple[int, int]) -> list[tuple[int, int]]:
+    """(tile row, tile column) of every ``block``-sized internal tile under asset pixels [r0, r1) x [c0, c1)."""
+    bh, bw = block
+    return [(tr, tc) for tr in range(r0 // bh, (r1 - 1) // bh + 1) for tc in range(c0 // bw, (c1 - 1) // bw + 1)]
+
+
+def tile_extent(tile: tuple[int, int], block: tuple[int, int], shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Asset pixels (row0, row1, col0, col1) of ``tile`` in an asset of ``shape`` (edge tiles cut to it)."""
+    bh, bw = block
+    r, c = tile[0] * bh, tile[1] * bw
+    return r, min(r + bh, shape[0]), c, min(c + bw, shape[1])
+
+
+def needed_elsewhere(extent: tuple[int, int, int, int], grid: tuple[int, int, int, int],
+                     r0: int, r1: int, c0: int, c1: int) -> bool:
+    """Whether a tile of ``extent`` has pixels on the output ``grid`` (both in asset pixels) outside the window
+    [r0, r1) x [c0, c1): another window needs it too, so it goes through the tile cache."""
+    t_r0, t_r1, t_c0, t_c1 = extent
+    g_r0, g_r1, g_c0, g_c1 = grid
+    t_r0, t_r1, t_c0, t_c1 = max(t_r0, g_r0), min(t_r1, g_r1), max(t_c0, g_c0), min(t_c1, g_c1)
+    return not (r0 <= t_r0 and t_r1 <= r1 and c0 <= t_c0 and t_c1 <= c1)
