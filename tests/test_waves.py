@@ -79,3 +79,91 @@ def test_distributed_waves_bound_the_scheduler_and_write_the_same_cube(
     assert peak_many * 3 <= peak_one, (peak_many, peak_one)
     assert _data(one) == _data(many)
     np.testing.assert_array_equal(open_cube(many)["ndvi"].values, make_cube(PERIODS)["ndvi"].values)
+
+
+# -- run_in_order: the local threaded scheduler's path ----------------------------------------------------------
+
+
+def _recording_tasks(n: int, *, fail: int | None = None, sleep: float = 0.02) -> tuple[list[Any], dict[str, Any]]:
+    """``n`` Delayed tasks sharing one dependency; the log records start order, the shared task's runs and the
+    most tasks running at once."""
+    import threading
+    import time
+
+    import dask
+
+    log: dict[str, Any] = {"started": [], "shared": 0, "running": 0, "peak": 0}
+    lock = threading.Lock()
+
+    @dask.delayed(pure=False)
+    def shared() -> int:
+        with lock:
+            log["shared"] += 1
+        return 10
+
+    def body(i: int, base: int) -> int:
+        with lock:
+            log["started"].append(i)
+            log["running"] += 1
+            log["peak"] = max(log["peak"], log["running"])
+        time.sleep(sleep)
+        with lock:
+            log["running"] -= 1
+        if i == fail:
+            raise ValueError(f"task {i} failed")
+        return base + i
+
+    s = shared()
+    return [dask.delayed(body, pure=False)(i, s) for i in range(n)], log
+
+
+def test_run_in_order_starts_tasks_in_order_shares_dependencies_and_uses_every_thread() -> None:
+    from ndvi_scale.waves import run_in_order
+
+    tasks, log = _recording_tasks(7)
+    done: list[int] = []
+    run_in_order(tasks, 2, on_done=done.append)
+    assert sorted(log["started"]) == list(range(7))
+    assert log["started"][:2] in ([0, 1], [1, 0]) and log["started"][2:] == sorted(log["started"][2:])
+    assert log["shared"] == 1  # the shared dependency ran once, not once per task
+    assert log["peak"] == 2  # both threads busy: no barrier
+    assert done == list(range(1, 8))
+
+
+def test_run_in_order_raises_the_first_failure_and_starts_nothing_after_it() -> None:
+    from ndvi_scale.waves import run_in_order
+
+    tasks, log = _recording_tasks(12, fail=2, sleep=0.05)
+    with pytest.raises(ValueError, match="task 2 failed"):
+        run_in_order(tasks, 2)
+    assert max(log["started"]) <= 4  # tasks 0-3 at most had started when 2 failed (one more may have been taken)
+
+
+def test_local_threaded_write_runs_every_period_in_one_ordered_run(tmp_path: Path) -> None:
+    """A cube of one chunk a period (a small area): on the local threaded scheduler all regions go to one
+    run_in_order (no barrier per period: two periods run at once, where dask.compute per wave ran one region at a
+    time); the synchronous scheduler keeps dask's path; both write the same bytes."""
+    import dask
+
+    from ndvi_scale import waves
+
+    seen: list[int] = []
+    real = waves.run_in_order
+
+    def spy(tasks: list[Any], threads: int, **kw: Any) -> None:
+        seen.append(len(tasks))
+        real(tasks, threads, **kw)
+
+    periods = [f"2024-{m:02d}-01" for m in range(1, 5)]
+    a, b = str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setattr(waves, "run_in_order", spy)
+        with dask.config.set(scheduler="threads", num_workers=2):
+            write_cube(make_cube(periods, chunk=128), a)
+        with dask.config.set(scheduler="synchronous"):
+            write_cube(make_cube(periods, chunk=128), b)
+    finally:
+        mp.undo()
+    assert seen == [len(periods)]  # all regions in one ordered run, only on the threaded scheduler
+    assert _data(a) == _data(b)

@@ -35,6 +35,7 @@ import math
 import os
 import re
 import shutil
+import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -1508,7 +1509,8 @@ def _encode_epoch_dates(block: np.ndarray, encoding: Mapping[str, Any]) -> np.nd
 
 
 class _ProgressCallback(Callback):
-    """Counts finished region tasks on the local schedulers (runs in the scheduler's thread)."""
+    """Counts finished region tasks on the local schedulers (runs in the scheduler's thread; with
+    :func:`ndvi_scale.waves.run_in_order`, in the threads of the regions: hence the lock)."""
 
     def __init__(self, keys: set[Any], total: int, fn: ProgressCallback) -> None:
         super().__init__()
@@ -1516,11 +1518,13 @@ class _ProgressCallback(Callback):
         self._total = total
         self._fn = fn
         self._done = 0
+        self._lock = threading.Lock()
 
     def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:
         if key in self._keys:
-            self._done += 1
-            self._fn(self._done, self._total)
+            with self._lock:
+                self._done += 1
+                self._fn(self._done, self._total)
 
 
 def _active_client() -> Any:

@@ -8,6 +8,7 @@ from helpers import SPEC_ONE_TILE, SPEC_TILED
 
 from ndvi_scale.engine.reader import forget_readers
 from ndvi_scale.engine.tiles import TILE_CACHE
+from ndvi_scale.engine.warm import WARM
 from ndvi_scale.sample import SampleSpec, generate
 
 
@@ -23,7 +24,9 @@ def sample(request: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Samp
 def _fresh() -> Iterator[None]:
     """Every test starts without cached tiles, readers or open handles of another."""
     TILE_CACHE.clear()
+    WARM.clear()
     forget_readers()
     yield
     TILE_CACHE.clear()
+    WARM.clear()
     forget_readers()

@@ -203,9 +203,9 @@ def test_days_beyond_the_budget_are_composited_in_strips_with_the_same_bytes(sam
     calls: list[tuple[int, int]] = []
     part = task._composite_part
 
-    def spy(sources, block_id, slices, **kw):
+    def spy(items, block_id, slices, *args, **kw):
         calls.append((slices[0].start, slices[0].stop))
-        return part(sources, block_id, slices, **kw)
+        return part(items, block_id, slices, *args, **kw)
 
     monkeypatch.setattr(task, "_composite_part", spy)
     monkeypatch.setattr(task, "STRIP_ROWS", 16)

@@ -110,9 +110,15 @@ def ordered_reads(
     read: Callable[[T], R],
     cost: Callable[[T], int],
     budget: int = READ_AHEAD_BYTES,
+    *,
+    claim: Callable[[T], Future[R] | None] | None = None,
+    on_started: Callable[[], Any] | None = None,
 ) -> Iterator[tuple[T, R]]:
     """``(job, read(job))`` for every job, in the given order, while up to ``budget`` bytes of later jobs (by
     ``cost``) are already being read in :data:`POOL`. The first job is always submitted, whatever its cost.
+
+    ``claim(job)``: a future of ``read(job)`` already submitted for it (a warmed read, :mod:`.warm`), or None to
+    submit it now. ``on_started()`` is called once, when every job has been submitted.
 
     If a read raises, the reads not started yet are cancelled and the exception is raised here (after the
     results before it were yielded).
@@ -129,9 +135,12 @@ def ordered_reads(
                 job = next(pending)
             except StopIteration:
                 done = True
+                if on_started is not None:
+                    on_started()
                 return
             c = int(cost(job))
-            window.append((job, POOL.submit(read, job), c))
+            fut = claim(job) if claim is not None else None
+            window.append((job, fut if fut is not None else POOL.submit(read, job), c))
             held += c
 
     try:

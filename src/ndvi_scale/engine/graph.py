@@ -34,7 +34,7 @@ from dask.highlevelgraph import HighLevelGraph
 from ..faults import ReadPolicy
 from .grid import OutputGrid
 from .sources import ItemSource
-from .task import composite_block, empty_block, prefetch
+from .task import PeriodReads, TaskSettings, composite_block, empty_block, prefetch
 
 __all__ = ["PeriodSources", "composite_cube", "cube_layer"]
 
@@ -86,6 +86,10 @@ def composite_cube(
     k = 0
     live = [p for p in periods if p is not None]
     outside = [w for w in all_windows if pieces.get((w[0], w[1]), True) is False]
+    settings = TaskSettings(grid=grid, method=method, mask_classes=mask_classes, n_out=n_out, policy=policy,
+                            mask_filters=filters)
+    live_t = [t for t, p in enumerate(periods) if p is not None]
+    chunk_windows = tuple(windows)
     for t, p in enumerate(periods):
         for i, j, _ in outside:
             dsk[(name, t, i, j)] = (empty_block, n_out, chunks_y[i], chunks_x[j])
@@ -93,16 +97,12 @@ def composite_cube(
             for i, j, _ in windows:
                 dsk[(name, t, i, j)] = (empty_block, n_out, chunks_y[i], chunks_x[j])
             continue
-        after = live[k + 1].items if k + 1 < len(live) else ()
-        table[(table_name, k)] = (_period_sources, p.items, after, grid, tuple(s for _, _, s in windows))
-        func = functools.partial(
-            composite_block, grid=grid, day_numbers=p.day_numbers, method=method,
-            mask_classes=mask_classes, n_out=n_out, policy=policy, mask_filters=filters,
-        )
+        nxt = (live_t[k + 1], live[k + 1]) if k + 1 < len(live) else None
+        table[(table_name, k)] = (_period_sources, token, t, p, nxt, grid, chunk_windows)
         for i, j, sl in windows:
             piece = pieces.get((i, j))
-            task = func if piece is None else functools.partial(func, aoi=piece)
-            dsk[(name, t, i, j)] = (task, (table_name, k), (t, i, j), sl)
+            dsk[(name, t, i, j)] = (composite_block, (table_name, k), (t, i, j), sl, settings, p.day_numbers,
+                                    piece)
         k += 1
     graph = HighLevelGraph({table_name: table, name: dsk}, {table_name: set(), name: {table_name}})
     chunks = ((1,) * len(periods), tuple(n_out * c for c in chunks_y), chunks_x)
@@ -135,17 +135,23 @@ def _aoi_pieces(aoi: Any, grid: OutputGrid, windows: Sequence[tuple[int, int, tu
 
 
 def _period_sources(
-    items: tuple[ItemSource, ...],
-    after: tuple[ItemSource, ...],
+    run: str,
+    t: int,
+    period: PeriodSources,
+    after: tuple[int, PeriodSources] | None,
     grid: OutputGrid,
-    slices: tuple[tuple[slice, slice], ...],
-) -> tuple[ItemSource, ...]:
-    """The period's specs for its chunk tasks. Starts, without waiting, the header reads of this period and of the
+    chunk_windows: tuple[tuple[int, int, tuple[slice, slice]], ...],
+) -> PeriodReads:
+    """The period's reads for its chunk tasks. Starts, without waiting, the header reads of this period and of the
     next one (``after``): the write stage computes period after period, so the next period's files are open by the
     time its chunks start, instead of every period starting with a round trip per file."""
-    prefetch(items, grid, slices)
-    prefetch(after, grid, slices)
-    return items
+    slices = tuple(s for _, _, s in chunk_windows)
+    prefetch(period.items, grid, slices)
+    nxt = None
+    if after is not None:
+        prefetch(after[1].items, grid, slices)
+        nxt = PeriodReads(run, after[0], after[1].items, len(after[1].day_numbers), chunk_windows)
+    return PeriodReads(run, t, period.items, len(period.day_numbers), chunk_windows, nxt)
 
 
 def cube_layer(

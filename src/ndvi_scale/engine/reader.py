@@ -315,7 +315,18 @@ class AssetReader:
         function that finishes it (in the task's thread): on the engine's own COG path the tiles are decoded
         there, elsewhere it returns what was read. Same results and errors as :meth:`read`; a finisher whose
         bytes do not decode (a file changed or corrupt since) reads the window again under ``policy``."""
-        got = self._with_policy(window, policy, self._fetch_once)
+        return self._finisher(self._with_policy(window, policy, self._fetch_once), window, policy)
+
+    def try_start(self, window: Window, policy: ReadPolicy) -> Callable[[], np.ndarray]:
+        """One attempt of :meth:`start`, outside the policy: no retry, nothing recorded, never skipped; raises
+        at once for an asset given up on. For reads made ahead of their task (:mod:`.warm`): a failure there is
+        met again by the task's own read, under the policy."""
+        given_up = _GIVEN_UP.get(clean_href(self.url))
+        if given_up is not None and time.monotonic() - given_up < GIVE_UP_MEMORY:
+            raise OSError(f"{clean_href(self.url)} was given up on")
+        return self._finisher(self._fetch_once(window), window, policy)
+
+    def _finisher(self, got: Any, window: Window, policy: ReadPolicy) -> Callable[[], np.ndarray]:
         if isinstance(got, np.ndarray):
             return lambda: got
 

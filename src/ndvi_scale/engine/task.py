@@ -10,7 +10,10 @@ holds the (days, y, x) float32 NDVI and the read-ahead windows.
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,12 +21,18 @@ from rasterio import windows
 
 from ..faults import ReadPolicy
 from ..kernel import filter_reach, filtered_clear, ndvi_into, reduce_days
-from .fetch import PREFETCH_POOL, READ_AHEAD_BYTES, ordered_reads
+from .fetch import POOL, PREFETCH_POOL, READ_AHEAD_BYTES, ordered_reads
 from .grid import OutputGrid
 from .reader import reader_for
 from .sources import AssetSource, ItemSource
+from .warm import WARM, on_cluster
 
-__all__ = ["TASK_DAY_BYTES", "composite_block", "empty_block", "prefetch", "strip_rows"]
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "TASK_DAY_BYTES", "PeriodReads", "TaskSettings", "composite_block", "empty_block", "prefetch", "read_jobs",
+    "strip_rows", "warm_next",
+]
 
 
 def empty_block(n_out: int, height: int, width: int) -> np.ndarray:
@@ -64,19 +73,50 @@ def strip_rows(n_days: int, height: int, width: int, budget: int | None = None) 
     return max(STRIP_ROWS, budget // per_row // STRIP_ROWS * STRIP_ROWS)
 
 
+@dataclass(frozen=True)
+class TaskSettings:
+    """What every (period, chunk) task of a run shares, besides its period's items."""
+
+    grid: OutputGrid
+    """The output grid."""
+    method: str
+    """The reducer: median, mean, max, min or qNN."""
+    mask_classes: tuple[int, ...]
+    """SCL classes masked."""
+    n_out: int
+    """Layers of the packed output block: value, count[, date]."""
+    policy: ReadPolicy
+    """Retries, skipping and re-signing of failed reads."""
+    mask_filters: tuple[tuple[str, float], ...] = ()
+    """``(op, metres)`` morphological filters of the cloud/shadow mask (:func:`ndvi_scale.kernel.filtered_clear`)."""
+    read_ahead: int = READ_AHEAD_BYTES
+    """Bytes of fetched-but-not-folded reads a task may hold (:func:`~.fetch.ordered_reads`)."""
+
+
+@dataclass(frozen=True)
+class PeriodReads:
+    """What the chunk tasks of one period read, and what they may read ahead for the tasks after them."""
+
+    run: str
+    """Token of the run's graph: names the chunks in the warm registry (:mod:`.warm`)."""
+    t: int
+    """Index of the period in the cube."""
+    items: tuple[ItemSource, ...]
+    """The period's items, in fold order within each day."""
+    n_days: int
+    """Days of the period with a scene."""
+    windows: tuple[tuple[int, int, tuple[slice, slice]], ...] = ()
+    """Every chunk (i, j, slices) of the period that a task computes."""
+    next: PeriodReads | None = None
+    """The next period with scenes (its chunks are warmed once every chunk of this one has started)."""
+
+
 def composite_block(
-    sources: Sequence[ItemSource],
+    period: PeriodReads,
     block_id: tuple[int, int, int],
     slices: tuple[slice, slice],
-    *,
-    grid: OutputGrid,
+    settings: TaskSettings,
     day_numbers: Sequence[int],
-    method: str,
-    mask_classes: tuple[int, ...],
-    n_out: int,
-    policy: ReadPolicy,
-    read_ahead: int = READ_AHEAD_BYTES,
-    mask_filters: tuple[tuple[str, float], ...] = (),
     aoi: Any = None,
 ) -> np.ndarray:
     """The packed (1, n_out * height, width) float32 block of one period and chunk: value, count[, date].
@@ -86,27 +126,30 @@ def composite_block(
     any pixel centre inside reads nothing.
 
     Composited in strips of rows when its day layers would exceed :data:`TASK_DAY_BYTES` (same bytes: each
-    pixel is reduced on its own). Raises as :func:`_composite_part`.
+    pixel is reduced on its own). Once its reads are all submitted, the task warms the first reads of chunks
+    that have not started (:func:`warm_next`). Raises as :func:`_composite_part`.
     """
     rows, cols = slices
     height, width = rows.stop - rows.start, cols.stop - cols.start
-    inside = _aoi_inside(aoi, grid, rows, cols) if aoi is not None else None
+    n_out = settings.n_out
+    WARM.started((period.run, period.t, block_id[1], block_id[2]))
+    inside = _aoi_inside(aoi, settings.grid, rows, cols) if aoi is not None else None
     if inside is not None and not inside.any():
         return empty_block(n_out, height, width)
     step = strip_rows(len(day_numbers), height, width)
+    warm = functools.partial(_warm_quietly, period, settings)
 
-    def part(rows: slice) -> np.ndarray:
-        return _composite_part(sources, block_id, (rows, cols), grid=grid, day_numbers=day_numbers, method=method,
-                               mask_classes=mask_classes, n_out=n_out, policy=policy, read_ahead=read_ahead,
-                               mask_filters=mask_filters)
+    def part(rows: slice, last: bool) -> np.ndarray:
+        return _composite_part(period.items, block_id, (rows, cols), settings, day_numbers,
+                               on_started=warm if last else None)
 
     if step >= height:
-        out = part(rows)
+        out = part(rows, True)
     else:
         out = np.empty((n_out, height, width), dtype=np.float32)
         for r0 in range(0, height, step):
             r1 = min(height, r0 + step)
-            out[:, r0:r1] = part(slice(rows.start + r0, rows.start + r1))
+            out[:, r0:r1] = part(slice(rows.start + r0, rows.start + r1), r1 == height)
     if inside is not None:
         outside = ~inside
         out[:, outside] = np.nan  # value and date layers
@@ -114,73 +157,143 @@ def composite_block(
     return out.reshape(1, n_out * height, width)
 
 
-def _composite_part(
-    sources: Sequence[ItemSource],
+def warm_next(period: PeriodReads, settings: TaskSettings, limit_chunks: int = 4) -> int:
+    """Warm the first reads of up to ``limit_chunks`` chunks that have not started: this period's, and once every
+    chunk of this period has started, the next period's (:mod:`.warm`; nothing on a distributed worker). Returns
+    the number of chunks warmed.
+
+    Not the next period's while this one still has chunks to start: their reads would go before the ones this
+    period needs first, and their edge tiles would take the tile cache's room from this period's.
+    """
+    if WARM.budget <= 0 or on_cluster():
+        return 0
+    warmed = 0
+    for p in (period, period.next):
+        if p is None or warmed >= limit_chunks:
+            break
+        pending = [(i, j, s) for i, j, s in p.windows if not WARM.has_started((p.run, p.t, i, j))]
+        for i, j, slices in pending[: limit_chunks - warmed]:
+            jobs, window_of = read_jobs(p.items, p.n_days, (p.t, i, j), slices, settings)
+            reads = [(_warm_key(a.href, settings.grid, window_of(a)),
+                      functools.partial(_try_start, a.href, settings.grid, window_of(a), settings.policy),
+                      reader_for(a.href, settings.grid).cost(window_of(a)))
+                     for _, a in jobs]
+            if WARM.warm((p.run, p.t, i, j), reads):
+                warmed += 1
+        if pending:
+            break
+    return warmed
+
+
+def _warm_quietly(period: PeriodReads, settings: TaskSettings) -> None:
+    """:func:`warm_next`, whose failure (a header not readable yet, say) must not fail the task that warms: the
+    chunk's own task meets the same error when it reads, under the read policy."""
+    try:
+        warm_next(period, settings)
+    except Exception as e:  # noqa: BLE001 - an optimisation; the reads themselves report errors
+        log.debug("warming the next chunks failed: %s", e)
+
+
+def read_jobs(
+    items: Sequence[ItemSource],
+    n_days: int,
     block_id: tuple[int, int, int],
     slices: tuple[slice, slice],
-    *,
-    grid: OutputGrid,
-    day_numbers: Sequence[int],
-    method: str,
-    mask_classes: tuple[int, ...],
-    n_out: int,
-    policy: ReadPolicy,
-    read_ahead: int = READ_AHEAD_BYTES,
-    mask_filters: tuple[tuple[str, float], ...] = (),
-) -> np.ndarray:
-    """The (n_out, height, width) float32 layers of one period over the window ``slices`` (a chunk or a strip
-    of one): value, count[, date].
+    settings: TaskSettings,
+) -> tuple[list[tuple[int, AssetSource]], Callable[[AssetSource], windows.Window]]:
+    """The reads of one (period, chunk or strip), in the order its task makes them: ``(item index, asset)``
+    jobs, and the window each asset is read on (the chunk; the SCL with the mask filters' margin).
 
     Days are visited from a start that differs between neighbouring chunks (``block_id`` = (period, i, j)):
     two tasks on adjacent chunks then read different items at a time, so a COG tile they share is inflated by
     one and found in the tile cache by the other, instead of both waiting for it at once. Each day's items are
     still folded in their own order (the mosaic rule: first valid wins), and each day has its own layer, so the
     result does not depend on the visiting order.
+    """
+    rows, cols = slices
+    window = windows.Window.from_slices(rows, cols)
+    scl_window = windows.Window.from_slices(*_scl_slices(slices, settings))
+    filtered = bool(settings.mask_filters)
+    by_day: list[list[int]] = [[] for _ in range(n_days)]
+    for i, s in enumerate(items):
+        by_day[s.day].append(i)
+    shift = (sum(block_id[1:]) * ((n_days + 1) // 2)) % n_days if n_days else 0
+    order = [i for d in [*range(shift, n_days), *range(shift)] for i in by_day[d]]
+    # The items whose red and nir metadata footprints reach the chunk; the others observe nothing here.
+    reading = [i for i in order if items[i].red.reaches(rows, cols) and items[i].nir.reaches(rows, cols)]
 
-    ``mask_filters``: ``(op, metres)`` morphological filters of the cloud/shadow mask
-    (:func:`ndvi_scale.kernel.filtered_clear`). The SCL is then read with the margin they reach (clipped to the
+    def window_of(asset: AssetSource) -> windows.Window:
+        return scl_window if filtered and asset.band == "scl" else window
+
+    return [(i, a) for i in reading for a in items[i].assets], window_of
+
+
+def _scl_slices(slices: tuple[slice, slice], settings: TaskSettings) -> tuple[slice, slice]:
+    """The SCL window: the chunk plus the mask filters' reach, inside the grid."""
+    rows, cols = slices
+    grid = settings.grid
+    reach = filter_reach(tuple((op, float(m) / grid.resolution) for op, m in settings.mask_filters))
+    grid_h, grid_w = grid.shape
+    return (slice(max(0, rows.start - reach), min(grid_h, rows.stop + reach)),
+            slice(max(0, cols.start - reach), min(grid_w, cols.stop + reach)))
+
+
+def _warm_key(href: str, grid: OutputGrid, w: windows.Window) -> tuple[Any, ...]:
+    return (href, grid, int(w.row_off), int(w.col_off), int(w.height), int(w.width))
+
+
+def _start(href: str, grid: OutputGrid, w: windows.Window, policy: ReadPolicy) -> Callable[[], np.ndarray]:
+    return reader_for(href, grid).start(w, policy)
+
+
+def _try_start(href: str, grid: OutputGrid, w: windows.Window, policy: ReadPolicy) -> Callable[[], np.ndarray]:
+    return reader_for(href, grid).try_start(w, policy)
+
+
+def _composite_part(
+    items: Sequence[ItemSource],
+    block_id: tuple[int, int, int],
+    slices: tuple[slice, slice],
+    settings: TaskSettings,
+    day_numbers: Sequence[int],
+    on_started: Callable[[], Any] | None = None,
+) -> np.ndarray:
+    """The (n_out, height, width) float32 layers of one period over the window ``slices`` (a chunk or a strip
+    of one): value, count[, date].
+
+    Reads in :func:`read_jobs`' order, claiming reads warmed for it (:mod:`.warm`); ``on_started`` is called once
+    every read has been submitted. With mask filters the SCL is read with the margin they reach (clipped to the
     grid), so the mask of the chunk is the mask of the whole grid cut to it: results do not depend on the chunk.
 
-    Raises :class:`~ndvi_scale.faults.AssetReadError` (a read failed and ``policy`` does not skip) or
+    Raises :class:`~ndvi_scale.faults.AssetReadError` (a read failed and the policy does not skip) or
     :class:`~ndvi_scale.errors.ReadError`.
     """
     rows, cols = slices
+    grid, mask_classes = settings.grid, settings.mask_classes
     height, width = rows.stop - rows.start, cols.stop - cols.start
-    window = windows.Window.from_slices(rows, cols)
-    filters_px = tuple((op, float(metres) / grid.resolution) for op, metres in mask_filters)
-    reach = filter_reach(filters_px)
-    grid_h, grid_w = grid.shape
-    # the SCL window: the chunk plus the filters' reach, inside the grid; (top, left) = the chunk's offset in it
-    scl_rows = slice(max(0, rows.start - reach), min(grid_h, rows.stop + reach))
-    scl_cols = slice(max(0, cols.start - reach), min(grid_w, cols.stop + reach))
-    scl_window = windows.Window.from_slices(scl_rows, scl_cols)
+    filters_px = tuple((op, float(metres) / grid.resolution) for op, metres in settings.mask_filters)
+    scl_rows, scl_cols = _scl_slices(slices, settings)
     inner = (slice(rows.start - scl_rows.start, rows.stop - scl_rows.start),
              slice(cols.start - scl_cols.start, cols.stop - scl_cols.start))
     n_days = len(day_numbers)
     days = np.empty((n_days, height, width), dtype=np.float32)
     started = np.zeros(n_days, dtype=bool)
-    by_day: list[list[int]] = [[] for _ in range(n_days)]
-    for i, s in enumerate(sources):
-        by_day[s.day].append(i)
-    shift = (sum(block_id[1:]) * ((n_days + 1) // 2)) % n_days if n_days else 0
-    order = [i for d in [*range(shift, n_days), *range(shift)] for i in by_day[d]]
-    # The items whose red and nir metadata footprints reach the chunk; the others observe nothing here.
-    reading = [i for i in order if sources[i].red.reaches(rows, cols) and sources[i].nir.reaches(rows, cols)]
-    jobs = [(i, a) for i in reading for a in sources[i].assets]
-
-    def window_of(job: tuple[int, AssetSource]) -> windows.Window:
-        return scl_window if filters_px and job[1].band == "scl" else window
+    jobs, window_of = read_jobs(items, n_days, block_id, slices, settings)
 
     def start(job: tuple[int, AssetSource]) -> Callable[[], np.ndarray]:
-        return reader_for(job[1].href, grid).start(window_of(job), policy)
+        return _start(job[1].href, grid, window_of(job[1]), settings.policy)
 
     def cost(job: tuple[int, AssetSource]) -> int:
-        return reader_for(job[1].href, grid).cost(window_of(job))
+        return reader_for(job[1].href, grid).cost(window_of(job[1]))
+
+    def claim(job: tuple[int, AssetSource]) -> Any:
+        return WARM.claim(_warm_key(job[1].href, grid, window_of(job[1])), lambda: POOL.submit(start, job))
 
     got: dict[str, np.ndarray] = {}
-    for (i, asset), finish in ordered_reads(jobs, start, cost, read_ahead):
+    for (i, asset), finish in ordered_reads(jobs, start, cost, settings.read_ahead, claim=claim,
+                                            on_started=on_started):
         data = finish()  # the tiles are decoded now (decode pool, one thread per core), not while in flight
-        w = window_of((i, asset))
+        w = window_of(asset)
         if data.shape != (int(w.height), int(w.width)):
             raise RuntimeError(f"reader returned {data.shape} for a {int(w.height)} x {int(w.width)} window")
         got[asset.band] = data
@@ -189,14 +302,14 @@ def _composite_part(
         if filters_px:
             got["clear"] = filtered_clear(data, mask_classes, filters_px)[inner]
             got["scl"] = data[inner]
-        src = sources[i]
+        src = items[i]
         _fold(days[src.day], not started[src.day], src, got, grid, rows, cols, mask_classes)
         started[src.day] = True
         got = {}
     if not started.all():
         days[~started] = np.nan
-    out = np.empty((n_out, height, width), dtype=np.float32)
-    reduce_days(days, method, np.asarray(day_numbers, dtype=np.int64), out=out)
+    out = np.empty((settings.n_out, height, width), dtype=np.float32)
+    reduce_days(days, settings.method, np.asarray(day_numbers, dtype=np.int64), out=out)
     return out
 
 

@@ -1,0 +1,179 @@
+"""Reads started for a chunk task before it starts: no round trip of idle cores when a task begins.
+
+A (period, chunk) task keeps many reads in flight once it runs (:func:`~.fetch.ordered_reads`), but its first
+reads still cost a round trip during which its core waits: at 100 ms per request, for every task, and at every
+period boundary for all of them at once. So the first reads of the chunks that have not started yet are issued
+early, by the tasks already running, into this process's :data:`WARM` registry; a task claims them as it reaches
+them: the same fetch its own ``reader.start(window, policy)`` would have made, so the results are the same. A
+warmed read makes one attempt, outside the read policy; if it fails, the task makes the read again itself, under
+the policy (retries, records, skipping), as if nothing had been warmed. What is warmed is bounded
+(:data:`WARM_CHUNK_BYTES` per chunk, :data:`WARM_BYTES` in all, entries older than :data:`WARM_TTL` dropped), and
+nothing is warmed in a distributed worker, where the chunk may run elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from .fetch import POOL
+
+__all__ = ["WARM", "WARM_BYTES", "WARM_CHUNK_BYTES", "WARM_TTL", "WarmReads", "on_cluster"]
+
+R = TypeVar("R")
+
+
+def _env_mb(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    try:
+        return max(0, int(raw)) * 2**20 if raw else default * 2**20
+    except ValueError:
+        return default * 2**20
+
+
+#: Bytes (by the reader's ``cost``: compressed tiles) of one not-yet-started chunk read ahead of its task. A
+#: task folds an asset window in ~10-20 ms of CPU, so 16 MB (15-25 windows of a 2048-px chunk) keeps a core busy
+#: for longer than a 100 ms round trip while the rest of its reads arrive (``NDVI_SCALE_WARM_CHUNK_MB``).
+WARM_CHUNK_BYTES = _env_mb("NDVI_SCALE_WARM_CHUNK_MB", 16)
+
+#: Bytes warmed and not yet claimed in this process at most (``NDVI_SCALE_WARM_MB``; 0 turns warming off): four
+#: chunks' worth, the chunks two threads start next in this period and the next; what it adds to peak memory.
+WARM_BYTES = _env_mb("NDVI_SCALE_WARM_MB", 64)
+
+#: Seconds an unclaimed warmed read is kept: a run that failed or was interrupted leaves them behind.
+WARM_TTL = 120.0
+
+
+def on_cluster() -> bool:
+    """Whether this thread runs a task of a distributed worker (whose chunks may run on other workers)."""
+    if "distributed" not in sys.modules:
+        return False
+    try:
+        from distributed import get_worker
+
+        get_worker()
+    except (ImportError, ValueError):
+        return False
+    return True
+
+
+class WarmReads:
+    """Reads submitted to the I/O pool for a task that has not started, by key, until claimed or dropped.
+
+    A key is claimed at most once (the claimer gets the future, exactly as if it had submitted the read); a
+    unit of warming (a chunk) is warmed at most once and never once its task has started.
+    """
+
+    def __init__(self, budget: int = WARM_BYTES, ttl: float = WARM_TTL) -> None:
+        self.budget = budget
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._reads: OrderedDict[Hashable, tuple[Future[Any], int, float]] = OrderedDict()
+        self._held = 0
+        self._units: OrderedDict[Hashable, bool] = OrderedDict()  # True: started, False: warmed, not started
+        self.claimed = 0
+        self.warmed = 0
+        self.failed = 0
+
+    def started(self, unit: Hashable) -> None:
+        """``unit``'s task has started: never warm it from now on."""
+        with self._lock:
+            self._units[unit] = True
+            self._trim_units()
+
+    def has_started(self, unit: Hashable) -> bool:
+        """Whether ``unit``'s task has started in this process."""
+        with self._lock:
+            return self._units.get(unit, False)
+
+    def claim(self, key: Hashable, again: Callable[[], Future[Any]]) -> Future[Any] | None:
+        """The warmed read of ``key`` (removed from the registry), or None. If the warmed read fails (it made one
+        attempt, outside the read policy), the returned future gets the result of ``again()`` instead: the
+        task's own read, with the policy's retries and records."""
+        with self._lock:
+            got = self._reads.pop(key, None)
+            if got is None:
+                return None
+            self._held -= got[1]
+            self.claimed += 1
+        warmed: Future[Any] = got[0]
+        out: Future[Any] = Future()
+
+        def settle(src: Future[Any]) -> None:
+            try:
+                out.set_result(src.result())
+            except BaseException as e:  # noqa: BLE001 - handed to the task's thread, which raises it
+                out.set_exception(e)
+
+        def landed(f: Future[Any]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                out.set_result(f.result())
+                return
+            self.failed += 1
+            try:
+                again().add_done_callback(settle)
+            except BaseException as e:  # noqa: BLE001 - e.g. the pool closed: the task raises it
+                out.set_exception(e)
+
+        warmed.add_done_callback(landed)
+        return out
+
+    def warm(
+        self,
+        unit: Hashable,
+        reads: Sequence[tuple[Hashable, Callable[[], Any], int]],
+        limit: int = WARM_CHUNK_BYTES,
+    ) -> bool:
+        """Submit the leading ``reads`` (``(key, read, cost)``) of ``unit`` up to ``limit`` bytes (at least one)
+        while the registry holds less than its budget. Returns False when ``unit`` was started or warmed before,
+        or the budget is full."""
+        now = time.monotonic()
+        with self._lock:
+            self._expire(now)
+            if unit in self._units or self._held >= self.budget or self.budget <= 0:
+                return False
+            self._units[unit] = False
+            self._trim_units()
+            taken = 0
+            for key, read, cost in reads:
+                if key in self._reads:
+                    continue
+                if taken and (taken + cost > limit or self._held + cost > self.budget):
+                    break
+                self._reads[key] = (POOL.submit(read), cost, now)
+                self._held += cost
+                taken += cost
+                self.warmed += 1
+            return True
+
+    def clear(self) -> None:
+        """Drop every unclaimed read and forget every unit (tests; between runs of a notebook)."""
+        with self._lock:
+            for fut, _, _ in self._reads.values():
+                fut.cancel()
+            self._reads.clear()
+            self._units.clear()
+            self._held = 0
+
+    def _expire(self, now: float) -> None:
+        while self._reads:
+            key, (fut, cost, when) = next(iter(self._reads.items()))
+            if now - when < self.ttl:
+                break
+            fut.cancel()
+            del self._reads[key]
+            self._held -= cost
+
+    def _trim_units(self) -> None:
+        while len(self._units) > 100_000:  # a long-lived worker: forget the oldest runs' chunks
+            self._units.popitem(last=False)
+
+
+#: This process's warmed reads.
+WARM = WarmReads()

@@ -1,0 +1,109 @@
+"""ndvi_scale.engine.warm: the first reads of chunks not started yet, issued early and claimed by their task."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+import pytest
+from helpers import bboxes, cfg
+
+from ndvi_scale.engine import reader as reader_mod
+from ndvi_scale.engine import warm as warm_mod
+from ndvi_scale.engine.fetch import POOL
+from ndvi_scale.engine.warm import WARM, WarmReads
+from ndvi_scale.pipeline import build
+from ndvi_scale.testing.reference import stack_then_reduce
+
+
+def _never() -> Future[Any]:
+    raise AssertionError("a warmed read that succeeded is not made again")
+
+
+def _reads(costs: list[int], log: list[int]) -> list[tuple[Any, Any, int]]:
+    def read(k: int) -> int:
+        log.append(k)
+        return k * 10
+
+    return [((("key", k)), (lambda k=k: read(k)), c) for k, c in enumerate(costs)]
+
+
+def test_warm_submits_the_leading_reads_of_a_unit_within_its_limit() -> None:
+    w = WarmReads(budget=100)
+    log: list[int] = []
+    assert w.warm("u1", _reads([10, 10, 10, 10], log), limit=25)
+    assert w.claim(("key", 0), _never).result() == 0 and w.claim(("key", 1), _never).result() == 10
+    assert w.claim(("key", 2), _never) is None  # beyond the unit's limit: not warmed
+    assert w.claim(("key", 0), _never) is None  # claimed once only
+    assert sorted(log) == [0, 1] and w.claimed == 2
+    assert w.warm("big", _reads([500], log), limit=25)  # at least one read, whatever its cost
+    assert w.claim(("key", 0), _never).result() == 0
+
+
+def test_warm_never_twice_never_a_started_unit_never_beyond_the_budget() -> None:
+    w = WarmReads(budget=30)
+    log: list[int] = []
+    w.started("running")
+    assert not w.warm("running", _reads([1], log))  # its task has started: it makes its own reads
+    assert w.has_started("running") and not w.has_started("other")
+    assert w.warm("a", _reads([20], log)) and not w.warm("a", _reads([20], log))  # once per unit
+    assert w.warm("b", [(("b", 0), lambda: 1, 20)])  # the budget (30) was not full yet
+    assert not w.warm("c", [(("c", 0), lambda: 1, 1)])  # now it is (40 held)
+    w.claim(("key", 0), _never), w.claim(("b", 0), _never)
+    assert w.warm("c", [(("c", 0), lambda: 1, 1)])  # claimed reads free the budget
+    assert not WarmReads(budget=0).warm("x", [(("x", 0), lambda: 1, 1)])  # 0 turns warming off
+
+
+def test_unclaimed_reads_expire() -> None:
+    w = WarmReads(budget=100, ttl=0.0)
+    assert w.warm("a", [(("a", 0), lambda: 1, 10)])
+    time.sleep(0.01)
+    assert w.warm("b", [(("b", 0), lambda: 2, 10)])  # expires a's read on the way
+    assert w.claim(("a", 0), _never) is None and w.claim(("b", 0), _never) is not None
+
+
+def test_a_warmed_read_that_failed_is_made_again_by_its_task() -> None:
+    """A warmed read makes one attempt; if it fails, the claimer gets its own read instead (the read policy's
+    retries, records and skipping), and that read's error if it fails too."""
+    w = WarmReads(budget=100)
+
+    def boom() -> int:
+        raise OSError("HTTP response code: 503")
+
+    assert w.warm("a", [(("a", 0), boom, 1), (("a", 1), boom, 1)])
+    assert w.claim(("a", 0), lambda: POOL.submit(lambda: 42)).result(timeout=10) == 42
+    again_fails = w.claim(("a", 1), lambda: POOL.submit(boom))
+    with pytest.raises(OSError, match="503"):
+        again_fails.result(timeout=10)
+    assert w.failed == 2
+
+
+def test_warmed_reads_are_claimed_once_each_and_change_no_pixel(sample, monkeypatch) -> None:
+    """A run whose tasks warm the chunks after them: every (asset, window) read exactly once (warmed or made by
+    the task itself), some of them warmed, and the cube equal to the reference and to a run without warming."""
+    spec, catalog = sample
+    c = cfg(catalog, bboxes(spec)["partly-outside"], chunk=64)
+    ref = stack_then_reduce(c)
+    starts: collections.Counter[Any] = collections.Counter()
+    lock = threading.Lock()
+    real = reader_mod.AssetReader.start
+
+    def counting(self: Any, window: Any, policy: Any) -> Any:
+        with lock:
+            starts[(self.url, int(window.row_off), int(window.col_off), int(window.height), int(window.width))] += 1
+        return real(self, window, policy)
+
+    monkeypatch.setattr(reader_mod.AssetReader, "start", counting)
+    got = build(c).compute(scheduler="threads", num_workers=2)
+    assert WARM.claimed > 0 and WARM.claimed == WARM.warmed  # warmed, and nothing warmed for nothing
+    assert starts and max(starts.values()) == 1  # no read twice
+    np.testing.assert_array_equal(got.ndvi.values, ref["ndvi"])
+    np.testing.assert_array_equal(got.valid_count.values, ref["valid_count"])
+    monkeypatch.setattr(warm_mod.WARM, "budget", 0)
+    WARM.clear()
+    cold = build(c).compute(scheduler="threads", num_workers=2)
+    np.testing.assert_array_equal(cold.ndvi.values, got.ndvi.values)
