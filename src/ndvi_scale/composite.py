@@ -1,8 +1,8 @@
 """Composite stage: calendar periods, same-day mosaics and temporal reducers (numpy kernels on one chunk).
 
 Periods follow openEO's ``aggregate_temporal_period`` names. Each period is labelled by its first day; its last day
-(inclusive) is carried as ``time_end``. Reducers use bottleneck (fast, no JIT: numbagg costs 10-15 s of compilation
-per worker process).
+(inclusive) is carried as ``time_end``. The reducers are method objects (:mod:`ndvi_scale.reducers`), by bottleneck
+(fast, no JIT: numbagg costs 10-15 s of compilation per worker process).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import bottleneck as bn
 import numpy as np
 
 from .errors import InputError, shown
@@ -92,36 +91,9 @@ def reduce_days(days: np.ndarray, method: str, day_numbers: np.ndarray | None = 
     Returns ``[value, count]`` (+ ``[date]`` for max/min: the day number, from ``day_numbers``, of the extreme
     observation; NaN where no valid observation). ``value`` is float32, NaN where ``count == 0``.
     """
-    shape = days.shape[1:]
-    if days.shape[0] == 0:
-        nan = np.full(shape, np.nan, dtype=np.float32)
-        out = [nan, np.zeros(shape, dtype=np.float32)]
-        if method in EXTRA_OUTPUTS:
-            out.append(nan.copy())
-        return out
-    valid = ~np.isnan(days)
-    count = valid.sum(axis=0, dtype=np.uint16)
-    extra: list[np.ndarray] = []
-    if method == "median":
-        value = bn.nanmedian(days, axis=0)
-    elif method == "mean":
-        value = bn.nanmean(days, axis=0)
-    elif method in ("max", "min"):
-        fill = -np.inf if method == "max" else np.inf
-        filled = np.where(valid, days, np.float32(fill))
-        arg = filled.argmax(axis=0) if method == "max" else filled.argmin(axis=0)
-        value = np.take_along_axis(days, arg[None], axis=0)[0]
-        numbers = np.arange(days.shape[0]) if day_numbers is None else np.asarray(day_numbers)
-        date = numbers[arg].astype(np.float32)
-        date[count == 0] = np.nan
-        extra.append(date)
-    elif method.startswith("q"):
-        value = nanquantile(days, int(method[1:]) / 100.0, count)
-    else:
-        raise InputError(f"method {shown(method)} is unknown")
-    value = np.asarray(value, dtype=np.float32)
-    value[count == 0] = np.nan
-    return [value, count.astype(np.float32), *extra]
+    from .reducers import reducer
+
+    return reducer(method).reduce(days, day_numbers)
 
 
 def nanquantile(days: np.ndarray, q: float, count: np.ndarray | None = None) -> np.ndarray:

@@ -211,7 +211,8 @@ def _ndvi_item_numba(*args: Any) -> None:
 def reduce_days(
     days: np.ndarray, method: str, day_numbers: np.ndarray | None = None, out: np.ndarray | None = None
 ) -> list[np.ndarray]:
-    """:func:`ndvi_scale.composite.reduce_days`, bit for bit, faster where it can be.
+    """:func:`ndvi_scale.composite.reduce_days`, bit for bit, faster where it can be: the method's
+    :class:`~ndvi_scale.reducers.Reducer` (:meth:`~ndvi_scale.reducers.Reducer.reduce_into`).
 
     ``out``, if given, is the (layers, y, x) float32 array the layers are written into (their views are
     returned): the fused pass gives its output block, so no layer is allocated and stacked afterwards.
@@ -230,30 +231,12 @@ def reduce_days(
     bottleneck; the mean is a float32 sum in day order divided by the count, as bottleneck; max/min take the
     first day holding the extreme, as numpy's argmax/argmin. Quantiles, or no numba, go to the reference.
     """
-    from .composite import EXTRA_OUTPUTS
-    from .composite import reduce_days as reference
+    from .reducers import reducer
 
-    n_days = days.shape[0]
-    n_out = 2 + len(EXTRA_OUTPUTS.get(method, ()))
-    shape = days.shape[1:]
+    r = reducer(method)
     if out is None:
-        out = np.empty((n_out, *shape), dtype=np.float32)
-    elif out.shape != (n_out, *shape) or out.dtype != np.float32:
-        raise ValueError(f"out is {out.dtype} {out.shape}; expected float32 {(n_out, *shape)}")
-    fast = _use_numba() and days.ndim == 3 and n_days > 0 and days.dtype == np.float32
-    if fast and method == "median" and n_days <= MAX_NETWORK_DAYS:
-        assert _NUMBA_MEDIAN is not None
-        _NUMBA_MEDIAN(np.ascontiguousarray(days), sorting_pairs(n_days), out[0], out[1])
-    elif fast and method in _STREAMED:
-        assert _NUMBA_STREAM is not None
-        numbers = (
-            np.arange(n_days, dtype=np.float64) if day_numbers is None else np.asarray(day_numbers, np.float64)
-        )
-        date = out[2] if n_out > 2 else out[1]  # mean writes no date (the loop does not touch it)
-        _NUMBA_STREAM(np.ascontiguousarray(days), _STREAMED[method], numbers, out[0], out[1], date)
-    else:
-        for k, layer in enumerate(reference(days, method, day_numbers)):
-            out[k] = layer
+        out = np.empty((r.n_out, *days.shape[1:]), dtype=np.float32)
+    r.reduce_into(days, day_numbers, out)
     return list(out)
 
 
@@ -261,9 +244,6 @@ def reduce_days(
 #: (191 for 32 days, 1471 for 128), bottleneck's selection ~n per pixel; the network still wins ~10x at 48 days
 #: (measured, 2048^2 px, 30 % NaN). Longer periods (a year of 5-day revisits) go to bottleneck.
 MAX_NETWORK_DAYS = 64
-
-#: Methods of the streaming pass, with their codes in :func:`_stream_loop`.
-_STREAMED = {"mean": 1, "max": 2, "min": 3}
 
 
 @functools.lru_cache(maxsize=128)
