@@ -27,7 +27,7 @@ import xarray as xr
 from . import cf
 from .composite import EXTRA_OUTPUTS, Period, assign_periods, periods_between
 from .config import RunConfig, check_grid_extent
-from .engine.graph import PeriodSources, composite_cube, cube_layer
+from .engine.graph import PeriodSources, composite_cube, cube_layer, start_reading
 from .engine.grid import OutputGrid, output_grid
 from .engine.sources import item_source
 from .errors import InputError
@@ -376,6 +376,7 @@ def run(
     labels = asset_labels(plan)
     if loc is None:
         return RunReport(cfg, plan.search.summary(), len(plan.periods), ds)
+    first_reads = functools.partial(start_reading, ds["ndvi"].data)
     with connect(cluster) as (_client, dashboard):
         if dashboard:
             say(f"dask dashboard: {dashboard}")
@@ -385,10 +386,10 @@ def run(
             with region_progress("composite + write") as advance:
                 report = write_cube(ds, loc, overwrite=cfg.overwrite, append=cfg.append,
                                     zarr_format=cfg.zarr_format, progress=advance, faults=faults,
-                                    asset_labels=labels)
+                                    asset_labels=labels, start_reading=first_reads)
         else:
             report = write_cube(ds, loc, overwrite=cfg.overwrite, append=cfg.append, zarr_format=cfg.zarr_format,
-                                faults=faults, asset_labels=labels)
+                                faults=faults, asset_labels=labels, start_reading=first_reads)
     return RunReport(cfg, plan.search.summary(), len(plan.periods), ds, report)
 
 

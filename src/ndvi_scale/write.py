@@ -187,6 +187,7 @@ def write_cube(
     faults: FaultLog | None = None,
     asset_labels: Mapping[str, tuple[str, str]] | None = None,
     codec: str | None = None,
+    start_reading: Callable[[], Any] | None = None,
 ) -> WriteReport:
     """Write the lazy composite ``ds`` (dims time, y, x) as a Zarr cube at ``location_or_url``.
 
@@ -205,6 +206,8 @@ def write_cube(
     ``ndvi_scale_skipped_assets`` and the report, failed ones in the :class:`~ndvi_scale.errors.ReadError`.
     ``codec`` compresses the chunks of a new cube (one of :data:`CODECS`; default: the ``codec`` of the run
     config in ``ds``'s attributes, else :data:`DEFAULT_CODEC`); an existing cube keeps its own.
+    ``start_reading()`` is called before a new cube's template is written, on the local schedulers only (the
+    pipeline starts the first period's reads there, so they overlap the template's writes).
     Returns a :class:`WriteReport`. Storage failures raise one :class:`~ndvi_scale.errors.StorageError`.
     """
     if zarr_format is not None and zarr_format not in (2, 3):
@@ -222,7 +225,8 @@ def write_cube(
     with WriterLease(loc) as lease:  # one writer at a time: a second one is refused naming the holder
         return _write_cube_leased(ds, loc, overwrite=overwrite, append=append, zarr_format=zarr_format,
                                   progress=progress, fingerprint=fingerprint, faults=faults,
-                                  asset_labels=asset_labels, codec=codec, lease=lease)
+                                  asset_labels=asset_labels, codec=codec, lease=lease,
+                                  start_reading=start_reading)
 
 
 def _write_cube_leased(
@@ -238,6 +242,7 @@ def _write_cube_leased(
     asset_labels: Mapping[str, tuple[str, str]] | None,
     codec: str,
     lease: WriterLease | None = None,
+    start_reading: Callable[[], Any] | None = None,
 ) -> WriteReport:
     """:func:`write_cube` once the writer lease is held: everything is inspected again under it."""
     existing = _inspect(loc)
@@ -246,6 +251,7 @@ def _write_cube_leased(
         lease.verify()  # still ours after the inspection, before the first write (see WriterLease.verify)
     new_format = zarr_format or 3
     writer = _Writer(loc, ds, progress, fingerprint, faults, asset_labels, codec)
+    writer.start_reading = start_reading
 
     if existing.kind == "absent":
         return writer.new(new_format)
@@ -852,6 +858,7 @@ class _Writer:
         self.asset_labels = dict(asset_labels or {})
         self.skipped: list[dict[str, Any]] = []
         self.waves = 0
+        self.start_reading: Callable[[], Any] | None = None
         self.ds = ds
         self.progress = progress
         self._fingerprint = fingerprint
@@ -872,6 +879,8 @@ class _Writer:
     def new(self, fmt: int) -> WriteReport:
         fp = self.fingerprint(fmt)
         state = {"fingerprint": fp, "state": "template", "periods": self.labels, "n_before": 0}
+        if self.start_reading is not None and _active_client() is None:
+            self.start_reading()
         self._write_template(fmt, state)
         self._set_state(fmt, {**state, "state": "regions"})
         consolidate(self.loc, fmt)  # an unfinished cube opens with plain xr.open_zarr (its regions read as fill)

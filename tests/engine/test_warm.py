@@ -107,3 +107,18 @@ def test_warmed_reads_are_claimed_once_each_and_change_no_pixel(sample, monkeypa
     WARM.clear()
     cold = build(c).compute(scheduler="threads", num_workers=2)
     np.testing.assert_array_equal(cold.ndvi.values, got.ndvi.values)
+
+
+def test_start_reading_warms_the_first_period_before_any_task_runs(sample) -> None:
+    """What the write stage calls before the template: the first period's first chunks are warmed, their tasks
+    claim every warmed read, and the cube is the reference's."""
+    from ndvi_scale.engine.graph import start_reading
+
+    spec, catalog = sample
+    c = cfg(catalog, bboxes(spec)["across-overlap"], chunk=64)
+    lazy = build(c)
+    assert start_reading(lazy.ndvi.data) and WARM.warmed > 0 and WARM.claimed == 0
+    got = lazy.compute(scheduler="threads", num_workers=2)
+    assert WARM.claimed == WARM.warmed
+    ref = stack_then_reduce(c)
+    np.testing.assert_array_equal(got.ndvi.values, ref["ndvi"])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,9 +35,11 @@ from dask.highlevelgraph import HighLevelGraph
 from ..faults import ReadPolicy
 from .grid import OutputGrid
 from .sources import ItemSource
-from .task import PeriodReads, TaskSettings, composite_block, empty_block, prefetch
+from .task import PeriodReads, TaskSettings, composite_block, empty_block, prefetch, warm_next
 
-__all__ = ["PeriodSources", "composite_cube", "cube_layer"]
+log = logging.getLogger(__name__)
+
+__all__ = ["PeriodSources", "composite_cube", "cube_layer", "start_reading"]
 
 
 @dataclass(frozen=True)
@@ -98,11 +101,10 @@ def composite_cube(
                 dsk[(name, t, i, j)] = (empty_block, n_out, chunks_y[i], chunks_x[j])
             continue
         nxt = (live_t[k + 1], live[k + 1]) if k + 1 < len(live) else None
-        table[(table_name, k)] = (_period_sources, token, t, p, nxt, grid, chunk_windows)
+        table[(table_name, k)] = (_period_sources, settings, token, t, p, nxt, chunk_windows)
         for i, j, sl in windows:
             piece = pieces.get((i, j))
-            dsk[(name, t, i, j)] = (composite_block, (table_name, k), (t, i, j), sl, settings, p.day_numbers,
-                                    piece)
+            dsk[(name, t, i, j)] = (composite_block, (table_name, k), (t, i, j), sl, p.day_numbers, piece)
         k += 1
     graph = HighLevelGraph({table_name: table, name: dsk}, {table_name: set(), name: {table_name}})
     chunks = ((1,) * len(periods), tuple(n_out * c for c in chunks_y), chunks_x)
@@ -135,23 +137,43 @@ def _aoi_pieces(aoi: Any, grid: OutputGrid, windows: Sequence[tuple[int, int, tu
 
 
 def _period_sources(
+    settings: TaskSettings,
     run: str,
     t: int,
     period: PeriodSources,
     after: tuple[int, PeriodSources] | None,
-    grid: OutputGrid,
     chunk_windows: tuple[tuple[int, int, tuple[slice, slice]], ...],
 ) -> PeriodReads:
     """The period's reads for its chunk tasks. Starts, without waiting, the header reads of this period and of the
     next one (``after``): the write stage computes period after period, so the next period's files are open by the
     time its chunks start, instead of every period starting with a round trip per file."""
+    grid = settings.grid
     slices = tuple(s for _, _, s in chunk_windows)
     prefetch(period.items, grid, slices)
     nxt = None
     if after is not None:
         prefetch(after[1].items, grid, slices)
-        nxt = PeriodReads(run, after[0], after[1].items, len(after[1].day_numbers), chunk_windows)
-    return PeriodReads(run, t, period.items, len(period.day_numbers), chunk_windows, nxt)
+        nxt = PeriodReads(settings, run, after[0], after[1].items, len(after[1].day_numbers), chunk_windows)
+    return PeriodReads(settings, run, t, period.items, len(period.day_numbers), chunk_windows, nxt)
+
+
+def start_reading(cube: da.Array) -> bool:
+    """Start the reads of the first period of ``cube`` (a :func:`composite_cube`, or an array made from one) now,
+    without waiting: its files' headers and the first reads of its first chunks (:func:`~.task.warm_next`). The
+    write stage calls it before it writes the cube's template, so the first tasks find their reads under way.
+    Returns False when ``cube`` has no period with scenes (nothing started)."""
+    import dask.local
+
+    layers = getattr(cube.__dask_graph__(), "layers", {})  # a HighLevelGraph: composite_cube made one
+    for name, layer in layers.items():
+        if name.startswith("ndvi-sources-") and (name, 0) in layer:
+            period = dask.local.get_sync({(name, 0): layer[(name, 0)]}, (name, 0))
+            try:
+                warm_next(period)
+            except Exception as e:  # noqa: BLE001 - an optimisation: the tasks make their reads themselves
+                log.debug("warming the first chunks failed: %s", e)
+            return True
+    return False
 
 
 def cube_layer(

@@ -97,6 +97,8 @@ class TaskSettings:
 class PeriodReads:
     """What the chunk tasks of one period read, and what they may read ahead for the tasks after them."""
 
+    settings: TaskSettings
+    """What every task of the run shares."""
     run: str
     """Token of the run's graph: names the chunks in the warm registry (:mod:`.warm`)."""
     t: int
@@ -115,7 +117,6 @@ def composite_block(
     period: PeriodReads,
     block_id: tuple[int, int, int],
     slices: tuple[slice, slice],
-    settings: TaskSettings,
     day_numbers: Sequence[int],
     aoi: Any = None,
 ) -> np.ndarray:
@@ -131,13 +132,14 @@ def composite_block(
     """
     rows, cols = slices
     height, width = rows.stop - rows.start, cols.stop - cols.start
+    settings = period.settings
     n_out = settings.n_out
     WARM.started((period.run, period.t, block_id[1], block_id[2]))
     inside = _aoi_inside(aoi, settings.grid, rows, cols) if aoi is not None else None
     if inside is not None and not inside.any():
         return empty_block(n_out, height, width)
     step = strip_rows(len(day_numbers), height, width)
-    warm = functools.partial(_warm_quietly, period, settings)
+    warm = functools.partial(_warm_quietly, period)
 
     def part(rows: slice, last: bool) -> np.ndarray:
         return _composite_part(period.items, block_id, (rows, cols), settings, day_numbers,
@@ -157,7 +159,7 @@ def composite_block(
     return out.reshape(1, n_out * height, width)
 
 
-def warm_next(period: PeriodReads, settings: TaskSettings, limit_chunks: int = 4) -> int:
+def warm_next(period: PeriodReads, limit_chunks: int = 4) -> int:
     """Warm the first reads of up to ``limit_chunks`` chunks that have not started: this period's, and once every
     chunk of this period has started, the next period's (:mod:`.warm`; nothing on a distributed worker). Returns
     the number of chunks warmed.
@@ -167,6 +169,7 @@ def warm_next(period: PeriodReads, settings: TaskSettings, limit_chunks: int = 4
     """
     if WARM.budget <= 0 or on_cluster():
         return 0
+    settings = period.settings
     warmed = 0
     for p in (period, period.next):
         if p is None or warmed >= limit_chunks:
@@ -185,11 +188,11 @@ def warm_next(period: PeriodReads, settings: TaskSettings, limit_chunks: int = 4
     return warmed
 
 
-def _warm_quietly(period: PeriodReads, settings: TaskSettings) -> None:
+def _warm_quietly(period: PeriodReads) -> None:
     """:func:`warm_next`, whose failure (a header not readable yet, say) must not fail the task that warms: the
     chunk's own task meets the same error when it reads, under the read policy."""
     try:
-        warm_next(period, settings)
+        warm_next(period)
     except Exception as e:  # noqa: BLE001 - an optimisation; the reads themselves report errors
         log.debug("warming the next chunks failed: %s", e)
 

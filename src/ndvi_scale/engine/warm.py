@@ -153,8 +153,9 @@ class WarmReads:
             return True
 
     def clear(self) -> None:
-        """Drop every unclaimed read and forget every unit (tests; between runs of a notebook)."""
+        """Drop every unclaimed read, forget every unit and zero the counters (tests; between runs of a notebook)."""
         with self._lock:
+            self.claimed = self.warmed = self.failed = 0
             for fut, _, _ in self._reads.values():
                 fut.cancel()
             self._reads.clear()
