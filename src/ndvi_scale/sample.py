@@ -833,6 +833,41 @@ def _observations(
     return {d: tuple(granules[i] for i in sorted(ix)) for d, ix in sorted(seen.items())}
 
 
+@dataclass(frozen=True)
+class _Points:
+    """Points of a :class:`Truth` question with their static surface, computed once for any number of dates."""
+
+    spec: SampleSpec
+    x: np.ndarray
+    y: np.ndarray
+    surface: Surface
+    col: np.ndarray
+    row: np.ndarray
+    surface20: Surface  # at the centres of the 20 m SCL pixels holding the points
+
+    @classmethod
+    def of(cls, spec: SampleSpec, x: Any, y: Any) -> _Points:
+        x = np.asarray(x, dtype=np.float64)
+        y = np.asarray(y, dtype=np.float64)
+        col, row = _global20(spec, x, y)
+        return cls(spec, x, y, _surface(spec, x, y), col, row, _surface(spec, *_centres20(spec, col, row)))
+
+    def scl(self, d: dt.date, granules: Sequence[Granule], state: _SkyState) -> np.ndarray:
+        """The mosaic SCL of ``granules`` (first with data wins) under the sky ``state``."""
+        out = np.zeros(np.broadcast_shapes(self.col.shape, self.row.shape), dtype=np.uint8)
+        for g in granules:
+            out = np.where(out == SCL_NODATA, _scl(self.spec, g, self.col, self.row, d, state, self.surface20), out)
+        return out
+
+    def observe(self, d: dt.date, granules: Sequence[Granule]) -> tuple[np.ndarray, np.ndarray]:
+        """(mosaic SCL, apparent NDVI with NaN where no granule has data) on date ``d``."""
+        state = _sky_state(self.spec, self.col, self.row, d)
+        scl = self.scl(d, granules, state)
+        red, nir = _reflectance(self.spec, self.x, self.y, self.surface, state, d)
+        v = (nir - red) / (nir + red)
+        return scl, np.where(scl == SCL_NODATA, np.nan, v)
+
+
 class Truth:
     """The analytic truth of a :class:`SampleSpec` scene, at any UTM coordinates (in ``spec.epsg``).
 
@@ -871,14 +906,9 @@ class Truth:
         then B) that has data there, else 0. A sequence of granules gives the mosaic of just those, in that
         order.
         """
+        pts = _Points.of(spec, x, y)
         d = _as_date(when)
-        col, row = _global20(spec, x, y)
-        out = np.zeros(np.broadcast_shapes(col.shape, row.shape), dtype=np.uint8)
-        state = _sky_state(spec, col, row, d)
-        surf = _surface(spec, *_centres20(spec, col, row))
-        for g in _selection(spec, granule):
-            out = np.where(out == SCL_NODATA, _scl(spec, g, col, row, d, state, surf), out)
-        return out
+        return pts.scl(d, _selection(spec, granule), _sky_state(spec, pts.col, pts.row, d))
 
     @staticmethod
     def dn(
@@ -903,13 +933,7 @@ class Truth:
         """NDVI (float64) of the reflectance stored in the files, before rounding to DNs: :meth:`ndvi` where the
         sky is clean, moved by cloud, haze, cirrus, shadow or a defect elsewhere; NaN where no granule (of
         ``granule``, as in :meth:`scl`) has data. The files' NDVI is within 0.005 of it (DN rounding)."""
-        d = _as_date(when)
-        x = np.asarray(x, dtype=np.float64)
-        y = np.asarray(y, dtype=np.float64)
-        state = _sky_state(spec, *_global20(spec, x, y), d)
-        red, nir = _reflectance(spec, x, y, _surface(spec, x, y), state, d)
-        v = (nir - red) / (nir + red)
-        return np.where(Truth.scl(spec, x, y, d, granule) == SCL_NODATA, np.nan, v)
+        return _Points.of(spec, x, y).observe(_as_date(when), _selection(spec, granule))[1]
 
     @staticmethod
     def contaminated(
@@ -976,14 +1000,15 @@ class Truth:
 
             if len(shape) != 2:
                 raise InputError(f"points of shape {shape} are not a raster; mask filters need 2-D x and y")
+        pts = _Points.of(spec, x, y)  # the static surface once, for every date
         for k, (d, granules) in enumerate(observed.items()):
-            apparent = Truth.apparent_ndvi(spec, x, y, d, granules)
+            scl, apparent = pts.observe(d, granules)
             if not filters:
-                clear = Truth.is_clear(spec, x, y, d, classes, granules)
-                stack[k] = np.where(clear, apparent, np.nan)
+                stack[k] = np.where(np.isin(scl, classes), np.nan, apparent)
                 continue
+            state = _sky_state(spec, pts.col, pts.row, d)
             for g in granules:  # each granule's mask is filtered on its own, then the first clear one wins
-                scl = np.broadcast_to(Truth.scl(spec, x, y, d, g), shape)
+                scl = np.broadcast_to(pts.scl(d, (g,), state), shape)
                 data = (scl != SCL_NODATA).astype(np.uint8)
                 clear = filtered_clear_mask(scl, data, data, classes, filters)
                 take = clear & np.isnan(stack[k])
