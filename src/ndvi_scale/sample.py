@@ -100,6 +100,7 @@ __all__ = [
     "SAMPLE_VERSION",
     "SampleSpec",
     "Truth",
+    "TruthAt",
     "generate",
     "generate_zones",
     "pixel_centres",
@@ -833,39 +834,58 @@ def _observations(
     return {d: tuple(granules[i] for i in sorted(ix)) for d, ix in sorted(seen.items())}
 
 
-@dataclass(frozen=True)
-class _Points:
-    """Points of a :class:`Truth` question with their static surface, computed once for any number of dates."""
+class TruthAt:
+    """:class:`Truth` at fixed points, for many dates: the static land surface is computed once (the landscape
+    costs far more than one date's sky). Build it with :meth:`Truth.at`; its methods answer like :class:`Truth`'s
+    (same arguments without ``spec``, ``x``, ``y``) and give identical arrays."""
 
-    spec: SampleSpec
-    x: np.ndarray
-    y: np.ndarray
-    surface: Surface
-    col: np.ndarray
-    row: np.ndarray
-    surface20: Surface  # at the centres of the 20 m SCL pixels holding the points
+    def __init__(self, spec: SampleSpec, x: Any, y: Any) -> None:
+        self.spec = spec
+        self.x = np.asarray(x, dtype=np.float64)
+        self.y = np.asarray(y, dtype=np.float64)
+        self.col, self.row = _global20(spec, self.x, self.y)
 
-    @classmethod
-    def of(cls, spec: SampleSpec, x: Any, y: Any) -> _Points:
-        x = np.asarray(x, dtype=np.float64)
-        y = np.asarray(y, dtype=np.float64)
-        col, row = _global20(spec, x, y)
-        return cls(spec, x, y, _surface(spec, x, y), col, row, _surface(spec, *_centres20(spec, col, row)))
+    @cached_property
+    def surface(self) -> Surface:
+        """The surface at the points."""
+        return _surface(self.spec, self.x, self.y)
 
-    def scl(self, d: dt.date, granules: Sequence[Granule], state: _SkyState) -> np.ndarray:
-        """The mosaic SCL of ``granules`` (first with data wins) under the sky ``state``."""
+    @cached_property
+    def surface20(self) -> Surface:
+        """The surface at the centres of the 20 m SCL pixels holding the points (what the SCL classifies)."""
+        return _surface(self.spec, *_centres20(self.spec, self.col, self.row))
+
+    def _scl(self, d: dt.date, granules: Sequence[Granule], state: _SkyState) -> np.ndarray:
         out = np.zeros(np.broadcast_shapes(self.col.shape, self.row.shape), dtype=np.uint8)
         for g in granules:
             out = np.where(out == SCL_NODATA, _scl(self.spec, g, self.col, self.row, d, state, self.surface20), out)
         return out
 
-    def observe(self, d: dt.date, granules: Sequence[Granule]) -> tuple[np.ndarray, np.ndarray]:
+    def _observe(self, d: dt.date, granules: Sequence[Granule]) -> tuple[np.ndarray, np.ndarray]:
         """(mosaic SCL, apparent NDVI with NaN where no granule has data) on date ``d``."""
         state = _sky_state(self.spec, self.col, self.row, d)
-        scl = self.scl(d, granules, state)
+        scl = self._scl(d, granules, state)
         red, nir = _reflectance(self.spec, self.x, self.y, self.surface, state, d)
         v = (nir - red) / (nir + red)
         return scl, np.where(scl == SCL_NODATA, np.nan, v)
+
+    def ndvi(self, when: When) -> np.ndarray:
+        """As :meth:`Truth.ndvi`."""
+        return _ndvi(self.surface, _as_date(when))
+
+    def scl(self, when: When, granule: GranuleSelection = None) -> np.ndarray:
+        """As :meth:`Truth.scl`."""
+        d = _as_date(when)
+        return self._scl(d, _selection(self.spec, granule), _sky_state(self.spec, self.col, self.row, d))
+
+    def apparent_ndvi(self, when: When, granule: GranuleSelection = None) -> np.ndarray:
+        """As :meth:`Truth.apparent_ndvi`."""
+        return self._observe(_as_date(when), _selection(self.spec, granule))[1]
+
+    def contaminated(self, when: When, granule: GranuleSelection = None) -> np.ndarray:
+        """As :meth:`Truth.contaminated`."""
+        with np.errstate(invalid="ignore"):
+            return np.abs(self.apparent_ndvi(when, granule) - self.ndvi(when)) > CONTAMINATION_TOLERANCE
 
 
 class Truth:
@@ -878,6 +898,11 @@ class Truth:
     """
 
     @staticmethod
+    def at(spec: SampleSpec, x: Any, y: Any) -> TruthAt:
+        """The truth at these points for many dates (:class:`TruthAt`): the land surface computed once."""
+        return TruthAt(spec, x, y)
+
+    @staticmethod
     def land_cover(spec: SampleSpec, x: Any, y: Any) -> np.ndarray:
         """:class:`LandCover` index (int8) at each point (:mod:`ndvi_scale.landscape`)."""
         return _surface(spec, x, y).cover
@@ -885,9 +910,7 @@ class Truth:
     @staticmethod
     def ndvi(spec: SampleSpec, x: Any, y: Any, when: When) -> np.ndarray:
         """True surface NDVI (float64) at each point: what a perfect, cloud-free observation would give."""
-        x = np.asarray(x, dtype=np.float64)
-        y = np.asarray(y, dtype=np.float64)
-        return _ndvi(_surface(spec, x, y), _as_date(when))
+        return TruthAt(spec, x, y).ndvi(when)
 
     @staticmethod
     def bare_soil(spec: SampleSpec, x: Any, y: Any, when: When) -> np.ndarray:
@@ -906,9 +929,7 @@ class Truth:
         then B) that has data there, else 0. A sequence of granules gives the mosaic of just those, in that
         order.
         """
-        pts = _Points.of(spec, x, y)
-        d = _as_date(when)
-        return pts.scl(d, _selection(spec, granule), _sky_state(spec, pts.col, pts.row, d))
+        return TruthAt(spec, x, y).scl(when, granule)
 
     @staticmethod
     def dn(
@@ -933,7 +954,7 @@ class Truth:
         """NDVI (float64) of the reflectance stored in the files, before rounding to DNs: :meth:`ndvi` where the
         sky is clean, moved by cloud, haze, cirrus, shadow or a defect elsewhere; NaN where no granule (of
         ``granule``, as in :meth:`scl`) has data. The files' NDVI is within 0.005 of it (DN rounding)."""
-        return _Points.of(spec, x, y).observe(_as_date(when), _selection(spec, granule))[1]
+        return TruthAt(spec, x, y).apparent_ndvi(when, granule)
 
     @staticmethod
     def contaminated(
@@ -944,9 +965,7 @@ class Truth:
 
         The analytic truth of the SCL's errors: contaminated pixels the SCL labels clear (4, 5, 6) are what a
         composite shows unless a mask filter removes them. False where no granule has data."""
-        apparent = Truth.apparent_ndvi(spec, x, y, when, granule)
-        with np.errstate(invalid="ignore"):
-            return np.abs(apparent - Truth.ndvi(spec, x, y, when)) > CONTAMINATION_TOLERANCE
+        return TruthAt(spec, x, y).contaminated(when, granule)
 
     @staticmethod
     def is_clear(
@@ -1000,15 +1019,15 @@ class Truth:
 
             if len(shape) != 2:
                 raise InputError(f"points of shape {shape} are not a raster; mask filters need 2-D x and y")
-        pts = _Points.of(spec, x, y)  # the static surface once, for every date
+        pts = TruthAt(spec, x, y)  # the static surface once, for every date
         for k, (d, granules) in enumerate(observed.items()):
-            scl, apparent = pts.observe(d, granules)
+            scl, apparent = pts._observe(d, granules)
             if not filters:
                 stack[k] = np.where(np.isin(scl, classes), np.nan, apparent)
                 continue
             state = _sky_state(spec, pts.col, pts.row, d)
             for g in granules:  # each granule's mask is filtered on its own, then the first clear one wins
-                scl = np.broadcast_to(pts.scl(d, (g,), state), shape)
+                scl = np.broadcast_to(pts._scl(d, (g,), state), shape)
                 data = (scl != SCL_NODATA).astype(np.uint8)
                 clear = filtered_clear_mask(scl, data, data, classes, filters)
                 take = clear & np.isnan(stack[k])
