@@ -139,7 +139,7 @@ def test_landscape_shares_are_those_of_a_farmed_plain() -> None:
     share = {c: float(np.mean(cover == c)) for c in LandCover}
     fields = sum(share[c] for c in CROPS) + share[LandCover.GRASSLAND]
     forest = share[LandCover.DECIDUOUS_FOREST] + share[LandCover.CONIFEROUS_FOREST]
-    assert 0.75 < fields < 0.92
+    assert 0.75 < fields < 0.95
     assert 0.04 < forest < 0.15
     assert 0.002 < share[LandCover.WATER] < 0.015
     assert 0.003 < share[LandCover.BUILT_UP] < 0.03

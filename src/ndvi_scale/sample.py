@@ -14,13 +14,20 @@ Scene design
   B04/B08 are 10 m (``size`` x ``size``), SCL is 20 m (``size/2`` x ``size/2``). One *global 20 m grid*
   anchored at ``(x0, y0)`` carries everything about clouds and no-data; a 10 m pixel takes the class of the
   20 m pixel that contains it.
-* **Surface.** Square parcels of ``field_size`` metres anchored at ``(x0, y0)``, each with one of six land
-  covers (:class:`LandCover`). The assignment tiles the plane with aligned blocks of 3 x 2 parcels; each block
-  holds every cover exactly once, in an order drawn from the 720 permutations by an integer hash of the block
-  index. So any area of at least 5 x 3 parcels (and granule A as soon as it spans 3 x 2 parcels) contains
-  every cover, while the layout does not repeat. NDVI follows a per-cover phenology of the day of year, plus a
-  small smooth texture (``0.02 sin(x/97) cos(y/131)``, not on water), clipped to [-0.9, 0.95]. Red and NIR are
+* **Surface** (:mod:`ndvi_scale.landscape`). A farmed plain like the Beauce: a network of slightly slanted
+  straight roads (a jittered grid of nodes every ``3 * field_size``) cuts it into convex blocks; each block is a
+  wood or is cut into 2-5 elongated fields of varied widths and orientation (some split across), 5-50 ha at the
+  default scale. Every field draws a crop (winter wheat, winter barley, rapeseed, maize, sunflower, grassland, in
+  the shares of the Eure-et-Loir) with its calendar shifted by -10..+10 days and an NDVI offset of +-0.03. Over
+  the fields: two woods (deciduous, coniferous), a village on the north bank of the river and two hamlets
+  (built-up with gardens and trees), a meandering river 36 m wide crossing the whole sample west to east with
+  riparian trees, the roads (12 m). River, woods and villages are placed relative to the granule size, so a
+  tiny test granule holds the same landscape. Default shares: ~85 % fields, ~8 % woods, ~2 % roads, ~0.5 % water,
+  ~0.5 % built-up. NDVI follows each cover's piecewise-linear phenology of the day of year (sowing, green-up,
+  peak, harvest, bare soil; deciduous leaf-out and fall), read at the field's shift, plus its offset and a small
+  smooth texture (``0.02 sin(x/97) cos(y/131)``, not on water), clipped to [-0.9, 0.95]. Red and NIR are
   derived from the NDVI and a per-cover brightness ``s = red + nir``: ``red = s(1-v)/2``, ``nir = s(1+v)/2``.
+  :func:`sample_catalog` publishes the fields and woods as ``parcels.geojson`` beside ``items.json``.
 * **Sky.** Each date has a cloudiness kind from a fixed 7-step schedule indexed by the acquisition number
   ``ordinal // revisit_days`` (clear, scattered, overcast, few, broken, clear, mostly cloudy), so every 7
   consecutive acquisitions hold two clear dates and one nearly overcast date. The clouds themselves are
@@ -33,7 +40,8 @@ Scene design
   beyond a cirrus band its fringe (40 m), beyond a shadow its penumbra (40 m); 20 % of rim and cirrus pixels
   labelled as their surface (thin cloud called vegetation or bare soil), 15 % of shadow pixels labelled dark area
   (2) and 15 % water (6); 0.1 % of pixels on every date saturated (SCL 1, both bands at reflectance 1); 3 % of the
-  clean bare-soil pixels flagged as cloud (8, single 20 m pixels). :meth:`Truth.contaminated` says which
+  clean bare-soil pixels (arable fields between harvest and emergence, :meth:`Truth.bare_soil`) flagged as cloud
+  (8, single 20 m pixels). :meth:`Truth.contaminated` says which
   observations are off the surface NDVI by more than :data:`CONTAMINATION_TOLERANCE`, whatever the SCL says;
   :meth:`Truth.apparent_ndvi` is what the files hold.
 * **No-data.** On every second acquisition ("the other relative orbit") granule A loses a slanted strip on its
@@ -44,7 +52,7 @@ Scene design
   or ``0``.
 
 Everything is a pure function of ``(spec, x, y, date)``; the generator evaluates the very same functions on
-the pixel-centre grids, so :class:`Truth` and the files agree exactly.
+the pixel-centre grids (the static land surface once per granule), so :class:`Truth` and the files agree exactly.
 """
 
 from __future__ import annotations
