@@ -335,25 +335,46 @@ def _edge_distances(corners: list[tuple[Any, Any]], u: Any, v: Any) -> list[Any]
     return out
 
 
-def _locate_block(spec: SampleSpec, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+class _Lattice:
+    """The road nodes around a set of points, hashed once on a small table and gathered per point (hashing 16
+    nodes per point would hold 32 full-size arrays at once)."""
+
+    def __init__(self, spec: SampleSpec, i0: np.ndarray, j0: np.ndarray) -> None:
+        self.imin, self.jmin = int(i0.min()) - 1, int(j0.min()) - 1
+        ii, jj = np.meshgrid(
+            np.arange(self.imin, int(i0.max()) + 3), np.arange(self.jmin, int(j0.max()) + 3), indexing="ij"
+        )
+        self.nu, self.nv = _node(spec, ii, jj)
+
+    def node(self, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(u, v) of nodes (i, j): the same numbers as :func:`_node` (same arithmetic, element by element)."""
+        k = (i - self.imin, j - self.jmin)
+        return self.nu[k], self.nv[k]
+
+    def corners(self, i: np.ndarray, j: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """As :func:`_corners`."""
+        return [self.node(i, j), self.node(i + 1, j), self.node(i + 1, j + 1), self.node(i, j + 1)]
+
+
+def _locate_block(spec: SampleSpec, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, _Lattice]:
     """Index (i, j) of the block holding each point: the one of the 3 x 3 candidates around ``floor(u/B)``,
     ``floor(v/B)`` whose four edges all have the point on their inner side (the first one on a shared edge)."""
     b = block_size(spec)
     i0 = np.asarray(np.floor(u / b), dtype=np.int64)  # arrays even for 0-d input: edited in place below
     j0 = np.asarray(np.floor(v / b), dtype=np.int64)
+    lattice = _Lattice(spec, i0, j0)
     bi, bj = i0.copy(), j0.copy()
     found = np.zeros(u.shape, dtype=bool)
-    nodes = {(di, dj): _node(spec, i0 + di, j0 + dj) for di in (-1, 0, 1, 2) for dj in (-1, 0, 1, 2)}
     for di in (0, -1, 1):
         for dj in (0, -1, 1):
-            c = [nodes[di, dj], nodes[di + 1, dj], nodes[di + 1, dj + 1], nodes[di, dj + 1]]
+            c = lattice.corners(i0 + di, j0 + dj)
             inside = ~found
             for k in range(4):
                 (ax, ay), (bx, by) = c[k], c[(k + 1) % 4]
                 inside &= _cross(ax, ay, bx, by, u, v) >= 0
             bi[inside], bj[inside] = i0[inside] + di, j0[inside] + dj
             found |= inside
-    return bi, bj
+    return bi, bj, lattice
 
 
 @dataclass(frozen=True)
@@ -423,8 +444,8 @@ def surface(spec: SampleSpec, x: Any, y: Any) -> Surface:
     u = np.broadcast_to(x - spec.x0, shape)
     v = np.broadcast_to(spec.y0 - y, shape)
     f = _features(spec)
-    bi, bj = _locate_block(spec, u, v)
-    corners = _corners(spec, bi, bj)
+    bi, bj, lattice = _locate_block(spec, u, v)
+    corners = lattice.corners(bi, bj)
     top, right, bottom, left = _edge_distances(corners, u, v)
     plan = _block_plan(spec, bi, bj)
     across = np.where(plan.axis == 0, left / (left + right), top / (top + bottom))

@@ -507,6 +507,18 @@ def _surface(spec: SampleSpec, x: Any, y: Any) -> Surface:
     return surface(spec, np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
 
 
+#: Rows of a granule's grid per call of the landscape: bounds its temporaries (~30 float64 arrays of the block)
+#: to ~0.5 GB for a full-size 10980-px granule instead of ~30 GB at once.
+_SURFACE_ROWS = 256
+
+
+def _surface_rows(spec: SampleSpec, x: np.ndarray, y: np.ndarray) -> Surface:
+    """:func:`_surface` of a grid (``x`` (1, W), ``y`` (H, 1)), block of rows by block of rows: the same numbers
+    (every point is computed on its own)."""
+    parts = [_surface(spec, x, y[k : k + _SURFACE_ROWS]) for k in range(0, y.shape[0], _SURFACE_ROWS)]
+    return Surface(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(Surface)))
+
+
 def _ndvi(surf: Surface, d: dt.date) -> np.ndarray:
     return np.clip(landscape_ndvi(surf, d.timetuple().tm_yday), _NDVI_MIN, _NDVI_MAX)
 
@@ -1081,8 +1093,8 @@ def _grids(spec: SampleSpec, g: Granule) -> _GranuleGrids:
     x20, y20 = g.centres(20)
     col20, row20 = _global20(spec, x20, y20)
     # the land surface is static: computed once per granule, at both resolutions
-    surface10 = _surface(spec, x10, y10)
-    surface20 = _surface(spec, *_centres20(spec, col20, row20))
+    surface10 = _surface_rows(spec, x10, y10)
+    surface20 = _surface_rows(spec, *_centres20(spec, col20, row20))
     xmin, ymin, xmax, ymax = g.bounds
     lon, lat = _to_lonlat(spec.epsg).transform([xmin, xmax, xmax, xmin, xmin], [ymin, ymin, ymax, ymax, ymin])
     ring = [[round(float(a), 9), round(float(b), 9)] for a, b in zip(lon, lat, strict=True)]
