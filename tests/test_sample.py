@@ -278,6 +278,22 @@ def test_truth_accepts_scalars_and_date_forms() -> None:
     assert red.shape == () and red.dtype == np.uint16 and 0 < red < nir
 
 
+def test_truth_at_fixed_points_equals_truth() -> None:
+    """One Truth.at object asked about several dates and granules (its land surface computed once) gives the very
+    arrays of a fresh Truth call for each: nothing of one question leaks into the next."""
+    x, y = _union_centres(TINY, 30.0)
+    at = Truth.at(TINY, x, y)
+    for when in ("2024-04-06", "2024-04-16", "2024-05-26"):  # scattered, broken, mostly cloudy skies
+        np.testing.assert_array_equal(at.ndvi(when), Truth.ndvi(TINY, x, y, when))
+        for granule in (None, 0, "31UDQ"):
+            np.testing.assert_array_equal(at.scl(when, granule), Truth.scl(TINY, x, y, when, granule))
+            np.testing.assert_array_equal(
+                at.apparent_ndvi(when, granule), Truth.apparent_ndvi(TINY, x, y, when, granule)
+            )
+            np.testing.assert_array_equal(at.contaminated(when, granule), Truth.contaminated(TINY, x, y, when, granule))
+    assert Truth.scl(TINY, x, y, "2024-05-26").max() >= 8  # a cloudy date was among them
+
+
 def test_phenology() -> None:
     x, y = _union_centres(TINY, 10.0)
     cover = Truth.land_cover(TINY, x, y)
