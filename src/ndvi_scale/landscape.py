@@ -12,7 +12,7 @@ Design (``u = x - x0`` east, ``v = y0 - y`` south of the spec's origin, ``H = 10
   by slightly slanted straight roads (:data:`ROAD_HALF_WIDTH` either side of every block edge).
 * **Fields.** Each block is either a wood (6 %: deciduous or coniferous) or cut into 2-5 elongated strips of
   varied widths along one of its two axes (picked by the block's hash), each strip split in two across with
-  probability 0.45: fields from ~5 to ~50 ha at the default scale, like the Beauce. A strip boundary is where
+  probability 0.45: fields from ~5 to ~60 ha at the default scale, like the Beauce. A strip boundary is where
   the ratio of the distances to two opposite block edges is constant: a straight line, so every field is a
   convex polygon. Each field draws a crop (:data:`_CROP_SHARES`), a shift of its calendar by -10..+10 days and
   an NDVI offset of +-0.03 from its own hash.

@@ -16,14 +16,14 @@ Scene design
   20 m pixel that contains it.
 * **Surface** (:mod:`ndvi_scale.landscape`). A farmed plain like the Beauce: a network of slightly slanted
   straight roads (a jittered grid of nodes every ``3 * field_size``) cuts it into convex blocks; each block is a
-  wood or is cut into 2-5 elongated fields of varied widths and orientation (some split across), 5-50 ha at the
+  wood or is cut into 2-5 elongated fields of varied widths and orientation (some split across), 5-60 ha at the
   default scale. Every field draws a crop (winter wheat, winter barley, rapeseed, maize, sunflower, grassland, in
   the shares of the Eure-et-Loir) with its calendar shifted by -10..+10 days and an NDVI offset of +-0.03. Over
   the fields: two woods (deciduous, coniferous), a village on the north bank of the river and two hamlets
   (built-up with gardens and trees), a meandering river 36 m wide crossing the whole sample west to east with
   riparian trees, the roads (12 m). River, woods and villages are placed relative to the granule size, so a
-  tiny test granule holds the same landscape. Default shares: ~85 % fields, ~8 % woods, ~2 % roads, ~0.5 % water,
-  ~0.5 % built-up. NDVI follows each cover's piecewise-linear phenology of the day of year (sowing, green-up,
+  tiny test granule holds the same landscape. Default shares: ~92 % fields, ~5 % woods, 2 % roads, ~0.5 % water,
+  ~0.4 % built-up. NDVI follows each cover's piecewise-linear phenology of the day of year (sowing, green-up,
   peak, harvest, bare soil; deciduous leaf-out and fall), read at the field's shift, plus its offset and a small
   smooth texture (``0.02 sin(x/97) cos(y/131)``, not on water), clipped to [-0.9, 0.95]. Red and NIR are
   derived from the NDVI and a per-cover brightness ``s = red + nir``: ``red = s(1-v)/2``, ``nir = s(1+v)/2``.
@@ -346,7 +346,7 @@ class SampleSpec:
     field_size: float = 400.0
     """Scale of the field pattern in metres: the road network's blocks are about ``3 * field_size`` across, each
     a wood or cut into 2-5 strips of fields (:mod:`ndvi_scale.landscape`); 400 m gives Beauce-like fields of
-    5-50 ha. The river, villages and woods scale with ``size`` instead."""
+    5-60 ha. The river, villages and woods scale with ``size`` instead."""
     seed: int = 42
     """Seed of the landscape (roads, fields, crops, river meanders) and of the clouds."""
     epsg: int = 32631
