@@ -41,7 +41,17 @@ import shapely
 if TYPE_CHECKING:
     from .sample import SampleSpec
 
-__all__ = ["CROPS", "LandCover", "Surface", "cover_ndvi_table", "parcel_polygons", "parcels_geojson", "surface"]
+__all__ = [
+    "CROPS",
+    "LandCover",
+    "Surface",
+    "cover_ndvi_table",
+    "ndvi",
+    "parcel_polygons",
+    "parcels_geojson",
+    "surface",
+    "union_bounds",
+]
 
 # ---------------------------------------------------------------------------------------------------- hashing
 
@@ -542,8 +552,8 @@ def parcel_polygons(
     Each: ``{"id": "b<i>.<j>-<strip><a|b>", "cover": LandCover, "shift": days, "geometry": shapely Polygon in
     spec.epsg}``: the exact field (a convex polygon) minus the road band, the river with its trees, the
     villages and the woods drawn over it (each grown by ``margin`` metres, and the result shrunk by ``margin``),
-    so every point inside a polygon has the parcel's cover in :func:`surface`. Polygons under 0.5 ha, and
-    parcels the overlays cut into pieces, keep only their largest piece.
+    so every point inside a polygon has the parcel's cover in :func:`surface`. A parcel the overlays cut into
+    pieces keeps its largest piece; pieces under 0.5 ha are left out.
     """
     b = block_size(spec)
     f = _features(spec)
