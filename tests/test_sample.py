@@ -252,7 +252,8 @@ def test_sample_catalog_publishes_its_parcels(tmp_path: Path) -> None:
     ripening = []
     for p in wheat:
         c = p["geometry"].representative_point()
-        v = [float(Truth.ndvi(default, c.x, c.y, dt.date(2024, 6, 1) + dt.timedelta(days=k))) for k in range(60)]
+        at = Truth.at(default, c.x, c.y)
+        v = [float(at.ndvi(dt.date(2024, 6, 1) + dt.timedelta(days=k))) for k in range(60)]
         ripening.append(int(np.argmin(np.round(np.diff(v), 9))))  # first day of the steepest fall
     shifts = np.asarray([p["shift"] for p in wheat])
     assert np.ptp(shifts) >= 15
