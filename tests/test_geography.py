@@ -82,7 +82,8 @@ def _truth(ds: xr.Dataset, mask_classes: tuple[int, ...] = DEFAULT_MASK_CLASSES)
 
     The same-day mosaic takes the first clear granule in item order (ids sort by tile name: 30UXQ, 30UYQ, 31UBQ,
     31UCQ). For each granule and date the point is evaluated at the exact position and 3 m around it: a granule is
-    *stable* there when all five agree on clear/not clear (and, if clear, on the parcel). A pixel-date is
+    *stable* there when all five agree on clear/not clear (and, if clear, on the NDVI of the source pixel holding
+    them, within 0.005: one field). A pixel-date is
     unambiguous when the first granule that is not stably unclear is stable.
     """
     epsg = ds.rio.crs.to_epsg()
@@ -91,7 +92,13 @@ def _truth(ds: xr.Dataset, mask_classes: tuple[int, ...] = DEFAULT_MASK_CLASSES)
     points = {}
     for spec in SPECS:
         xs, ys = Transformer.from_crs(epsg, spec.epsg, always_xy=True).transform(X, Y)
-        points[spec.epsg] = [(xs + dx, ys + dy) for dx, dy in offsets]
+        # the source pixel holding each point: its value is the truth at that pixel's centre (both granules of a
+        # spec share one 10 m lattice anchored at the spec's origin)
+        points[spec.epsg] = [
+            Truth.at(spec, spec.x0 + 10.0 * (np.floor((xs + dx - spec.x0) / 10.0) + 0.5),
+                     spec.y0 - 10.0 * (np.floor((spec.y0 - ys - dy) / 10.0) + 0.5))
+            for dx, dy in offsets
+        ]
     granules = sorted(((s, g) for s in SPECS for g in s.granules()), key=lambda sg: sg[1].name)
     dates = WEST.dates()
     assert dates == EAST.dates()
@@ -110,16 +117,17 @@ def _truth(ds: xr.Dataset, mask_classes: tuple[int, ...] = DEFAULT_MASK_CLASSES)
             any_possible = np.zeros(X.shape, dtype=bool)
             for spec, g in granules:
                 pts = points[spec.epsg]
-                clear = np.stack([Truth.is_clear(spec, x, y, d, mask_classes, granule=g) for x, y in pts])
-                cover = np.stack([Truth.land_cover(spec, x, y) for x, y in pts])
+                clear = np.stack([~np.isin(p.scl(d, g), mask_classes) for p in pts])
+                ndvi = np.stack([p.ndvi(d) for p in pts])
                 all_clear, some_clear = clear.all(axis=0), clear.any(axis=0)
-                stable = (all_clear | ~some_clear) & (~all_clear | (cover == cover[0]).all(axis=0))
+                same = (np.abs(ndvi - ndvi[0]) < 0.005).all(axis=0)  # one field: pixels differ by the texture only
+                stable = (all_clear | ~some_clear) & (~all_clear | same)
                 any_certain |= all_clear
                 any_possible |= some_clear
                 todo = ~decided
                 interior &= ~(todo & ~stable)
                 win = todo & stable & all_clear
-                stack[k][win] = Truth.ndvi(spec, *pts[0], d)[win]
+                stack[k][win] = ndvi[0][win]
                 zone[win] |= 1 if spec is WEST else 2
                 decided |= (todo & ~stable) | win
             certain += any_certain

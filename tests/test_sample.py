@@ -14,14 +14,18 @@ import numpy as np
 import pystac
 import pytest
 import rasterio
+from affine import Affine
 from pyproj import Transformer
 from rio_cogeo.cogeo import cog_validate
 
 from ndvi_scale.errors import CatalogError, InputError
+from ndvi_scale.landscape import CROPS, parcel_polygons, union_bounds
 from ndvi_scale.sample import (
+    BARE_SOIL_NDVI,
     CLOUDY_CLASSES,
     COG_MEDIA_TYPE,
     CONTAMINATION_TOLERANCE,
+    PARCELS_FILE,
     SAMPLE_BBOX,
     LandCover,
     SampleSpec,
@@ -31,7 +35,7 @@ from ndvi_scale.sample import (
     sample_catalog,
 )
 
-# 128 px granules (64 px SCL), 160 m parcels (so each granule holds several 3 x 2 blocks of parcels), 15 dates
+# 128 px granules (64 px SCL), a 160 m field scale (so each granule holds several road blocks of fields), 15 dates
 # on both sides of the baseline switch (2024-05-01) covering every sky kind of the 7-step schedule.
 TINY = SampleSpec(
     size=128, blocksize=128, start=dt.date(2024, 4, 1), end=dt.date(2024, 6, 10), field_size=160.0
@@ -109,11 +113,151 @@ def test_spec_validation() -> None:
         TINY.granule("31XXX")
 
 
-def test_every_land_cover_in_each_granule() -> None:
-    for spec in (TINY, SampleSpec()):
-        for g in spec.granules():
-            x, y = g.centres(10)
-            assert set(np.unique(Truth.land_cover(spec, x, y))) == set(LandCover)
+def test_every_land_cover_in_each_default_granule() -> None:
+    spec = SampleSpec()
+    for g in spec.granules():
+        x, y = pixel_centres(g.transform10 * Affine.scale(4), (g.size // 4, g.size // 4))  # every 40 m
+        assert set(np.unique(Truth.land_cover(spec, x, y))) == set(LandCover)
+    # a tiny test granule holds the same landscape, scaled: river, village, woods, roads and fields
+    x, y = _union_centres(TINY, 10.0)
+    assert set(np.unique(Truth.land_cover(TINY, x, y))) == set(LandCover)
+
+
+def _union_centres(spec: SampleSpec, step: float) -> tuple[np.ndarray, np.ndarray]:
+    a, b = spec.granules()
+    x = np.arange(a.bounds[0] + step / 2, b.bounds[2], step)[np.newaxis, :]
+    y = np.arange(a.bounds[3] - step / 2, a.bounds[1], -step)[:, np.newaxis]
+    return x, y
+
+
+def test_landscape_shares_are_those_of_a_farmed_plain() -> None:
+    """The default sample, like the Beauce near Chartres: mostly arable fields, some woods, a village, a thin
+    river (not 1/6 of the plain), a road network; winter cereals the main crop."""
+    spec = SampleSpec()
+    x, y = _union_centres(spec, 20.0)
+    cover = Truth.land_cover(spec, x, y)
+    share = {c: float(np.mean(cover == c)) for c in LandCover}
+    fields = sum(share[c] for c in CROPS) + share[LandCover.GRASSLAND]
+    forest = share[LandCover.DECIDUOUS_FOREST] + share[LandCover.CONIFEROUS_FOREST]
+    assert 0.75 < fields < 0.95
+    assert 0.04 < forest < 0.15
+    assert 0.002 < share[LandCover.WATER] < 0.015
+    assert 0.003 < share[LandCover.BUILT_UP] < 0.03
+    assert 0.01 < share[LandCover.ROAD] < 0.05
+    assert share[LandCover.WINTER_WHEAT] == max(share[c] for c in CROPS)
+    assert all(share[c] > 0.04 for c in (*CROPS, LandCover.GRASSLAND))
+
+
+@pytest.mark.parametrize("spec, step", [(SampleSpec(), 20.0), (TINY, 10.0)], ids=["default-20m", "tiny-10m"])
+def test_the_river_crosses_the_sample(spec: SampleSpec, step: float) -> None:
+    """One connected stream from the west edge to the east edge of the union of the granules, a few pixels wide."""
+    from scipy import ndimage
+
+    x, y = _union_centres(spec, step)
+    water = Truth.land_cover(spec, x, y) == LandCover.WATER
+    labels, n = ndimage.label(water, structure=np.ones((3, 3)))
+    assert n == 1
+    assert water[:, 0].any() and water[:, -1].any()
+    widths = water.sum(axis=0) * step  # north-south extent per column: >= the width, more where it bends
+    assert 30.0 <= np.median(widths) <= 80.0
+
+
+def test_crop_calendars() -> None:
+    """Each crop's NDVI through the year, on the mean of its pixels: winter cereals peak in spring and are bare
+    soil after the July harvest, maize peaks in August, sunflower in early July, rapeseed is green all winter,
+    deciduous woods are bare in winter; water, roads and the village stay low."""
+    spec = SampleSpec()
+    x, y = _union_centres(spec, 80.0)
+    cover = Truth.land_cover(spec, x, y)
+    days = [dt.date(2024, 1, 1) + dt.timedelta(days=k) for k in range(0, 366, 7)]
+    ndvi = np.stack([Truth.ndvi(spec, x, y, d) for d in days])
+    mean = {c: ndvi[:, cover == c].mean(axis=1) for c in LandCover}
+
+    def peak(c: LandCover) -> dt.date:
+        return days[int(np.argmax(mean[c]))]
+
+    def on(c: LandCover, month: int, day: int) -> float:
+        return float(mean[c][days.index(min(days, key=lambda d: abs((d - dt.date(2024, month, day)).days)))])
+
+    assert dt.date(2024, 4, 15) <= peak(LandCover.WINTER_WHEAT) <= dt.date(2024, 6, 5)
+    assert dt.date(2024, 4, 1) <= peak(LandCover.WINTER_BARLEY) < peak(LandCover.WINTER_WHEAT)
+    assert dt.date(2024, 7, 25) <= peak(LandCover.MAIZE) <= dt.date(2024, 8, 25)
+    assert dt.date(2024, 6, 20) <= peak(LandCover.SUNFLOWER) <= dt.date(2024, 7, 20)
+    for crop in (LandCover.WINTER_WHEAT, LandCover.WINTER_BARLEY, LandCover.RAPESEED):
+        assert on(crop, 8, 15) < BARE_SOIL_NDVI < on(crop, 4, 20) - 0.4  # harvested: stubble, ploughed soil
+    for crop in (LandCover.MAIZE, LandCover.SUNFLOWER):
+        assert on(crop, 4, 10) < BARE_SOIL_NDVI and on(crop, 11, 30) < BARE_SOIL_NDVI  # sown in spring
+    assert on(LandCover.RAPESEED, 1, 15) > 0.5 and on(LandCover.WINTER_WHEAT, 1, 15) < 0.45
+    assert mean[LandCover.GRASSLAND].min() > 0.45
+    assert on(LandCover.DECIDUOUS_FOREST, 1, 15) < 0.5 < 0.8 < on(LandCover.DECIDUOUS_FOREST, 7, 15)
+    assert mean[LandCover.CONIFEROUS_FOREST].min() > 0.7
+    assert np.allclose(ndvi[:, cover == LandCover.WATER], -0.35, rtol=0, atol=1e-12)
+    assert mean[LandCover.ROAD].max() < 0.2 and mean[LandCover.BUILT_UP].max() < 0.25
+
+
+def _parcels_utm(path: Path, spec: SampleSpec) -> list[tuple[dict[str, Any], Any]]:
+    import shapely
+
+    to_utm = Transformer.from_crs(4326, spec.epsg, always_xy=True)
+    out = []
+    for f in json.loads(path.read_text())["features"]:
+        geom = shapely.geometry.shape(f["geometry"])
+        out.append((f["properties"], shapely.transform(geom, lambda c: np.column_stack(to_utm.transform(*c.T)))))
+    return out
+
+
+def _check_parcels_against_truth(spec: SampleSpec, parcels: list[tuple[dict[str, Any], Any]]) -> int:
+    """Every 10 m pixel centre inside a parcel has the parcel's cover in Truth; returns how many were checked."""
+    import shapely
+
+    checked = 0
+    for props, geom in parcels:
+        xmin, ymin, xmax, ymax = geom.bounds
+        x = spec.x0 + 10.0 * np.arange(np.floor((xmin - spec.x0) / 10), np.ceil((xmax - spec.x0) / 10)) + 5.0
+        y = spec.y0 - 10.0 * np.arange(np.floor((spec.y0 - ymax) / 10), np.ceil((spec.y0 - ymin) / 10)) - 5.0
+        gx, gy = np.meshgrid(x, y)
+        inside = shapely.contains_xy(geom, gx, gy)
+        cover = Truth.land_cover(spec, gx[inside], gy[inside])
+        assert np.all(cover == LandCover[props["cover"].upper()]), props["id"]
+        checked += int(inside.sum())
+    return checked
+
+
+def test_sample_catalog_publishes_its_parcels(tmp_path: Path) -> None:
+    """parcels.geojson beside items.json: irregular fields and woods in EPSG:4326; every pixel centre inside a
+    polygon has its cover in Truth; they cover most of the plain; fields of one crop are sown and harvested on
+    different days, in the order of their published shift."""
+    spec = SampleSpec(size=128, blocksize=128, start=dt.date(2024, 6, 1), end=dt.date(2024, 6, 1), field_size=160.0)
+    items = sample_catalog(tmp_path, spec=spec)
+    path = items.parent / PARCELS_FILE
+    parcels = _parcels_utm(path, spec)
+    assert {p["cover"] for p, _ in parcels} >= {c.name.lower() for c in CROPS}
+    assert len({p["id"] for p, _ in parcels}) == len(parcels)
+    checked = _check_parcels_against_truth(spec, parcels)
+    a, b = spec.granules()
+    union = (b.bounds[2] - a.bounds[0]) * (a.bounds[3] - a.bounds[1])
+    assert 0.6 < checked * 100.0 / union < 0.95  # fields and woods, without roads, river banks and villages
+    # irregular: no two parcels alike, sides not all north-south / east-west
+    areas = sorted(g.area for _, g in parcels)
+    assert areas[-1] > 4 * areas[len(areas) // 10]
+
+    # the default sample's parcels, a sample of them (all: ~5 s)
+    default = SampleSpec()
+    every = parcel_polygons(default, union_bounds(default))
+    assert 500 < len(every) < 1500
+    _check_parcels_against_truth(default, [({"id": p["id"], "cover": p["cover"].name}, p["geometry"])
+                                           for p in every[::7]])
+    # per-parcel calendars: a wheat field ripens (its NDVI falls fastest) exactly its published shift later
+    wheat = [p for p in every if p["cover"] == LandCover.WINTER_WHEAT][:40]
+    ripening = []
+    for p in wheat:
+        c = p["geometry"].representative_point()
+        at = Truth.at(default, c.x, c.y)
+        v = [float(at.ndvi(dt.date(2024, 6, 1) + dt.timedelta(days=k))) for k in range(60)]
+        ripening.append(int(np.argmin(np.round(np.diff(v), 9))))  # first day of the steepest fall
+    shifts = np.asarray([p["shift"] for p in wheat])
+    assert np.ptp(shifts) >= 15
+    assert len(set(np.asarray(ripening) - shifts)) == 1
 
 
 def test_truth_accepts_scalars_and_date_forms() -> None:
@@ -135,18 +279,37 @@ def test_truth_accepts_scalars_and_date_forms() -> None:
     assert red.shape == () and red.dtype == np.uint16 and 0 < red < nir
 
 
+def test_truth_at_fixed_points_equals_truth() -> None:
+    """One Truth.at object asked about several dates and granules (its land surface computed once) gives the very
+    arrays of a fresh Truth call for each: nothing of one question leaks into the next."""
+    x, y = _union_centres(TINY, 30.0)
+    at = Truth.at(TINY, x, y)
+    for when in ("2024-04-06", "2024-04-16", "2024-05-26"):  # scattered, broken, mostly cloudy skies
+        np.testing.assert_array_equal(at.ndvi(when), Truth.ndvi(TINY, x, y, when))
+        for granule in (None, 0, "31UDQ"):
+            np.testing.assert_array_equal(at.scl(when, granule), Truth.scl(TINY, x, y, when, granule))
+            np.testing.assert_array_equal(
+                at.apparent_ndvi(when, granule), Truth.apparent_ndvi(TINY, x, y, when, granule)
+            )
+            np.testing.assert_array_equal(at.contaminated(when, granule), Truth.contaminated(TINY, x, y, when, granule))
+    assert Truth.scl(TINY, x, y, "2024-05-26").max() >= 8  # a cloudy date was among them
+
+
 def test_phenology() -> None:
-    x, y = pixel_centres(TINY.granules()[0].transform10, TINY.granules()[0].shape10)
+    x, y = _union_centres(TINY, 10.0)
     cover = Truth.land_cover(TINY, x, y)
     early, peak = Truth.ndvi(TINY, x, y, "2024-01-15"), Truth.ndvi(TINY, x, y, "2024-05-10")
-    wheat, water, forest = (
+    wheat, water, conifers = (
         cover == LandCover.WINTER_WHEAT,
         cover == LandCover.WATER,
-        cover == LandCover.FOREST,
+        cover == LandCover.CONIFEROUS_FOREST,
     )
     assert peak[wheat].mean() > early[wheat].mean() + 0.4
-    assert np.all(early[water] == -0.35) and abs(early[forest].mean() - 0.82) < 0.01
-    assert np.abs(early[~water] - np.round(early[~water], 6)).max() <= 0.02  # texture stays small
+    assert np.all(early[water] == -0.35) and abs(early[conifers].mean() - 0.747) < 0.01
+    # within one parcel the NDVI varies only by the small smooth texture (+-0.02)
+    one = cover == cover[0, 0]
+    same = one & (np.abs(x - x[0, 0]) < 30) & (np.abs(y - y[0, 0]) < 30)
+    assert np.ptp(early[same]) <= 0.04
 
 
 # -------------------------------------------------------------------------------------------------- the files
@@ -223,7 +386,8 @@ def test_files_equal_truth(catalog: tuple[Path, list[pystac.Item]]) -> None:
         assert np.all(off[has & dirty] > CONTAMINATION_TOLERANCE - 0.005)
         # every labelled cloud, cirrus and shadow pixel is contaminated, but bright soil flagged as cloud (8)
         masked = np.isin(scl10, CLOUDY_CLASSES)
-        flagged_soil = (scl10 == 8) & (Truth.land_cover(TINY, x, y) == LandCover.BARE)
+        bare = np.repeat(np.repeat(Truth.bare_soil(TINY, x20, y20, when), 2, axis=0), 2, axis=1)
+        flagged_soil = (scl10 == 8) & bare
         assert np.all(dirty[masked & ~flagged_soil])
         assert np.all(np.isnan(ndvi[scl10 == 0])) and not dirty[~has].any()
         clear = has & ~np.isin(scl10, MASKED)
@@ -251,7 +415,8 @@ def test_clear_classes_follow_truth(catalog: tuple[Path, list[pystac.Item]]) -> 
     assert surface.mean() > 0.95
     assert np.all(((scl == 6) == (cover == LandCover.WATER))[surface])
     assert np.all(((scl == 4) == (ndvi > 0.4))[surface])
-    assert np.all(cover[scl == 8] == LandCover.BARE)  # commission: bright bare soil only
+    bare = Truth.bare_soil(TINY, x, y, item.datetime)  # type: ignore[arg-type]
+    assert np.all(bare[scl == 8]) and np.all(np.isin(cover[bare], CROPS))  # commission: bright bare soil only
     dirty = Truth.contaminated(TINY, x, y, item.datetime)  # type: ignore[arg-type]
     np.testing.assert_array_equal(dirty, scl == 1)  # on a clear date only the defective pixels are
 
@@ -456,7 +621,7 @@ def test_sample_catalog_caches(tmp_path: Path) -> None:
     spec = SampleSpec(size=64, blocksize=64, start=dt.date(2024, 6, 1), end=dt.date(2024, 6, 11))
     first = sample_catalog(tmp_path, spec=spec)
     assert first.name == "items.json" and first.parent.parent == tmp_path.resolve()
-    assert first.parent.name.startswith("sample-v2-64-")
+    assert first.parent.name.startswith("sample-v3-64-")
     t0 = time.perf_counter()
     assert sample_catalog(tmp_path, spec=spec) == first
     assert time.perf_counter() - t0 < 0.1
@@ -491,7 +656,7 @@ def test_sample_catalog_lost_race_uses_the_winner(tmp_path: Path, monkeypatch: p
     from ndvi_scale import sample as sample_module
 
     spec = SampleSpec(size=64, blocksize=64, start=dt.date(2024, 6, 1), end=dt.date(2024, 6, 1))
-    final = tmp_path / f"sample-v2-64-{spec.fingerprint()}"
+    final = tmp_path / f"sample-v3-64-{spec.fingerprint()}"
     real_generate = sample_module.generate
 
     def racing_generate(root: Path, spec: SampleSpec, href_base: str | None = None) -> list[pystac.Item]:
@@ -507,7 +672,7 @@ def test_sample_catalog_lost_race_uses_the_winner(tmp_path: Path, monkeypatch: p
 
 def test_sample_catalog_refuses_a_broken_cache(tmp_path: Path) -> None:
     spec = SampleSpec(size=64, blocksize=64, start=dt.date(2024, 6, 1), end=dt.date(2024, 6, 1))
-    final = tmp_path / f"sample-v2-64-{spec.fingerprint()}"
+    final = tmp_path / f"sample-v3-64-{spec.fingerprint()}"
     final.mkdir()
     (final / "stray.txt").write_text("not a sample")
     with pytest.raises(CatalogError, match="delete it"):

@@ -298,24 +298,36 @@ def test_general_polygons_weights_equal_shapely_intersections(ds):
 
 
 def test_sample_parcels_file_and_constant_covers(ds, tmp_path):
-    """The published sample parcels: each polygon holds one land cover (Truth at 20 m spacing inside it), and
-    through the CLI path (GeoJSON in EPSG:4326, --id id) water parcels give NDVI -0.35 and forest 0.82 +- the
-    0.02 texture, their analytic values, wherever observed clear."""
+    """The published sample parcels: irregular fields, each polygon holds one land cover (Truth at every 10 m pixel
+    centre inside it), and through the file path (GeoJSON in EPSG:4326, id field ``id``) each parcel's zonal mean is
+    the truth's composite over it: inset by 15 m, every pixel touching a parcel lies in its field, so the mean
+    differs from the plain mean of the truth at the pixel centres inside only by the smooth texture (< 0.01)."""
     from ndvi_scale.analytics.parcels import sample_parcels, write_sample_parcels
 
     parcels = sample_parcels(SPEC, inset=15.0)
-    assert len(parcels) == 60 and {p["cover"] for p in parcels} >= {"water", "forest"}
+    assert len(parcels) >= 8 and len({p["cover"] for p in parcels}) >= 3
     for p in parcels:
         xmin, ymin, xmax, ymax = p["geometry"].bounds
-        gx, gy = np.meshgrid(np.arange(xmin + 1, xmax, 20.0), np.arange(ymin + 1, ymax, 20.0))
-        covers = np.unique(Truth.land_cover(SPEC, gx, gy))
-        assert len(covers) == 1
+        gx, gy = np.meshgrid(np.arange(xmin - xmin % 10 + 5, xmax, 10.0), np.arange(ymin - ymin % 10 + 5, ymax, 10.0))
+        inside = shapely.contains_xy(p["geometry"], gx, gy)
+        assert inside.sum() > 20
+        covers = np.unique(Truth.land_cover(SPEC, gx[inside], gy[inside]))
+        assert len(covers) == 1 and Truth.land_cover(SPEC, gx[inside][0], gy[inside][0]) == covers[0]
     path = write_sample_parcels(tmp_path / "parcels.geojson", SPEC, inset=15.0)
     got = ndvi_scale.zonal(ds, path, id_field="id", stats="mean,count,valid_fraction")
-    cover = {p["id"]: p["cover"] for p in parcels}
-    got["cover"] = got.zone.map(cover)
-    water = got[(got.cover == "water") & (got.valid_fraction > 0)]
-    forest = got[(got.cover == "forest") & (got.valid_fraction > 0)]
-    assert len(water) > 0 and len(forest) > 0
-    np.testing.assert_allclose(water["mean"], -0.35, atol=0.005)
-    np.testing.assert_allclose(forest["mean"], 0.82, atol=0.02)
+    assert set(got.zone) == {p["id"] for p in parcels}
+    gx, gy = np.meshgrid(ds.x.values, ds.y.values)
+    dates = SPEC.dates()
+    checked = 0
+    for t0, t1 in zip(ds.time.values, ds.time_end.values, strict=True):
+        lo, hi = np.datetime64(t0, "D"), np.datetime64(t1, "D")
+        period = [d for d in dates if lo <= np.datetime64(d.date(), "D") <= hi]
+        expected, _ = Truth.expected_composite(SPEC, gx, gy, period, "median")
+        for p in parcels:
+            row = got[(got.zone == p["id"]) & (got.time == t0)].iloc[0]
+            inside = shapely.contains_xy(p["geometry"], gx, gy)
+            if row["valid_fraction"] < 1.0:
+                continue
+            assert row["mean"] == pytest.approx(float(np.mean(expected[inside])), abs=0.01), (p["id"], t0)
+            checked += 1
+    assert checked >= len(parcels)

@@ -14,13 +14,20 @@ Scene design
   B04/B08 are 10 m (``size`` x ``size``), SCL is 20 m (``size/2`` x ``size/2``). One *global 20 m grid*
   anchored at ``(x0, y0)`` carries everything about clouds and no-data; a 10 m pixel takes the class of the
   20 m pixel that contains it.
-* **Surface.** Square parcels of ``field_size`` metres anchored at ``(x0, y0)``, each with one of six land
-  covers (:class:`LandCover`). The assignment tiles the plane with aligned blocks of 3 x 2 parcels; each block
-  holds every cover exactly once, in an order drawn from the 720 permutations by an integer hash of the block
-  index. So any area of at least 5 x 3 parcels (and granule A as soon as it spans 3 x 2 parcels) contains
-  every cover, while the layout does not repeat. NDVI follows a per-cover phenology of the day of year, plus a
-  small smooth texture (``0.02 sin(x/97) cos(y/131)``, not on water), clipped to [-0.9, 0.95]. Red and NIR are
+* **Surface** (:mod:`ndvi_scale.landscape`). A farmed plain like the Beauce: a network of slightly slanted
+  straight roads (a jittered grid of nodes every ``3 * field_size``) cuts it into convex blocks; each block is a
+  wood or is cut into 2-5 elongated fields of varied widths and orientation (some split across), 5-60 ha at the
+  default scale. Every field draws a crop (winter wheat, winter barley, rapeseed, maize, sunflower, grassland, in
+  the shares of the Eure-et-Loir) with its calendar shifted by -10..+10 days and an NDVI offset of +-0.03. Over
+  the fields: two woods (deciduous, coniferous), a village on the north bank of the river and two hamlets
+  (built-up with gardens and trees), a meandering river 36 m wide crossing the whole sample west to east with
+  riparian trees, the roads (12 m). River, woods and villages are placed relative to the granule size, so a
+  tiny test granule holds the same landscape. Default shares: ~92 % fields, ~5 % woods, 2 % roads, ~0.5 % water,
+  ~0.4 % built-up. NDVI follows each cover's piecewise-linear phenology of the day of year (sowing, green-up,
+  peak, harvest, bare soil; deciduous leaf-out and fall), read at the field's shift, plus its offset and a small
+  smooth texture (``0.02 sin(x/97) cos(y/131)``, not on water), clipped to [-0.9, 0.95]. Red and NIR are
   derived from the NDVI and a per-cover brightness ``s = red + nir``: ``red = s(1-v)/2``, ``nir = s(1+v)/2``.
+  :func:`sample_catalog` publishes the fields and woods as ``parcels.geojson`` beside ``items.json``.
 * **Sky.** Each date has a cloudiness kind from a fixed 7-step schedule indexed by the acquisition number
   ``ordinal // revisit_days`` (clear, scattered, overcast, few, broken, clear, mostly cloudy), so every 7
   consecutive acquisitions hold two clear dates and one nearly overcast date. The clouds themselves are
@@ -33,7 +40,8 @@ Scene design
   beyond a cirrus band its fringe (40 m), beyond a shadow its penumbra (40 m); 20 % of rim and cirrus pixels
   labelled as their surface (thin cloud called vegetation or bare soil), 15 % of shadow pixels labelled dark area
   (2) and 15 % water (6); 0.1 % of pixels on every date saturated (SCL 1, both bands at reflectance 1); 3 % of the
-  clean bare-soil pixels flagged as cloud (8, single 20 m pixels). :meth:`Truth.contaminated` says which
+  clean bare-soil pixels (arable fields between harvest and emergence, :meth:`Truth.bare_soil`) flagged as cloud
+  (8, single 20 m pixels). :meth:`Truth.contaminated` says which
   observations are off the surface NDVI by more than :data:`CONTAMINATION_TOLERANCE`, whatever the SCL says;
   :meth:`Truth.apparent_ndvi` is what the files hold.
 * **No-data.** On every second acquisition ("the other relative orbit") granule A loses a slanted strip on its
@@ -44,14 +52,13 @@ Scene design
   or ``0``.
 
 Everything is a pure function of ``(spec, x, y, date)``; the generator evaluates the very same functions on
-the pixel-centre grids, so :class:`Truth` and the files agree exactly.
+the pixel-centre grids (the static land surface once per granule), so :class:`Truth` and the files agree exactly.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -61,7 +68,6 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
-from enum import IntEnum
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
@@ -75,18 +81,34 @@ from rasterio.crs import CRS
 
 from .config import DEFAULT_MASK_CLASSES, normalise_method, parse_date
 from .errors import CatalogError, InputError
+from .landscape import (
+    _GOLDEN,
+    _M64,
+    BRIGHTNESS,
+    CROPS,
+    LandCover,
+    Surface,
+    _hash2,
+    _mix64,
+    _SplitMix,
+    parcels_geojson,
+    surface,
+)
+from .landscape import ndvi as landscape_ndvi
 
 __all__ = [
     "CONTAMINATION_TOLERANCE",
     "COG_MEDIA_TYPE",
     "Granule",
     "LandCover",
+    "PARCELS_FILE",
     "SAMPLE_BBOX",
     "SAMPLE_END",
     "SAMPLE_START",
     "SAMPLE_VERSION",
     "SampleSpec",
     "Truth",
+    "TruthAt",
     "generate",
     "generate_zones",
     "pixel_centres",
@@ -95,13 +117,16 @@ __all__ = [
 ]
 
 #: Bump whenever the generated scene changes: it names the cache folder of :func:`sample_catalog`.
-SAMPLE_VERSION = 2
+SAMPLE_VERSION = 3
 
 #: W, S, E, N (degrees) well inside the union of the two granules of the default sample (``size=1024``):
 #: about 404-417 km E, 5351-5359.5 km N in UTM 31N. It spans the east of granule A, the whole A/B overlap
 #: (where A's swath edge falls) and the west of B, reaching into B's north-east no-data corner (~2.6 % of the
 #: box has no data on swath-edge dates), so a composite over it meets overlap, swath edges and real holes.
 SAMPLE_BBOX: tuple[float, float, float, float] = (1.706, 48.307, 1.878, 48.382)
+
+#: Name of the parcels file :func:`sample_catalog` writes beside ``items.json``.
+PARCELS_FILE = "parcels.geojson"
 
 #: Period of interest that covers every acquisition of the default sample.
 SAMPLE_START = "2024-01-01"
@@ -138,24 +163,9 @@ _DN_OFFSET = 1000
 _SCALE = 0.0001
 
 
-class LandCover(IntEnum):
-    """Land cover of a parcel; the value is the index used in the arrays of :meth:`Truth.land_cover`."""
-
-    WINTER_WHEAT = 0
-    MAIZE = 1
-    GRASSLAND = 2
-    FOREST = 3
-    BARE = 4
-    WATER = 5
-
-
-# Brightness s = red + nir per land cover (reflectance). Vegetation 0.35-0.45 and bare soil 0.45 are typical
-# red+nir sums of temperate crops, forest and soil; water is dark. Water keeps NDVI error from DN rounding
-# below 0.002 (0.5e-4 * 2 / 0.06), well inside the 0.005 tolerance promised to users.
-_BRIGHTNESS = np.array([0.40, 0.38, 0.42, 0.35, 0.45, 0.06])
-
-# All 720 orders of the six covers; an aligned 3 x 2 block of parcels uses one of them, picked by a hash.
-_PERMUTATIONS = np.array(list(itertools.permutations(range(len(LandCover)))), dtype=np.int8)
+#: Surface NDVI below which an arable field is bare soil (stubble, ploughed or sown): bright enough for Sen2Cor
+#: to flag some of it as cloud (the SCL's commission errors).
+BARE_SOIL_NDVI = 0.25
 
 _NDVI_MIN, _NDVI_MAX = -0.9, 0.95
 
@@ -333,10 +343,12 @@ class SampleSpec:
     """Days between acquisitions (Sentinel-2A + 2B revisit)."""
     baseline_switch: dt.date = dt.date(2024, 5, 1)
     """Dates before it get processing baseline 03.01 (no DN offset), dates on or after it 05.10 (+1000)."""
-    field_size: float = 640.0
-    """Side of the square parcels in metres (a multiple of 20 keeps parcels aligned with the 20 m SCL)."""
+    field_size: float = 400.0
+    """Scale of the field pattern in metres: the road network's blocks are about ``3 * field_size`` across, each
+    a wood or cut into 2-5 strips of fields (:mod:`ndvi_scale.landscape`); 400 m gives Beauce-like fields of
+    5-60 ha. The river, villages and woods scale with ``size`` instead."""
     seed: int = 42
-    """Seed of the parcel layout and of the clouds."""
+    """Seed of the landscape (roads, fields, crops, river meanders) and of the clouds."""
     epsg: int = 32631
     """EPSG code of the UTM zone of both granules."""
     x0: float = 399960.0
@@ -488,88 +500,27 @@ def _to_lonlat(epsg: int) -> Transformer:
 
 # ---------------------------------------------------------------------------------------------------- hashing
 
-_M64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15
-
-
-def _mix64(z: int) -> int:
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    return z ^ (z >> 31)
-
-
-class _SplitMix:
-    """SplitMix64 in pure Python: a few numbers per date, identical on every platform and numpy version
-    (numpy's Generator streams are not guaranteed stable across versions, and a cached sample must match the
-    truth)."""
-
-    def __init__(self, *keys: int) -> None:
-        state = _GOLDEN
-        for k in keys:
-            state = _mix64(((state ^ (k & _M64)) + _GOLDEN) & _M64)
-        self.state = state
-
-    def uniform(self, lo: float, hi: float) -> float:
-        self.state = (self.state + _GOLDEN) & _M64
-        return lo + (hi - lo) * (_mix64(self.state) >> 11) * 2.0**-53
-
-
-def _hash2(i: np.ndarray, j: np.ndarray, seed: int) -> np.ndarray:
-    """Vectorised SplitMix64 finaliser of two integer arrays (uint64 arithmetic wraps modulo 2**64)."""
-    with np.errstate(over="ignore"):  # wrapping is the point; numpy only warns for 0-d (scalar) inputs
-        z = (
-            i.astype(np.int64).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-            + j.astype(np.int64).astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F)
-            + np.uint64(seed & _M64)
-        )
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
 # ---------------------------------------------------------------------------------------------------- surface
 
 
-def _land_cover(spec: SampleSpec, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    i = np.floor((np.asarray(x, dtype=np.float64) - spec.x0) / spec.field_size).astype(np.int64)
-    j = np.floor((spec.y0 - np.asarray(y, dtype=np.float64)) / spec.field_size).astype(np.int64)
-    # aligned 3 x 2 blocks of parcels: block (i // 3, j // 2), slot (i % 3) + 3 (j % 2) within it
-    perm = _hash2(i // 3, j // 2, spec.seed) % np.uint64(len(_PERMUTATIONS))
-    slot = (i % 3) + 3 * (j % 2)
-    return _PERMUTATIONS[perm.astype(np.int64), slot]
+def _surface(spec: SampleSpec, x: Any, y: Any) -> Surface:
+    return surface(spec, np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
 
 
-def _texture(x: np.ndarray, y: np.ndarray, cover: np.ndarray) -> np.ndarray:
-    # periods ~600 m and ~820 m: visible inside a parcel, smooth at 10-20 m
-    t = (
-        0.02
-        * np.sin(np.asarray(x, dtype=np.float64) / 97.0)
-        * np.cos(np.asarray(y, dtype=np.float64) / 131.0)
-    )
-    return np.where(cover == LandCover.WATER, 0.0, t)
+#: Rows of a granule's grid per call of the landscape: bounds its temporaries (~30 float64 arrays of the block)
+#: to ~0.5 GB for a full-size 10980-px granule instead of ~30 GB at once.
+_SURFACE_ROWS = 256
 
 
-def _cover_ndvi(doy: float) -> np.ndarray:
-    """NDVI of each :class:`LandCover` on that day of year, before texture."""
-
-    def gauss(peak: float, width: float) -> float:
-        return math.exp(-0.5 * ((doy - peak) / width) ** 2)
-
-    return np.array(
-        [
-            0.20 + 0.65 * gauss(130.0, 40.0),  # winter wheat: green-up in spring, harvest in July
-            0.18 + 0.70 * gauss(215.0, 35.0),  # maize: sown in May, peak in August
-            0.55 + 0.15 * math.sin(2.0 * math.pi * (doy - 80.0) / 366.0),  # grassland: mild seasonal cycle
-            0.82,  # evergreen forest
-            0.12,  # bare soil / urban
-            -0.35,  # water
-        ]
-    )
+def _surface_rows(spec: SampleSpec, x: np.ndarray, y: np.ndarray) -> Surface:
+    """:func:`_surface` of a grid (``x`` (1, W), ``y`` (H, 1)), block of rows by block of rows: the same numbers
+    (every point is computed on its own)."""
+    parts = [_surface(spec, x, y[k : k + _SURFACE_ROWS]) for k in range(0, y.shape[0], _SURFACE_ROWS)]
+    return Surface(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(Surface)))
 
 
-def _ndvi(cover: np.ndarray, texture: np.ndarray, d: dt.date) -> np.ndarray:
-    v = _cover_ndvi(float(d.timetuple().tm_yday))[cover] + texture
-    return np.clip(v, _NDVI_MIN, _NDVI_MAX)
+def _ndvi(surf: Surface, d: dt.date) -> np.ndarray:
+    return np.clip(landscape_ndvi(surf, d.timetuple().tm_yday), _NDVI_MIN, _NDVI_MAX)
 
 
 # -------------------------------------------------------------------------------------------------------- sky
@@ -747,25 +698,40 @@ def _global20(spec: SampleSpec, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarra
     return col, row
 
 
+def _centres20(spec: SampleSpec, col: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """UTM centres of global 20 m pixels."""
+    return spec.x0 + 20.0 * (np.asarray(col) + 0.5), spec.y0 - 20.0 * (np.asarray(row) + 0.5)
+
+
+def _bare_soil(surf: Surface, v: np.ndarray) -> np.ndarray:
+    return np.isin(surf.cover, CROPS) & (v < BARE_SOIL_NDVI)
+
+
 def _scl(
-    spec: SampleSpec, g: Granule, col: np.ndarray, row: np.ndarray, d: dt.date, state: _SkyState | None = None
+    spec: SampleSpec,
+    g: Granule,
+    col: np.ndarray,
+    row: np.ndarray,
+    d: dt.date,
+    state: _SkyState | None = None,
+    surf: Surface | None = None,
 ) -> np.ndarray:
-    """Granule ``g``'s SCL at global 20 m indices (``state``: their :func:`_sky_state`, if already known)."""
+    """Granule ``g``'s SCL at global 20 m indices (``state``: their :func:`_sky_state`, ``surf``: the surface at
+    their centres, if already known)."""
     # surface class from the truth at the 20 m pixel centre
-    xc = spec.x0 + 20.0 * (col + 0.5)
-    yc = spec.y0 - 20.0 * (row + 0.5)
-    cover = _land_cover(spec, xc, yc)
-    v = _ndvi(cover, _texture(xc, yc, cover), d)
-    surface = np.where(
+    surf = surf if surf is not None else _surface(spec, *_centres20(spec, col, row))
+    cover = surf.cover
+    v = _ndvi(surf, d)
+    surface_class = np.where(
         cover == LandCover.WATER, SCL_WATER, np.where(v > 0.4, SCL_VEGETATION, SCL_NOT_VEGETATED)
     )
     state = state if state is not None else _sky_state(spec, col, row, d)
-    scl = np.where(state.label != 0, state.label, surface).astype(np.uint8)
+    scl = np.where(state.label != 0, state.label, surface_class).astype(np.uint8)
     if spec.scl_errors:
         # commission: bright bare soil flagged as cloud, single pixels, on a surface that is really clean
         draw = _uniform(spec, col, row, d.toordinal())
         quiet = (state.label == 0) & (state.haze == 0) & (state.veil == 0) & (state.penumbra == 0)
-        false_cloud = quiet & (cover == LandCover.BARE) & (draw >= 0.5) & (draw < 0.5 + _COMMISSION)
+        false_cloud = quiet & _bare_soil(surf, v) & (draw >= 0.5) & (draw < 0.5 + _COMMISSION)
         scl = np.where(false_cloud, np.uint8(SCL_CLOUD_MEDIUM), scl)
     return np.where(_outside(spec, g, col, row, d), np.uint8(SCL_NODATA), scl)
 
@@ -774,15 +740,14 @@ def _reflectance(
     spec: SampleSpec,
     x: np.ndarray,
     y: np.ndarray,
-    cover: np.ndarray,
-    texture: np.ndarray,
+    surf: Surface,
     state: _SkyState,
     d: dt.date,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Red and NIR reflectance (float64, before DN rounding) of the pixels at (x, y) under the sky ``state`` (its
     arrays broadcastable to the points): the surface, changed by what is really between it and the sensor."""
-    v = _ndvi(cover, texture, d)
-    s = _BRIGHTNESS[cover]
+    v = _ndvi(surf, d)
+    s = BRIGHTNESS[surf.cover]
     red = np.asarray(s * (1.0 - v) / 2.0)  # fresh arrays (0-d for scalar input): safe to edit in place
     nir = np.asarray(s * (1.0 + v) / 2.0)
     shape = red.shape
@@ -834,14 +799,13 @@ def _dn(
     spec: SampleSpec,
     x: np.ndarray,
     y: np.ndarray,
-    cover: np.ndarray,
-    texture: np.ndarray,
+    surf: Surface,
     state: _SkyState,
     nodata: np.ndarray,
     d: dt.date,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Red and NIR DNs (uint16, 0 where ``nodata``) of the pixels at (x, y) under the sky ``state``."""
-    red, nir = _reflectance(spec, x, y, cover, texture, state, d)
+    red, nir = _reflectance(spec, x, y, surf, state, d)
     offset = spec.dn_offset(d)
     nodata = np.broadcast_to(nodata, red.shape)
 
@@ -890,6 +854,60 @@ def _observations(
     return {d: tuple(granules[i] for i in sorted(ix)) for d, ix in sorted(seen.items())}
 
 
+class TruthAt:
+    """:class:`Truth` at fixed points, for many dates: the static land surface is computed once (the landscape
+    costs far more than one date's sky). Build it with :meth:`Truth.at`; its methods answer like :class:`Truth`'s
+    (same arguments without ``spec``, ``x``, ``y``) and give identical arrays."""
+
+    def __init__(self, spec: SampleSpec, x: Any, y: Any) -> None:
+        self.spec = spec
+        self.x = np.asarray(x, dtype=np.float64)
+        self.y = np.asarray(y, dtype=np.float64)
+        self.col, self.row = _global20(spec, self.x, self.y)
+
+    @cached_property
+    def surface(self) -> Surface:
+        """The surface at the points."""
+        return _surface(self.spec, self.x, self.y)
+
+    @cached_property
+    def surface20(self) -> Surface:
+        """The surface at the centres of the 20 m SCL pixels holding the points (what the SCL classifies)."""
+        return _surface(self.spec, *_centres20(self.spec, self.col, self.row))
+
+    def _scl(self, d: dt.date, granules: Sequence[Granule], state: _SkyState) -> np.ndarray:
+        out = np.zeros(np.broadcast_shapes(self.col.shape, self.row.shape), dtype=np.uint8)
+        for g in granules:
+            out = np.where(out == SCL_NODATA, _scl(self.spec, g, self.col, self.row, d, state, self.surface20), out)
+        return out
+
+    def _observe(self, d: dt.date, granules: Sequence[Granule]) -> tuple[np.ndarray, np.ndarray]:
+        """(mosaic SCL, apparent NDVI with NaN where no granule has data) on date ``d``."""
+        state = _sky_state(self.spec, self.col, self.row, d)
+        scl = self._scl(d, granules, state)
+        red, nir = _reflectance(self.spec, self.x, self.y, self.surface, state, d)
+        v = (nir - red) / (nir + red)
+        return scl, np.where(scl == SCL_NODATA, np.nan, v)
+
+    def ndvi(self, when: When) -> np.ndarray:
+        """As :meth:`Truth.ndvi`."""
+        return _ndvi(self.surface, _as_date(when))
+
+    def scl(self, when: When, granule: GranuleSelection = None) -> np.ndarray:
+        """As :meth:`Truth.scl`."""
+        d = _as_date(when)
+        return self._scl(d, _selection(self.spec, granule), _sky_state(self.spec, self.col, self.row, d))
+
+    def apparent_ndvi(self, when: When, granule: GranuleSelection = None) -> np.ndarray:
+        """As :meth:`Truth.apparent_ndvi`."""
+        return self._observe(_as_date(when), _selection(self.spec, granule))[1]
+
+    def contaminated(self, when: When, granule: GranuleSelection = None) -> np.ndarray:
+        """As :meth:`Truth.contaminated`."""
+        with np.errstate(invalid="ignore"):
+            return np.abs(self.apparent_ndvi(when, granule) - self.ndvi(when)) > CONTAMINATION_TOLERANCE
+
+
 class Truth:
     """The analytic truth of a :class:`SampleSpec` scene, at any UTM coordinates (in ``spec.epsg``).
 
@@ -900,17 +918,27 @@ class Truth:
     """
 
     @staticmethod
+    def at(spec: SampleSpec, x: Any, y: Any) -> TruthAt:
+        """The truth at these points for many dates (:class:`TruthAt`): the land surface computed once."""
+        return TruthAt(spec, x, y)
+
+    @staticmethod
     def land_cover(spec: SampleSpec, x: Any, y: Any) -> np.ndarray:
-        """:class:`LandCover` index (int8) of the parcel containing each point."""
-        return _land_cover(spec, np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
+        """:class:`LandCover` index (int8) at each point (:mod:`ndvi_scale.landscape`)."""
+        return _surface(spec, x, y).cover
 
     @staticmethod
     def ndvi(spec: SampleSpec, x: Any, y: Any, when: When) -> np.ndarray:
         """True surface NDVI (float64) at each point: what a perfect, cloud-free observation would give."""
-        x = np.asarray(x, dtype=np.float64)
-        y = np.asarray(y, dtype=np.float64)
-        cover = _land_cover(spec, x, y)
-        return _ndvi(cover, _texture(x, y, cover), _as_date(when))
+        return TruthAt(spec, x, y).ndvi(when)
+
+    @staticmethod
+    def bare_soil(spec: SampleSpec, x: Any, y: Any, when: When) -> np.ndarray:
+        """True where the point is an arable field on bare soil that date (a crop's NDVI below
+        :data:`BARE_SOIL_NDVI`: stubble, ploughed or sown), the only surface the SCL wrongly flags as cloud (8).
+        The SCL decides per 20 m pixel: pass 20 m pixel centres to know which SCL pixels may be flagged."""
+        surf = _surface(spec, x, y)
+        return _bare_soil(surf, _ndvi(surf, _as_date(when)))
 
     @staticmethod
     def scl(spec: SampleSpec, x: Any, y: Any, when: When, granule: GranuleSelection = None) -> np.ndarray:
@@ -921,13 +949,7 @@ class Truth:
         then B) that has data there, else 0. A sequence of granules gives the mosaic of just those, in that
         order.
         """
-        d = _as_date(when)
-        col, row = _global20(spec, x, y)
-        out = np.zeros(np.broadcast_shapes(col.shape, row.shape), dtype=np.uint8)
-        state = _sky_state(spec, col, row, d)
-        for g in _selection(spec, granule):
-            out = np.where(out == SCL_NODATA, _scl(spec, g, col, row, d, state), out)
-        return out
+        return TruthAt(spec, x, y).scl(when, granule)
 
     @staticmethod
     def dn(
@@ -941,10 +963,9 @@ class Truth:
         d = _as_date(when)
         x = np.asarray(x, dtype=np.float64)
         y = np.asarray(y, dtype=np.float64)
-        cover = _land_cover(spec, x, y)
         nodata = Truth.scl(spec, x, y, d, granule) == SCL_NODATA
         state = _sky_state(spec, *_global20(spec, x, y), d)
-        return _dn(spec, x, y, cover, _texture(x, y, cover), state, nodata, d)
+        return _dn(spec, x, y, _surface(spec, x, y), state, nodata, d)
 
     @staticmethod
     def apparent_ndvi(
@@ -953,14 +974,7 @@ class Truth:
         """NDVI (float64) of the reflectance stored in the files, before rounding to DNs: :meth:`ndvi` where the
         sky is clean, moved by cloud, haze, cirrus, shadow or a defect elsewhere; NaN where no granule (of
         ``granule``, as in :meth:`scl`) has data. The files' NDVI is within 0.005 of it (DN rounding)."""
-        d = _as_date(when)
-        x = np.asarray(x, dtype=np.float64)
-        y = np.asarray(y, dtype=np.float64)
-        cover = _land_cover(spec, x, y)
-        state = _sky_state(spec, *_global20(spec, x, y), d)
-        red, nir = _reflectance(spec, x, y, cover, _texture(x, y, cover), state, d)
-        v = (nir - red) / (nir + red)
-        return np.where(Truth.scl(spec, x, y, d, granule) == SCL_NODATA, np.nan, v)
+        return TruthAt(spec, x, y).apparent_ndvi(when, granule)
 
     @staticmethod
     def contaminated(
@@ -971,9 +985,7 @@ class Truth:
 
         The analytic truth of the SCL's errors: contaminated pixels the SCL labels clear (4, 5, 6) are what a
         composite shows unless a mask filter removes them. False where no granule has data."""
-        apparent = Truth.apparent_ndvi(spec, x, y, when, granule)
-        with np.errstate(invalid="ignore"):
-            return np.abs(apparent - Truth.ndvi(spec, x, y, when)) > CONTAMINATION_TOLERANCE
+        return TruthAt(spec, x, y).contaminated(when, granule)
 
     @staticmethod
     def is_clear(
@@ -1027,14 +1039,15 @@ class Truth:
 
             if len(shape) != 2:
                 raise InputError(f"points of shape {shape} are not a raster; mask filters need 2-D x and y")
+        pts = TruthAt(spec, x, y)  # the static surface once, for every date
         for k, (d, granules) in enumerate(observed.items()):
-            apparent = Truth.apparent_ndvi(spec, x, y, d, granules)
+            scl, apparent = pts._observe(d, granules)
             if not filters:
-                clear = Truth.is_clear(spec, x, y, d, classes, granules)
-                stack[k] = np.where(clear, apparent, np.nan)
+                stack[k] = np.where(np.isin(scl, classes), np.nan, apparent)
                 continue
+            state = _sky_state(spec, pts.col, pts.row, d)
             for g in granules:  # each granule's mask is filtered on its own, then the first clear one wins
-                scl = np.broadcast_to(Truth.scl(spec, x, y, d, g), shape)
+                scl = np.broadcast_to(pts._scl(d, (g,), state), shape)
                 data = (scl != SCL_NODATA).astype(np.uint8)
                 clear = filtered_clear_mask(scl, data, data, classes, filters)
                 take = clear & np.isnan(stack[k])
@@ -1067,8 +1080,8 @@ class _GranuleGrids:
     granule: Granule
     x10: np.ndarray
     y10: np.ndarray
-    cover10: np.ndarray
-    texture10: np.ndarray
+    surface10: Surface
+    surface20: Surface
     col20: np.ndarray
     row20: np.ndarray
     ring: list[list[float]]  # WGS84 footprint polygon (closed, counter-clockwise)
@@ -1077,14 +1090,16 @@ class _GranuleGrids:
 
 def _grids(spec: SampleSpec, g: Granule) -> _GranuleGrids:
     x10, y10 = g.centres(10)
-    cover = _land_cover(spec, x10, y10)
     x20, y20 = g.centres(20)
     col20, row20 = _global20(spec, x20, y20)
+    # the land surface is static: computed once per granule, at both resolutions
+    surface10 = _surface_rows(spec, x10, y10)
+    surface20 = _surface_rows(spec, *_centres20(spec, col20, row20))
     xmin, ymin, xmax, ymax = g.bounds
     lon, lat = _to_lonlat(spec.epsg).transform([xmin, xmax, xmax, xmin, xmin], [ymin, ymin, ymax, ymax, ymin])
     ring = [[round(float(a), 9), round(float(b), 9)] for a, b in zip(lon, lat, strict=True)]
     bbox = [round(v, 9) for v in _bbox_lonlat(spec.epsg, g.bounds)]
-    return _GranuleGrids(g, x10, y10, cover, _texture(x10, y10, cover), col20, row20, ring, bbox)
+    return _GranuleGrids(g, x10, y10, surface10, surface20, col20, row20, ring, bbox)
 
 
 def _write_cog(
@@ -1121,10 +1136,10 @@ def _write_item(
     g = grids.granule
     d = when.date()
     state20 = _sky_state(spec, grids.col20, grids.row20, d)
-    scl20 = _scl(spec, g, grids.col20, grids.row20, d, state20)
+    scl20 = _scl(spec, g, grids.col20, grids.row20, d, state20, grids.surface20)
     nodata10 = np.repeat(np.repeat(scl20 == SCL_NODATA, 2, axis=0), 2, axis=1)
     state10 = _upsampled(state20, g.shape20)
-    red, nir = _dn(spec, grids.x10, grids.y10, grids.cover10, grids.texture10, state10, nodata10, d)
+    red, nir = _dn(spec, grids.x10, grids.y10, grids.surface10, state10, nodata10, d)
 
     item_id = spec.item_id(d, g)
     folder = root / item_id
@@ -1340,6 +1355,9 @@ def sample_catalog(cache_dir: str | Path | None = None, *, spec: SampleSpec | No
 
     The cache is ``cache_dir``, else ``$NDVI_SCALE_CACHE``, else ``~/.cache/ndvi-scale``; the sample lives in
     ``sample-v<SAMPLE_VERSION>-<size>`` (plus a parameter digest for a non-default ``spec``, meant for tests).
+    Beside ``items.json`` it writes :data:`PARCELS_FILE`, the sample's field parcels and woods as GeoJSON in
+    EPSG:4326 (``id``, ``cover``, ``shift_days``, ``area_ha``; :func:`ndvi_scale.landscape.parcels_geojson`): every
+    pixel whose centre is inside a polygon has that polygon's cover in :class:`Truth`.
     Generation writes into a temporary sibling folder and renames it into place, so concurrent callers never
     see a half-written sample: the first rename wins and the others use it. Later calls return at once.
     """
@@ -1362,6 +1380,7 @@ def sample_catalog(cache_dir: str | Path | None = None, *, spec: SampleSpec | No
         ) from None
     try:
         generate(tmp, spec, href_base=str(final))  # hrefs already point at the final location
+        (tmp / PARCELS_FILE).write_text(json.dumps(parcels_geojson(spec)) + "\n")
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared (e.g. a CI runner's)
         try:
             os.rename(tmp, final)

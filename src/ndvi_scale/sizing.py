@@ -47,15 +47,17 @@ MAX_OUTPUT_BYTES = 100 * 10**9
 MAX_REGIONS = 100_000
 
 #: Compressed / raw size of a cube's chunks per codec, measured on the sample's monthly median cube (12 x 854 x
-#: 1289 px, ndvi + valid_count: 75.7 MiB raw) through write_cube, v3: zstd 7.63, zlib 8.55, lz4 23.63 MiB
-#: (README "Codec" table). Real scenes have more texture than the sample: expect somewhat more.
-COMPRESSION = {"zstd": 7.63 / 75.68, "zlib": 8.55 / 75.68, "lz4": 23.63 / 75.68, "none": 1.0}
+#: 1289 px, ndvi + valid_count: 75.7 MiB raw; sample version 3, irregular fields) through write_cube, Zarr v3:
+#: zstd 13.16, zlib 13.81, lz4 31.23 MiB (README "Codec" table). Real scenes have more texture than the sample:
+#: expect somewhat more.
+COMPRESSION = {"zstd": 13.16 / 75.68, "zlib": 13.81 / 75.68, "lz4": 31.23 / 75.68, "none": 1.0}
 
 #: Side of a COG's internal tiles (px): Earth Search's and the sample's full-granule COGs use 1024.
 COG_TILE = 1024
 #: Stored bytes per pixel of each band's COG (DEFLATE). An assumption from typical Earth Search L2A files (a
 #: 10980 px 10 m band is 150-220 MB; the 20 m SCL 3-6 MB for 5490 px), not measured on this machine (it has no
-#: network); the sample's synthetic COGs measure 0.82 (red, nir) and 0.024 (SCL) B/px, smoother than real scenes.
+#: network); the synthetic COGs of sample version 3 measure 1.12 (red, nir) and 0.11 (SCL) B/px (file bytes, overviews
+#: included, per full-resolution pixel), smoother than real scenes.
 BYTES_PER_PIXEL = {"red": 1.5, "nir": 1.5, "scl": 0.15}
 #: Native resolution (m) of each band, for assets whose metadata gives no transform.
 NATIVE_RESOLUTION = {"red": 10.0, "nir": 10.0, "scl": 20.0}

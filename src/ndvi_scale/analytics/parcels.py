@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import shapely
 
-from ..sample import LandCover, SampleSpec, Truth
+from ..landscape import parcel_polygons, union_bounds
+from ..sample import SampleSpec
 from .vectors import to_crs
 
 __all__ = ["sample_parcels", "write_sample_parcels"]
@@ -19,39 +20,38 @@ __all__ = ["sample_parcels", "write_sample_parcels"]
 def sample_parcels(
     spec: SampleSpec | None = None, inset: float = 0.0, bounds: tuple[float, float, float, float] | None = None
 ) -> list[dict[str, Any]]:
-    """Every parcel of ``spec`` (default: the embedded sample) lying fully inside ``bounds`` (UTM metres in
-    ``spec.epsg``; default: the union of the two granules), shrunk by ``inset`` metres on every side.
+    """Every field parcel and wood of ``spec`` (default: the embedded sample) lying fully inside ``bounds`` (UTM
+    metres in ``spec.epsg``; default: the union of the two granules), shrunk by ``inset`` metres on every side.
 
-    Each parcel: ``{"id": "i-j", "i", "j", "cover": LandCover name, "geometry": shapely Polygon in spec.epsg}``.
-    The parcel (i, j) spans x in [x0 + i f, x0 + (i+1) f], y in [y0 - (j+1) f, y0 - j f] (f = ``field_size``).
+    Each parcel: ``{"id": "b<i>.<j>-<strip><a|b>", "cover": LandCover name in lower case (e.g. "winter_wheat"),
+    "shift": days its crop calendar is late, "geometry": shapely Polygon in spec.epsg}``. The polygons are the real
+    irregular fields of :mod:`ndvi_scale.landscape` (off roads, river, villages and woods): every point inside one
+    has its cover in :meth:`ndvi_scale.sample.Truth.land_cover`. Parcels emptied by the inset are left out.
     """
     spec = spec or SampleSpec()
-    if bounds is None:
-        a, b = spec.granules()
-        bounds = (a.bounds[0], min(a.bounds[1], b.bounds[1]), b.bounds[2], a.bounds[3])
-    xmin, ymin, xmax, ymax = bounds
-    f = spec.field_size
-    i0, i1 = int(np.ceil((xmin - spec.x0) / f)), int(np.floor((xmax - spec.x0) / f))
-    j0, j1 = int(np.ceil((spec.y0 - ymax) / f)), int(np.floor((spec.y0 - ymin) / f))
+    bounds = bounds or union_bounds(spec)
+    box = shapely.box(*bounds)
     out = []
-    for j in range(j0, j1):
-        for i in range(i0, i1):
-            x0, y1 = spec.x0 + i * f, spec.y0 - j * f
-            cover = int(Truth.land_cover(spec, x0 + f / 2, y1 - f / 2))
-            out.append({"id": f"{i}-{j}", "i": i, "j": j, "cover": LandCover(cover).name.lower(),
-                        "geometry": shapely.box(x0 + inset, y1 - f + inset, x0 + f - inset, y1 - inset)})
+    for p in parcel_polygons(spec, bounds):
+        if not box.contains(p["geometry"]):
+            continue
+        geom = p["geometry"].buffer(-inset, join_style="mitre") if inset else p["geometry"]
+        if geom.is_empty:
+            continue
+        out.append({"id": p["id"], "cover": p["cover"].name.lower(), "shift": p["shift"], "geometry": geom})
     return out
 
 
 def write_sample_parcels(path: str | os.PathLike[str], spec: SampleSpec | None = None, inset: float = 0.0) -> str:
-    """The parcels of :func:`sample_parcels` as a GeoJSON FeatureCollection in EPSG:4326 (``id``, ``cover``)."""
+    """The parcels of :func:`sample_parcels` as a GeoJSON FeatureCollection in EPSG:4326 (``id``, ``cover``,
+    ``shift_days``). Returns ``path``."""
     spec = spec or SampleSpec()
     parcels = sample_parcels(spec, inset)
     from pyproj import CRS
 
     geoms = to_crs(np.asarray([p["geometry"] for p in parcels], dtype=object), CRS.from_epsg(spec.epsg),
                    CRS.from_epsg(4326))
-    feats = [{"type": "Feature", "properties": {"id": p["id"], "cover": p["cover"]},
+    feats = [{"type": "Feature", "properties": {"id": p["id"], "cover": p["cover"], "shift_days": p["shift"]},
               "geometry": shapely.geometry.mapping(g)} for p, g in zip(parcels, geoms, strict=True)]
     with open(path, "w") as fh:
         json.dump({"type": "FeatureCollection", "features": feats}, fh)

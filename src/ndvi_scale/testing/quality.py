@@ -75,6 +75,7 @@ def composite_quality(
     acc = {name: dict.fromkeys(("off", "seen", "empty", "pixels", "lost", "clean", "dirty_kept", "kept",
                                 "count_mismatch"), 0) for name in runs}
     dates = [d.date() for d in spec.dates()]
+    truth = Truth.at(spec, x, y)  # the land surface once for every date
     for t, (t0, t1) in enumerate(zip(first.time.values, first.time_end.values, strict=True)):
         lo, hi = np.datetime64(t0, "D"), np.datetime64(t1, "D")
         period = [d for d in dates if lo <= np.datetime64(d, "D") <= hi]
@@ -84,11 +85,11 @@ def composite_quality(
         dirty = np.empty((n, *x.shape), dtype=bool)
         kept = {f: np.zeros((n, *x.shape), dtype=bool) for f in filter_sets}
         for k, d in enumerate(period):
-            surface[k] = Truth.ndvi(spec, x, y, d)
-            dirty[k] = Truth.contaminated(spec, x, y, d)
-            clean[k] = (Truth.scl(spec, x, y, d) != 0) & ~dirty[k]
+            surface[k] = truth.ndvi(d)
+            dirty[k] = truth.contaminated(d)
+            clean[k] = (truth.scl(d) != 0) & ~dirty[k]
             for g in spec.granules():
-                scl = Truth.scl(spec, x, y, d, g)
+                scl = truth.scl(d, g)
                 data = (scl != 0).astype(np.uint8)
                 for f in filter_sets:
                     px = [(op, metres / resolution) for op, metres in f]
