@@ -16,6 +16,7 @@ import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,7 +59,7 @@ def index(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         f'<a href="../files/{wheel.name}#sha256={digest}" data-requires-python="&gt;=3.9">{wheel.name}</a>\n')
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *a, **kw):  # type: ignore[no-untyped-def]
+        def __init__(self, *a: Any, **kw: Any) -> None:
             super().__init__(*a, directory=str(root), **kw)
 
         def log_message(self, *args: object) -> None:
