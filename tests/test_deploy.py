@@ -664,7 +664,7 @@ def find_helm() -> str:
     for candidate in (os.environ.get("NDVI_SCALE_HELM"), shutil.which("helm"), str(ROOT / ".cache/tools/helm")):
         if candidate and Path(candidate).is_file():
             return candidate
-    pytest.fail("helm is not installed; python deploy/get_helm.py (puts it in .cache/tools)")
+    pytest.fail("helm is not installed; python3 dev/bootstrap.py --test-tools (deploy/get_helm.py, into .cache/tools)")
 
 
 CHART = ROOT / "tests" / "data" / "helm" / "daskhub-2024.1.1.tgz"  # copied from shared/fixtures/helm
