@@ -3,7 +3,9 @@
 A fresh venv whose site-packages ends with this environment's (a ``.pth`` that ``site.addsitedir``-s them, so
 ndvi-scale's editable install, numpy, rasterio, ... are all seen); pip then installs only stackstac and pandas<3
 into the layer, where they come first and shadow the current pandas. Made once per test environment (inside it,
-in ``.stackstac-env``), reused while its marker says the same requirements.
+in ``.stackstac-env``), reused while its marker says the same requirements. The layer is made without pip: the pip
+that installs into it is the test environment's, seen through the ``.pth`` (so no ``ensurepip`` is needed, which
+Debian's python3 lacks without python3-venv; README's dev/bootstrap.py installs pip without it).
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ def stackstac_python() -> Path:
     root = Path(sys.prefix) / ".stackstac-env"
     python = root / "bin" / "python"
     marker = root / "requirements.txt"
-    want = "\n".join([*REQUIREMENTS, "# layout 2: outer site-packages by .pth"])
+    want = "\n".join([*REQUIREMENTS, "# layout 3: outer site-packages (and pip) by .pth"])
     if python.exists() and marker.exists() and marker.read_text() == want:
         return python
-    venv.EnvBuilder(clear=True, with_pip=True).create(root)
+    venv.EnvBuilder(clear=True, with_pip=False).create(root)
     layer = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                                 check=True, capture_output=True, text=True).stdout.strip())
     outer = [sysconfig.get_path("purelib"), *site.getsitepackages()]

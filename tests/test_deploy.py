@@ -664,17 +664,16 @@ def find_helm() -> str:
     for candidate in (os.environ.get("NDVI_SCALE_HELM"), shutil.which("helm"), str(ROOT / ".cache/tools/helm")):
         if candidate and Path(candidate).is_file():
             return candidate
-    pytest.fail("helm is not installed; python deploy/get_helm.py (puts it in .cache/tools)")
+    pytest.fail("helm is not installed; python3 dev/bootstrap.py --test-tools (deploy/get_helm.py, into .cache/tools)")
 
 
-CHART = ROOT.parent / "shared" / "fixtures" / "helm" / "daskhub-2024.1.1.tgz"
+CHART = ROOT / "tests" / "data" / "helm" / "daskhub-2024.1.1.tgz"  # copied from shared/fixtures/helm
+CHART_SHA256 = "1c355eed5232e3a6f989d23ff1a5c105147d8674f3ac05bd3104fbf5638219dd"  # as the chart index lists it
 
 
 def _chart() -> Path:
-    for path in (CHART, Path("/work/shared/fixtures/helm/daskhub-2024.1.1.tgz")):
-        if path.is_file():
-            return path
-    pytest.fail(f"the daskhub chart package is missing: {CHART} (shared/fixtures/helm)")
+    assert hashlib.sha256(CHART.read_bytes()).hexdigest() == CHART_SHA256, f"{CHART} is not the published package"
+    return CHART
 
 
 def unfilled(rendered: str) -> list[str]:

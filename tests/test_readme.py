@@ -19,8 +19,11 @@ def test_two_setup_commands_each_in_a_venv_and_ci_runs_the_second() -> None:
     quick = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
     commands = [b.strip() for b in _blocks("bash", quick)]
     assert len(commands) == 2, commands
-    for cmd in commands:
-        assert "\n" not in cmd and cmd.startswith("python3 -m venv .venv && . .venv/bin/activate && pip install -e ")
+    # dev/bootstrap.py: python3 -m venv .venv, or without ensurepip (Debian without python3-venv) pip from its wheel
+    # (tests/test_bootstrap.py); --test-tools: the tests' programs besides Python packages
+    assert commands[0].startswith("python3 dev/bootstrap.py && . .venv/bin/activate && pip install -e . && ")
+    assert commands[1].startswith("python3 dev/bootstrap.py --test-tools && . .venv/bin/activate && pip install -e ")
+    assert all("\n" not in cmd for cmd in commands) and (ROOT / "dev" / "bootstrap.py").is_file()
     assert "ndvi-scale compute" in commands[0] and commands[1].endswith("python -m pytest")
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()
     assert ci[-1] == commands[1], "the last line of .ci/run must be README command 2, verbatim"

@@ -30,7 +30,8 @@ SPEC = SampleSpec(size=192, blocksize=128, start=dt.date(2024, 4, 20), end=dt.da
 def _chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if found is None:
-        pytest.fail("headless Chromium is missing: apt-get install chromium (.ci/run installs it)", pytrace=False)
+        pytest.fail("headless Chromium is missing: python3 dev/bootstrap.py --test-tools installs it (Debian chromium)",
+                    pytrace=False)
     return found
 
 
