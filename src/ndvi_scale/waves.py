@@ -144,13 +144,17 @@ def run_in_order(tasks: Sequence[Any], threads: int, *, on_done: Callable[[int],
     def one(key: Any) -> None:
         if stop.is_set():
             return
-        dsk = dict(subgraphs[key])
-        for dep in [k for k in dsk if k in shared]:
-            with locks[dep]:
-                if dep not in memo:
-                    memo[dep] = dask.local.get_sync(_closure(subgraphs[key], dep), dep)
-            dsk[dep] = memo[dep]
-        dask.local.get_sync(dsk, key)
+        try:
+            dsk = dict(subgraphs[key])
+            for dep in [k for k in dsk if k in shared]:
+                with locks[dep]:
+                    if dep not in memo:
+                        memo[dep] = dask.local.get_sync(_closure(subgraphs[key], dep), dep)
+                dsk[dep] = memo[dep]
+            dask.local.get_sync(dsk, key)
+        except BaseException:
+            stop.set()  # here, before this thread takes the next task (the main thread may only see it later)
+            raise
 
     keys = [t.key for t in tasks]
     done = 0
