@@ -213,8 +213,7 @@ class AssetReader:
         """Output-grid pixels (row0, row1, col0, col1) the asset's raster covers, exactly, on the aligned path
         (the asset is opened to decide, as the first read would); None on the warped path or when the open
         fails (the read then meets the error and applies the read policy)."""
-        given_up = _GIVEN_UP.get(clean_href(self.url))
-        if self._plan is None and given_up is not None and time.monotonic() - given_up < GIVE_UP_MEMORY:
+        if self._plan is None and self._given_up():
             return None  # do not ask a server that failed every attempt again just for the extent
         try:
             plan = self._plan if self._plan is not None else self._decide()
@@ -321,10 +320,14 @@ class AssetReader:
         """One attempt of :meth:`start`, outside the policy: no retry, nothing recorded, never skipped; raises
         at once for an asset given up on. For reads made ahead of their task (:mod:`.warm`): a failure there is
         met again by the task's own read, under the policy."""
-        given_up = _GIVEN_UP.get(clean_href(self.url))
-        if given_up is not None and time.monotonic() - given_up < GIVE_UP_MEMORY:
+        if self._given_up():
             raise OSError(f"{clean_href(self.url)} was given up on")
         return self._finisher(self._fetch_once(window), window, policy)
+
+    def _given_up(self) -> bool:
+        """Whether this process gave up reading this asset less than :data:`GIVE_UP_MEMORY` seconds ago."""
+        when = _GIVEN_UP.get(clean_href(self.url))
+        return when is not None and time.monotonic() - when < GIVE_UP_MEMORY
 
     def _finisher(self, got: Any, window: Window, policy: ReadPolicy) -> Callable[[], np.ndarray]:
         if isinstance(got, np.ndarray):
@@ -347,8 +350,7 @@ class AssetReader:
         """``once(window)`` with the read policy's attempts; the fill array when the asset is skipped."""
         # An asset given up on for another window of this run gets one attempt, not the whole backoff again:
         # a file that is gone is gone for every chunk (36 of them per 2048-px granule).
-        given_up = _GIVEN_UP.get(clean_href(self.url))
-        attempts = 1 if given_up is not None and time.monotonic() - given_up < GIVE_UP_MEMORY else policy.attempts
+        attempts = 1 if self._given_up() else policy.attempts
         attempt = 1
         while True:
             try:
