@@ -87,11 +87,10 @@ def composite_cube(
     table: dict[Any, Any] = {}
     dsk: dict[Any, Any] = {}
     k = 0
-    live = [p for p in periods if p is not None]
+    live = [(t, p) for t, p in enumerate(periods) if p is not None]
     outside = [w for w in all_windows if pieces.get((w[0], w[1]), True) is False]
     settings = TaskSettings(grid=grid, method=method, mask_classes=mask_classes, n_out=n_out, policy=policy,
                             mask_filters=filters)
-    live_t = [t for t, p in enumerate(periods) if p is not None]
     chunk_windows = tuple(windows)
     for t, p in enumerate(periods):
         for i, j, _ in outside:
@@ -100,11 +99,11 @@ def composite_cube(
             for i, j, _ in windows:
                 dsk[(name, t, i, j)] = (empty_block, n_out, chunks_y[i], chunks_x[j])
             continue
-        nxt = (live_t[k + 1], live[k + 1]) if k + 1 < len(live) else None
+        nxt = live[k + 1] if k + 1 < len(live) else None
         table[(table_name, k)] = (_period_sources, settings, token, t, p, nxt, chunk_windows)
         for i, j, sl in windows:
             piece = pieces.get((i, j))
-            dsk[(name, t, i, j)] = (composite_block, (table_name, k), (t, i, j), sl, p.day_numbers, piece)
+            dsk[(name, t, i, j)] = (composite_block, (table_name, k), (t, i, j), sl, piece)
         k += 1
     graph = HighLevelGraph({table_name: table, name: dsk}, {table_name: set(), name: {table_name}})
     chunks = ((1,) * len(periods), tuple(n_out * c for c in chunks_y), chunks_x)
@@ -153,8 +152,8 @@ def _period_sources(
     nxt = None
     if after is not None:
         prefetch(after[1].items, grid, slices)
-        nxt = PeriodReads(settings, run, after[0], after[1].items, len(after[1].day_numbers), chunk_windows)
-    return PeriodReads(settings, run, t, period.items, len(period.day_numbers), chunk_windows, nxt)
+        nxt = PeriodReads(settings, run, after[0], after[1].items, after[1].day_numbers, chunk_windows)
+    return PeriodReads(settings, run, t, period.items, period.day_numbers, chunk_windows, nxt)
 
 
 def start_reading(cube: da.Array) -> bool:

@@ -92,6 +92,11 @@ class TaskSettings:
     read_ahead: int = READ_AHEAD_BYTES
     """Bytes of fetched-but-not-folded reads a task may hold (:func:`~.fetch.ordered_reads`)."""
 
+    @property
+    def filters_px(self) -> tuple[tuple[str, float], ...]:
+        """:attr:`mask_filters` with their radii in output pixels."""
+        return tuple((op, float(metres) / self.grid.resolution) for op, metres in self.mask_filters)
+
 
 @dataclass(frozen=True)
 class PeriodReads:
@@ -105,8 +110,8 @@ class PeriodReads:
     """Index of the period in the cube."""
     items: tuple[ItemSource, ...]
     """The period's items, in fold order within each day."""
-    n_days: int
-    """Days of the period with a scene."""
+    day_numbers: tuple[int, ...]
+    """Per day of the period with a scene: days since 1970-01-01 (for the date of the max/min)."""
     windows: tuple[tuple[int, int, tuple[slice, slice]], ...] = ()
     """Every chunk (i, j, slices) of the period that a task computes."""
     next: PeriodReads | None = None
@@ -117,7 +122,6 @@ def composite_block(
     period: PeriodReads,
     block_id: tuple[int, int, int],
     slices: tuple[slice, slice],
-    day_numbers: Sequence[int],
     aoi: Any = None,
 ) -> np.ndarray:
     """The packed (1, n_out * height, width) float32 block of one period and chunk: value, count[, date].
@@ -138,11 +142,11 @@ def composite_block(
     inside = _aoi_inside(aoi, settings.grid, rows, cols) if aoi is not None else None
     if inside is not None and not inside.any():
         return empty_block(n_out, height, width)
-    step = strip_rows(len(day_numbers), height, width)
+    step = strip_rows(len(period.day_numbers), height, width)
     warm = functools.partial(_warm_quietly, period)
 
     def part(rows: slice, last: bool) -> np.ndarray:
-        return _composite_part(period.items, block_id, (rows, cols), settings, day_numbers,
+        return _composite_part(period.items, block_id, (rows, cols), settings, period.day_numbers,
                                on_started=warm if last else None)
 
     if step >= height:
@@ -176,7 +180,9 @@ def warm_next(period: PeriodReads, limit_chunks: int = 4) -> int:
             break
         pending = [(i, j, s) for i, j, s in p.windows if not WARM.has_started((p.run, p.t, i, j))]
         for i, j, slices in pending[: limit_chunks - warmed]:
-            jobs, window_of = read_jobs(p.items, p.n_days, (p.t, i, j), slices, settings)
+            if WARM.knows((p.run, p.t, i, j)):  # warmed already (by another task): warm() would refuse it
+                continue
+            jobs, window_of = read_jobs(p.items, len(p.day_numbers), (p.t, i, j), slices, settings)
             reads = [(_warm_key(a.href, settings.grid, window_of(a)),
                       functools.partial(_try_start, a.href, settings.grid, window_of(a), settings.policy),
                       reader_for(a.href, settings.grid).cost(window_of(a)))
@@ -235,7 +241,7 @@ def _scl_slices(slices: tuple[slice, slice], settings: TaskSettings) -> tuple[sl
     """The SCL window: the chunk plus the mask filters' reach, inside the grid."""
     rows, cols = slices
     grid = settings.grid
-    reach = filter_reach(tuple((op, float(m) / grid.resolution) for op, m in settings.mask_filters))
+    reach = filter_reach(settings.filters_px)
     grid_h, grid_w = grid.shape
     return (slice(max(0, rows.start - reach), min(grid_h, rows.stop + reach)),
             slice(max(0, cols.start - reach), min(grid_w, cols.stop + reach)))
@@ -274,7 +280,7 @@ def _composite_part(
     rows, cols = slices
     grid, mask_classes = settings.grid, settings.mask_classes
     height, width = rows.stop - rows.start, cols.stop - cols.start
-    filters_px = tuple((op, float(metres) / grid.resolution) for op, metres in settings.mask_filters)
+    filters_px = settings.filters_px
     scl_rows, scl_cols = _scl_slices(slices, settings)
     inner = (slice(rows.start - scl_rows.start, rows.stop - scl_rows.start),
              slice(cols.start - scl_cols.start, cols.stop - scl_cols.start))

@@ -87,6 +87,11 @@ class WarmReads:
             self._units[unit] = True
             self._trim_units()
 
+    def knows(self, unit: Hashable) -> bool:
+        """Whether ``unit`` was warmed or its task started in this process."""
+        with self._lock:
+            return unit in self._units
+
     def has_started(self, unit: Hashable) -> bool:
         """Whether ``unit``'s task has started in this process."""
         with self._lock:
