@@ -67,8 +67,9 @@ def compute_in_waves(
     Without: ``dask.compute`` of one wave at a time (the local scheduler). ``on_done(n)`` is called with the
     number of tasks finished so far.
     """
-    if client is None and _local_threads() is not None:
-        run_in_order([t for w in waves for t in w], _local_threads() or 1, on_done=on_done)
+    threads = _local_threads() if client is None else None
+    if threads is not None:
+        run_in_order([t for w in waves for t in w], threads, on_done=on_done)
         return len(waves)
     if client is None:
         done = 0
@@ -136,7 +137,7 @@ def run_in_order(tasks: Sequence[Any], threads: int, *, on_done: Callable[[int],
 
     if not tasks:
         return
-    subgraphs, shared = _split_graph(tasks)
+    subgraphs, shared, deps = _split_graph(tasks)
     memo: dict[Any, Any] = {}
     locks = {k: threading.Lock() for k in shared}
     stop = threading.Event()
@@ -149,7 +150,7 @@ def run_in_order(tasks: Sequence[Any], threads: int, *, on_done: Callable[[int],
             for dep in [k for k in dsk if k in shared]:
                 with locks[dep]:
                     if dep not in memo:
-                        memo[dep] = dask.local.get_sync(_closure(subgraphs[key], dep), dep)
+                        memo[dep] = dask.local.get_sync(_closure(subgraphs[key], dep, deps), dep)
                 dsk[dep] = memo[dep]
             dask.local.get_sync(dsk, key)
         except BaseException:
@@ -182,45 +183,36 @@ def run_in_order(tasks: Sequence[Any], threads: int, *, on_done: Callable[[int],
         raise first[1]
 
 
-def _split_graph(tasks: Sequence[Any]) -> tuple[dict[Any, dict[Any, Any]], set[Any]]:
-    """Per task key the subgraph it needs (its key and everything it depends on), and the keys needed by more
-    than one task."""
-    from dask.core import get_dependencies
+def _split_graph(tasks: Sequence[Any]) -> tuple[dict[Any, dict[Any, Any]], set[Any], dict[Any, set[Any]]]:
+    """Per task key the subgraph it needs (its key and everything it depends on), the keys needed by more than one
+    task, and the dependencies of every key met."""
     from dask.utils import ensure_dict
 
     graph = ensure_dict(tasks[0].__dask_graph__())
     for t in tasks[1:]:
         if t.__dask_graph__() is not tasks[0].__dask_graph__():
             graph.update(ensure_dict(t.__dask_graph__()))
+    deps: dict[Any, set[Any]] = {}
+    subgraphs = {t.key: _closure(graph, t.key, deps) for t in tasks}
     users: dict[Any, int] = {}
-    subgraphs: dict[Any, dict[Any, Any]] = {}
-    deps_of: dict[Any, set[Any]] = {}
-    for t in tasks:
-        sub: dict[Any, Any] = {}
-        todo = [t.key]
-        while todo:
-            k = todo.pop()
-            if k in sub:
-                continue
-            sub[k] = graph[k]
-            if k not in deps_of:
-                deps_of[k] = set(get_dependencies(graph, k))
-            todo.extend(deps_of[k])
+    for sub in subgraphs.values():
         for k in sub:
             users[k] = users.get(k, 0) + 1
-        subgraphs[t.key] = sub
-    return subgraphs, {k for k, n in users.items() if n > 1}
+    return subgraphs, {k for k, n in users.items() if n > 1}, deps
 
 
-def _closure(graph: dict[Any, Any], key: Any) -> dict[Any, Any]:
-    """``key`` and what it depends on, within ``graph``."""
+def _closure(graph: dict[Any, Any], key: Any, deps: dict[Any, set[Any]]) -> dict[Any, Any]:
+    """``key`` and what it depends on, within ``graph``; ``deps`` caches each key's direct dependencies."""
     from dask.core import get_dependencies
 
     out: dict[Any, Any] = {}
     todo = [key]
     while todo:
         k = todo.pop()
-        if k not in out:
-            out[k] = graph[k]
-            todo.extend(get_dependencies(graph, k))
+        if k in out:
+            continue
+        out[k] = graph[k]
+        if k not in deps:
+            deps[k] = set(get_dependencies(graph, k))
+        todo.extend(deps[k])
     return out

@@ -250,8 +250,7 @@ def _write_cube_leased(
     if lease is not None:
         lease.verify()  # still ours after the inspection, before the first write (see WriterLease.verify)
     new_format = zarr_format or 3
-    writer = _Writer(loc, ds, progress, fingerprint, faults, asset_labels, codec)
-    writer.start_reading = start_reading
+    writer = _Writer(loc, ds, progress, fingerprint, faults, asset_labels, codec, start_reading)
 
     if existing.kind == "absent":
         return writer.new(new_format)
@@ -851,6 +850,7 @@ class _Writer:
         faults: FaultLog | None = None,
         asset_labels: Mapping[str, tuple[str, str]] | None = None,
         codec: str = DEFAULT_CODEC,
+        start_reading: Callable[[], Any] | None = None,
     ) -> None:
         self.loc = loc
         self.codec = codec
@@ -858,7 +858,7 @@ class _Writer:
         self.asset_labels = dict(asset_labels or {})
         self.skipped: list[dict[str, Any]] = []
         self.waves = 0
-        self.start_reading: Callable[[], Any] | None = None
+        self.start_reading = start_reading
         self.ds = ds
         self.progress = progress
         self._fingerprint = fingerprint
