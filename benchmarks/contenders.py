@@ -493,7 +493,7 @@ def _ndvi_scale(params: dict[str, Any]) -> dict[str, Any]:
     n_chunks = len(ds.ndvi.chunks[1]) * len(ds.ndvi.chunks[2])
     from ndvi_scale.engine.tiles import TILE_CACHE
 
-    tile_cache = {"hits": TILE_CACHE.hits, "misses": TILE_CACHE.misses}
+    tile_cache = {"hits": TILE_CACHE.hits, "waits": TILE_CACHE.waits, "misses": TILE_CACHE.misses}
 
     return {
         "wall": wall,

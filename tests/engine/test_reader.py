@@ -78,7 +78,9 @@ def test_aligned_reads_equal_the_reference_stack(sample, where, chunk, aligned_p
     assert paths == {"B04.tif": {True}, "B08.tif": {True}, "SCL.tif": {True}}  # never the warper
     assert which_path(items, grid) == {aligned_path}
     if spec.blocksize < spec.size and chunk < spec.size:
-        assert TILE_CACHE.hits > 0  # tiles cut by chunk edges were decoded once, then shared
+        # tiles cut by chunk edges were decoded once, then shared: taken from the cache, or waited for while the
+        # other thread decoded them (which of the two depends on timing; CI once saw only waits)
+        assert TILE_CACHE.hits + TILE_CACHE.waits > 0
     assert (ref != 0).any() and (where == "inside-A" or (ref == 0).any())
     monkeypatch.setattr(TILE_CACHE, "max_bytes", 0)  # without the tile cache: the same pixels
     reader_mod.forget_readers()

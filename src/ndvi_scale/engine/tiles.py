@@ -47,6 +47,8 @@ class TileCache:
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
+        #: claims that found the tile being loaded by another thread and waited for it (not decoded twice either)
+        self.waits = 0
         self.misses = 0
 
     @property
@@ -59,7 +61,7 @@ class TileCache:
             self._data.clear()
             self._free.clear()
             self._bytes = 0
-            self.hits = self.misses = 0
+            self.hits = self.waits = self.misses = 0
 
     def claim(self, keys: Any) -> tuple[dict[Any, np.ndarray], list[Any], dict[Any, threading.Event]]:
         """(cached arrays, keys now loading by the caller, events of keys another thread is loading)."""
@@ -74,6 +76,7 @@ class TileCache:
                     self.hits += 1
                     have[key] = arr
                 elif key in self._loading:
+                    self.waits += 1
                     pending[key] = self._loading[key]
                 else:
                     self._loading[key] = threading.Event()
