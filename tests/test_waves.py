@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,29 @@ def test_run_in_order_raises_the_first_failure_and_starts_nothing_after_it() -> 
     with pytest.raises(ValueError, match="task 2 failed"):
         run_in_order(tasks, 2)
     assert max(log["started"]) <= 4  # tasks 0-3 at most had started when 2 failed (one more may have been taken)
+
+
+def test_run_in_order_gives_every_task_the_active_callbacks_and_leaves_them_registered() -> None:
+    """dask's synchronous scheduler empties the global ``Callback.active`` while it runs (nested schedulers
+    must not see them): two region threads starting at once saw no callbacks, and could restore the empty set
+    over the user's. run_in_order hands every thread the callbacks active when it was called."""
+    from dask.callbacks import Callback
+
+    from ndvi_scale.waves import run_in_order
+
+    seen: list[Any] = []
+    lock = threading.Lock()
+
+    class Count(Callback):
+        def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:
+            with lock:
+                seen.append(key)
+
+    tasks, _ = _recording_tasks(12, sleep=0.02)
+    with Count() as cb:
+        run_in_order(tasks, 2)
+        assert cb._callback in Callback.active  # still registered: the with-exit would raise KeyError otherwise
+    assert {t.key for t in tasks} <= set(seen)  # every task reported, from both threads
 
 
 def test_local_threaded_write_runs_every_period_in_one_ordered_run(tmp_path: Path) -> None:

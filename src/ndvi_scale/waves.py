@@ -137,7 +137,12 @@ def run_in_order(tasks: Sequence[Any], threads: int, *, on_done: Callable[[int],
 
     if not tasks:
         return
+    from dask.callbacks import Callback
+
     subgraphs, shared, deps = _split_graph(tasks)
+    # Handed to each get_sync explicitly: without, each empties the global ``Callback.active`` while it runs (so
+    # nested schedulers skip them) and restores it after, so the threads running at once lost them, for good.
+    callbacks = set(Callback.active)
     memo: dict[Any, Any] = {}
     locks = {k: threading.Lock() for k in shared}
     stop = threading.Event()
@@ -150,9 +155,10 @@ def run_in_order(tasks: Sequence[Any], threads: int, *, on_done: Callable[[int],
             for dep in [k for k in dsk if k in shared]:
                 with locks[dep]:
                     if dep not in memo:
-                        memo[dep] = dask.local.get_sync(_closure(subgraphs[key], dep, deps), dep)
+                        memo[dep] = dask.local.get_sync(_closure(subgraphs[key], dep, deps), dep,
+                                                        callbacks=callbacks)
                 dsk[dep] = memo[dep]
-            dask.local.get_sync(dsk, key)
+            dask.local.get_sync(dsk, key, callbacks=callbacks)
         except BaseException:
             stop.set()  # here, before this thread takes the next task (the main thread may only see it later)
             raise
