@@ -10,12 +10,13 @@ fail naming the assets, or skip and record them in the output).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import functools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,7 @@ import xarray as xr
 from . import cf
 from .composite import EXTRA_OUTPUTS, Period, assign_periods, periods_between
 from .config import RunConfig, check_grid_extent
-from .engine.graph import PeriodSources, composite_cube, cube_layer, start_reading
+from .engine.graph import PeriodSources, composite_cube, cube_layer, release_buffers, start_reading
 from .engine.grid import OutputGrid, output_grid
 from .engine.sources import item_source
 from .errors import InputError
@@ -377,7 +378,7 @@ def run(
     if loc is None:
         return RunReport(cfg, plan.search.summary(), len(plan.periods), ds)
     first_reads = functools.partial(start_reading, ds["ndvi"].data)
-    with connect(cluster) as (_client, dashboard):
+    with connect(cluster) as (_client, dashboard), _buffers_released():
         if dashboard:
             say(f"dask dashboard: {dashboard}")
         if show_progress:
@@ -391,6 +392,16 @@ def run(
             report = write_cube(ds, loc, overwrite=cfg.overwrite, append=cfg.append, zarr_format=cfg.zarr_format,
                                 faults=faults, asset_labels=labels, start_reading=first_reads)
     return RunReport(cfg, plan.search.summary(), len(plan.periods), ds, report)
+
+
+@contextlib.contextmanager
+def _buffers_released() -> Iterator[None]:
+    """Give back the buffers the engine kept between tasks once the write is over (a notebook's process keeps
+    running; the next run allocates them again)."""
+    try:
+        yield
+    finally:
+        release_buffers()
 
 
 def compute(

@@ -246,3 +246,27 @@ def test_mask_filters_chunked_equal_unchunked_and_the_reference(sample):
     # the dilation masked observations (the opening may give back a few: specks of soil flagged as cloud)
     assert (plain.valid_count.values > chunked.valid_count.values).any()
     assert plain.valid_count.values.sum() > chunked.valid_count.values.sum()
+
+
+def test_tasks_give_back_every_window_and_reuse_their_buffers(sample):
+    """The readers' windows and the day layers come from pools the tasks give them back to: after a run nothing
+    is still lent, a second run allocates no new window, and the numbers do not change (buffers are reused
+    dirty: every pixel is written before it is read)."""
+    from ndvi_scale.engine.task import DAY_LAYERS, release_buffers
+    from ndvi_scale.engine.tiles import WINDOWS
+
+    spec, catalog = sample
+    c = cfg(catalog, bboxes(spec)["partly-outside"], chunk=64, method="median")
+    release_buffers()
+    first = build(c).compute(scheduler="threads", num_workers=2)
+    assert len(WINDOWS._lent) == 0 and WINDOWS._free and DAY_LAYERS._free
+    kept = {id(b) for b in WINDOWS._free}
+    for buf in [*WINDOWS._free, *DAY_LAYERS._free]:
+        buf.fill(0x7F)  # garbage from an earlier task (3.4e38 as float32) must not reach the result
+    second = build(c).compute(scheduler="synchronous")
+    assert {id(b) for b in WINDOWS._free} <= kept  # no new window buffer was needed
+    np.testing.assert_array_equal(first.ndvi.values, second.ndvi.values)
+    np.testing.assert_array_equal(first.valid_count.values, second.valid_count.values)
+    np.testing.assert_array_equal(first.ndvi.values, stack_then_reduce(c)["ndvi"])
+    release_buffers()
+    assert WINDOWS._free == [] and DAY_LAYERS._free == []

@@ -98,3 +98,62 @@ def test_tile_cache_failed_load_is_retried_by_waiters():
     assert errors and attempts == ["fail", "ok"] and np.array_equal(got[0], np.ones(3))
 
 
+
+
+# ------------------------------------------------------------------------------------------ reused buffers
+
+
+def test_scratch_pool_lends_and_takes_back_only_its_own_buffers_once():
+    from ndvi_scale.engine.tiles import ScratchPool
+
+    pool = ScratchPool(keep=2)
+    a = pool.get((4, 6), np.uint16)
+    assert a.shape == (4, 6) and a.dtype == np.uint16 and a.flags.writeable
+    base = a.base
+    pool.give(a[1:, 2:])  # a view of a lent buffer gives the whole buffer back
+    pool.give(a)  # a second give of the same buffer is ignored (else two later gets would share it)
+    pool.give(np.empty((4, 6), np.uint16))  # not lent by this pool: ignored
+    assert len(pool._free) == 1
+    b = pool.get((2, 3), np.float32)  # 24 bytes fit in the 48 kept: reused, not allocated
+    assert b.base is base and b.shape == (2, 3) and b.dtype == np.float32
+    c = pool.get((4, 6), np.uint16)  # nothing free: a new buffer
+    assert c.base is not base
+    big, small, mid = pool.get((100,), np.uint8), pool.get((10,), np.uint8), pool.get((50,), np.uint8)
+    for arr in (big, small, mid):
+        pool.give(arr)
+    assert sorted(buf.nbytes for buf in pool._free) == [50, 100]  # at most ``keep``, the larger ones
+    pool.clear()
+    assert pool._free == []
+
+
+def test_scratch_pool_take_is_reused_between_with_blocks():
+    from ndvi_scale.engine.tiles import ScratchPool
+
+    pool = ScratchPool(keep=1)
+    with pool.take((8, 8), np.uint16) as first:
+        first[:] = 7
+        base = first.base
+    with pool.take((8, 8), np.uint16) as second:
+        assert second.base is base
+
+
+def test_tile_cache_lends_the_buffers_of_evicted_tiles():
+    cache = TileCache(max_bytes=2 * 800)
+    for key in "ab":
+        arr = cache.buffer((100,), np.float64)
+        arr[:] = 1
+        cache.put(key, arr)
+    del arr
+    evicted = cache.peek("a")
+    assert evicted is not None
+    address = evicted.__array_interface__["data"][0]
+    del evicted
+    c = cache.buffer((100,), np.float64)
+    assert c.__array_interface__["data"][0] != address  # nothing evicted yet: a new buffer
+    cache.put("c", c)  # evicts a: nobody holds it, so its buffer is kept for the next tile
+    del c
+    again = cache.buffer((100,), np.float64)
+    assert again.__array_interface__["data"][0] == address and again.flags.writeable
+    held = cache.peek("b")
+    cache.put("d", again)  # evicts b, which this test still holds: not recycled
+    assert cache.buffer((100,), np.float64).__array_interface__["data"][0] != held.__array_interface__["data"][0]

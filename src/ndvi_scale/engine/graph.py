@@ -35,11 +35,11 @@ from dask.highlevelgraph import HighLevelGraph
 from ..faults import ReadPolicy
 from .grid import OutputGrid
 from .sources import ItemSource
-from .task import PeriodReads, TaskSettings, composite_block, empty_block, prefetch, warm_next
+from .task import PeriodReads, TaskSettings, composite_block, empty_block, prefetch, release_buffers, warm_next
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PeriodSources", "composite_cube", "cube_layer", "start_reading"]
+__all__ = ["PeriodSources", "composite_cube", "cube_layer", "release_buffers", "start_reading"]
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,9 @@ def start_reading(cube: da.Array) -> bool:
     layers = getattr(cube.__dask_graph__(), "layers", {})  # a HighLevelGraph: composite_cube made one
     for name, layer in layers.items():
         if name.startswith("ndvi-sources-") and (name, 0) in layer:
-            period = dask.local.get_sync({(name, 0): layer[(name, 0)]}, (name, 0))
+            # Outside the scheduler, so without the active dask callbacks: not a task of the run (the graph's own
+            # sources task computes the same again, cheaply: its files' headers are known by then).
+            period = dask.local.get_sync({(name, 0): layer[(name, 0)]}, (name, 0), callbacks=())
             try:
                 warm_next(period)
             except Exception as e:  # noqa: BLE001 - an optimisation: the tasks make their reads themselves

@@ -162,9 +162,11 @@ def _decode_for_cache(batch: TileBatch, keys: dict[Tile, Any]) -> None:
     def one(t: Tile, key: Any, data: bytes | memoryview | None) -> None:
         layout = batch.layout
         t_r0, t_r1, t_c0, t_c1 = batch.extent(t)
-        buf = np.empty((layout.tile_height, layout.tile_width), dtype=layout.dtype)
+        shape = (layout.tile_height, layout.tile_width)
+        whole = shape == (t_r1 - t_r0, t_c1 - t_c0)
+        buf = TILE_CACHE.buffer(shape, np.dtype(layout.dtype)) if whole else np.empty(shape, dtype=layout.dtype)
         batch._decode(t, data, buf)
-        tile = buf if buf.shape == (t_r1 - t_r0, t_c1 - t_c0) else buf[: t_r1 - t_r0, : t_c1 - t_c0].copy()
+        tile = buf if whole else buf[: t_r1 - t_r0, : t_c1 - t_c0].copy()
         TILE_CACHE.put(key, tile)
         batch.ready[t] = tile
 

@@ -59,7 +59,17 @@ from .cog import CogLayout, parse_cog
 from .fetch import PoolClosed
 from .grid import OutputGrid
 from .handles import GDAL_OPEN_OPTIONS, GDAL_READ_OPTIONS, HANDLES, gdal_env
-from .tiles import TILE_CACHE, TileCache, needed_elsewhere, paste, scratch, tile_extent, upsample_into, window_tiles
+from .tiles import (
+    TILE_CACHE,
+    WINDOWS,
+    TileCache,
+    needed_elsewhere,
+    paste,
+    scratch,
+    tile_extent,
+    upsample_into,
+    window_tiles,
+)
 
 log = logging.getLogger(__name__)
 
@@ -549,7 +559,7 @@ def _finish_aligned(plan: _Aligned, shape: tuple[int, int], inner: tuple[int, in
     ``k`` x ``k`` from ``shift`` (the offset of the window's first pixel in that first asset pixel) if the asset
     is coarser, its nodata made :data:`FILL`."""
     i_r0, i_r1, i_c0, i_c1 = inner
-    out = np.empty(shape, dtype=DTYPE)
+    out = WINDOWS.get(shape, DTYPE)  # the task gives it back once folded
     # fill only the margins the asset does not cover
     out[:i_r0] = FILL
     out[i_r1:] = FILL
@@ -561,9 +571,9 @@ def _finish_aligned(plan: _Aligned, shape: tuple[int, int], inner: tuple[int, in
         fill(dst)
     else:
         dr, dc = shift
-        src = np.empty(((dr + dst.shape[0] - 1) // k + 1, (dc + dst.shape[1] - 1) // k + 1), dtype=plan.src_dtype)
-        fill(src)
-        upsample_into(dst, src, k, dr, dc)
+        with WINDOWS.take(((dr + dst.shape[0] - 1) // k + 1, (dc + dst.shape[1] - 1) // k + 1), plan.src_dtype) as src:
+            fill(src)
+            upsample_into(dst, src, k, dr, dc)
     if plan.nodata is not None and plan.nodata != FILL:
         dst[dst == plan.nodata] = FILL
     return out

@@ -16,14 +16,15 @@ import contextlib
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
 __all__ = [
-    "DEFAULT_TILE_CACHE_MB", "TILE_CACHE", "TileCache", "needed_elsewhere", "paste", "scratch", "tile_extent",
-    "upsample_into", "window_tiles",
+    "DEFAULT_TILE_CACHE_MB", "SCRATCH", "TILE_CACHE", "WINDOWS", "ScratchPool", "TileCache", "needed_elsewhere",
+    "paste", "scratch", "tile_extent", "upsample_into", "window_tiles",
 ]
 
 #: Default budget of :data:`TILE_CACHE` in MiB; ``NDVI_SCALE_TILE_CACHE_MB`` overrides it (0 disables it).
@@ -106,14 +107,17 @@ class TileCache:
         Reusing the buffers of evicted tiles spares the page faults of fresh memory, which on some VMs cost as
         much as inflating the tile did.
         """
-        spec = (tile.shape, tile.dtype.str)
-        with self._lock:
-            free = self._free.get(spec)
-            arr = free.pop() if free else None
-        if arr is None:
-            arr = np.empty(tile.shape, dtype=tile.dtype)
+        arr = self.buffer(tile.shape, tile.dtype)
         np.copyto(arr, tile)
         self.put(key, arr)
+
+    def buffer(self, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+        """An array to load a tile into before :meth:`put`: the buffer of an evicted tile of that shape when
+        one is free (no page faults), else a new one."""
+        with self._lock:
+            free = self._free.get((tuple(shape), np.dtype(dtype).str))
+            arr = free.pop() if free else None
+        return arr if arr is not None else np.empty(shape, dtype=dtype)
 
     def _recycle(self, old: np.ndarray) -> None:
         # Only if nobody holds it any more: the cache's reference was just dropped, so the count is ours
@@ -168,32 +172,81 @@ def _default_cache_bytes() -> int:
 TILE_CACHE = TileCache(_default_cache_bytes())
 
 
-#: Scratch buffers kept for reuse: one per core is what decoding threads use at once; more are freed after use
-#: (the I/O pool has many more threads than cores, each would otherwise keep its own ~20 MB buffer for good).
-_SCRATCH_KEEP = max(2, os.cpu_count() or 2)
-_scratch_free: list[np.ndarray] = []
-_scratch_lock = threading.Lock()
+class ScratchPool:
+    """Buffers kept for reuse between ``with`` blocks: a fresh array of tens of MB costs page faults (the kernel
+    zeroes every page, in 2 MB pages where numpy asks for huge pages), not just memory; at most ``keep`` are
+    kept, the larger ones first."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self._free: list[np.ndarray] = []
+        #: buffers lent by get(), by id, weakly: one never given back is freed with its last view
+        self._lent: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def take(self, shape: tuple[int, ...], dtype: np.dtype | type) -> Iterator[np.ndarray]:
+        """A buffer of ``shape`` and ``dtype`` (contents undefined) for the duration of the ``with``."""
+        need = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        with self._lock:
+            fits = [i for i, b in enumerate(self._free) if b.nbytes >= need]
+            buf = self._free.pop(min(fits, key=lambda i: self._free[i].nbytes)) if fits else None
+        if buf is None:
+            buf = np.empty(need, dtype=np.uint8)
+        try:
+            yield buf[:need].view(dtype).reshape(shape)
+        finally:
+            with self._lock:
+                self._keep(buf)
+
+    def get(self, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+        """A buffer of ``shape`` and ``dtype`` (contents undefined) whose owner may :meth:`give` it back once
+        nothing refers to it any more; an array never given back is freed as any other."""
+        need = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        with self._lock:
+            fits = [i for i, b in enumerate(self._free) if b.nbytes >= need]
+            buf = self._free.pop(min(fits, key=lambda i: self._free[i].nbytes)) if fits else None
+            if buf is None:
+                buf = np.empty(need, dtype=np.uint8)
+            self._lent[id(buf)] = buf
+        return buf[:need].view(dtype).reshape(shape)
+
+    def give(self, arr: np.ndarray) -> None:
+        """Take back the buffer under ``arr`` (an array from :meth:`get`, or a view of one; anything else is
+        ignored, as is a second give of the same buffer). The caller must hold no other view of it."""
+        base = arr.base
+        with self._lock:
+            if base is None or self._lent.get(id(base)) is not base:
+                return
+            del self._lent[id(base)]
+            self._keep(base)
+
+    def _keep(self, buf: np.ndarray) -> None:
+        if len(self._free) < self.keep:
+            self._free.append(buf)
+        elif self._free and min(b.nbytes for b in self._free) < buf.nbytes:  # keep the larger ones
+            self._free.sort(key=lambda b: b.nbytes)
+            self._free[0] = buf
+
+    def clear(self) -> None:
+        """Give the kept buffers back (the end of a run: a notebook's process should not hold them)."""
+        with self._lock:
+            self._free.clear()
 
 
-@contextlib.contextmanager
-def scratch(shape: tuple[int, int], dtype: np.dtype) -> Iterator[np.ndarray]:
-    """A reusable buffer for the duration of the ``with``: a fresh 20-30 MB array per read costs page faults,
-    not just memory. At most :data:`_SCRATCH_KEEP` buffers are kept between reads."""
-    need = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    with _scratch_lock:
-        fits = [i for i, b in enumerate(_scratch_free) if b.nbytes >= need]
-        buf = _scratch_free.pop(fits[0]) if fits else None
-    if buf is None:
-        buf = np.empty(need, dtype=np.uint8)
-    try:
-        yield buf[:need].view(dtype).reshape(shape)
-    finally:
-        with _scratch_lock:
-            if len(_scratch_free) < _SCRATCH_KEEP:
-                _scratch_free.append(buf)
-            elif _scratch_free and min(b.nbytes for b in _scratch_free) < buf.nbytes:  # keep the larger ones
-                _scratch_free.sort(key=lambda b: b.nbytes)
-                _scratch_free[0] = buf
+#: The uint16 windows the readers return (:func:`~.reader._finish_aligned`), given back by the task once folded:
+#: a fresh 8 MB window is ~500 page faults, and a task makes three per item (measured: ~150k faults, most of the
+#: ~1 s of kernel time of the 8-task benchmark). A few per core: a task holds an item's three at once.
+WINDOWS = ScratchPool(4 * max(2, os.cpu_count() or 2))
+
+#: Tile-sized decode buffers: one per core is what decoding threads use at once; more are freed after use (the
+#: I/O pool has many more threads than cores, each would otherwise keep its own ~20 MB buffer for good).
+SCRATCH = ScratchPool(max(2, os.cpu_count() or 2))
+
+
+def scratch(shape: tuple[int, int], dtype: np.dtype) -> contextlib.AbstractContextManager[np.ndarray]:
+    """A reusable tile-sized buffer for the duration of the ``with`` (:data:`SCRATCH`)."""
+    return SCRATCH.take(shape, dtype)
 
 
 def upsample_into(dst: np.ndarray, src: np.ndarray, k: int, dr: int, dc: int) -> None:
