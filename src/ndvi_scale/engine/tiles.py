@@ -235,8 +235,8 @@ class ScratchPool:
 
 
 #: The uint16 windows the readers return (:func:`~.reader._finish_aligned`), given back by the task once folded:
-#: a fresh 8 MB window is ~500 page faults, and a task makes three per item (measured: ~150k faults, most of the
-#: ~1 s of kernel time of the 8-task benchmark). A few per core: a task holds an item's three at once.
+#: a fresh 8 MB window costs ~500 page faults and a task makes three per item. A few per core: a task holds an
+#: item's three at once.
 WINDOWS = ScratchPool(4 * max(2, os.cpu_count() or 2))
 
 #: Tile-sized decode buffers: one per core is what decoding threads use at once; more are freed after use (the
