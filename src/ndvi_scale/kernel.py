@@ -100,7 +100,7 @@ def ndvi_into(
     if clear is not None:
         if clear.dtype != np.bool_ or clear.shape != out.shape:
             raise ValueError(f"clear mask {clear.dtype} {clear.shape} is not bool of the output shape {out.shape}")
-        scl = np.ascontiguousarray(clear).view(np.uint8)
+        scl = clear.view(np.uint8)  # same item size: a view, strided or not
     for a in (red, nir, scl):
         if a.dtype not in (np.uint8, np.uint16) or a.shape != out.shape:
             raise ValueError(f"band {a.dtype} {a.shape} is not uint8/uint16 of the output shape {out.shape}")
@@ -108,11 +108,14 @@ def ndvi_into(
     nir_t = reflectance_table(float(nir_scale), float(nir_offset))
     scl_t = _CLEAR_CODES if clear is not None else scl_table(tuple(int(c) for c in mask_classes))
     one_item = _ndvi_item_numba if _use_numba() else _ndvi_item_numpy
+    # The bands as they come, strided or not: an item covering part of the chunk hands over views, and copying
+    # them contiguous first took longer than the loop itself (numba compiles a strided variant; numpy's take
+    # reads views as they are).
     with np.errstate(invalid="ignore", divide="ignore"):
         one_item(
-            np.ascontiguousarray(red),
-            np.ascontiguousarray(nir),
-            np.ascontiguousarray(scl),
+            red,
+            nir,
+            scl,
             red_t,
             nir_t,
             scl_t,
@@ -355,14 +358,18 @@ def warm_up() -> bool:
     """
     if not _use_numba():
         return False
-    dn = np.ones((2, 3), dtype=np.uint16)
     layer = np.empty((2, 3), dtype=np.float32)
     part = np.empty((3, 4), dtype=np.float32)[1:, 1:]  # the part of a day layer an item covers: a view
-    for out in (layer, part):
-        ndvi_into(out, dn, dn, dn * 4, 1e-4, 0.0, 1e-4, 0.0, (0,), first=True)
-        ndvi_into(out, dn, dn, dn * 4, 1e-4, 0.0, 1e-4, 0.0, (0,), first=False)
-        # the mask-filter path hands the loop a uint8 mask instead of the uint16 SCL: its own compiled signature
-        ndvi_into(out, dn, dn, dn, 1e-4, 0.0, 1e-4, 0.0, (0,), first=True, clear=np.ones(out.shape, dtype=bool))
+    # bands whole, or the part of their windows an item covers (views: numba compiles each layout apart)
+    for shape, cut in (((2, 3), np.s_[:, :]), ((3, 4), np.s_[1:, 1:])):
+        dn = np.full(shape, 1, dtype=np.uint16)[cut]
+        scl = np.full(shape, 4, dtype=np.uint16)[cut]
+        clear = np.ones(shape, dtype=bool)[cut]
+        for out in (layer, part):
+            ndvi_into(out, dn, dn, scl, 1e-4, 0.0, 1e-4, 0.0, (0,), first=True)
+            ndvi_into(out, dn, dn, scl, 1e-4, 0.0, 1e-4, 0.0, (0,), first=False)
+            # the mask-filter path hands the loop a uint8 mask instead of the uint16 SCL: its own signature
+            ndvi_into(out, dn, dn, scl, 1e-4, 0.0, 1e-4, 0.0, (0,), first=True, clear=clear)
     for method in ("median", "mean", "max"):
         reduce_days(np.stack([layer, layer]), method, np.arange(2))
     return True
