@@ -144,3 +144,30 @@ def test_ndvi_into_with_a_filtered_mask_equals_the_reference(engine, monkeypatch
     kernel.ndvi_into(out, red, nir, scl, 1e-4, -0.1, 1e-4, -0.1, (0,), first=True, clear=clear)
     np.testing.assert_array_equal(out, want)
     assert np.isnan(out).any() and not np.isnan(out).all()
+
+
+@pytest.mark.parametrize("engine", ["numpy", *(["numba"] if kernel.NUMBA else [])])
+def test_ndvi_into_reads_views_as_they_are(engine, monkeypatch):
+    """The part of a window an item covers is a strided view: folded as such (no contiguous copy), it gives the
+    reference's numbers, for the first item of a day and for a later one that fills only what is still NaN."""
+    from ndvi_scale.testing.reference import clear_mask, ndvi
+
+    monkeypatch.setenv("NDVI_SCALE_NUMBA", "1" if engine == "numba" else "0")
+    rng = np.random.default_rng(5)
+    red = rng.integers(0, 3000, size=(50, 80)).astype(np.uint16)
+    nir = rng.integers(0, 6000, size=(50, 80)).astype(np.uint16)
+    scl = rng.choice(np.array([0, 3, 4, 5, 8], dtype=np.uint16), size=(50, 80))
+    part = np.s_[7:41, 13:66]
+    assert not red[part].flags.c_contiguous
+    masked = (0, 3, 8)
+    want = ndvi(red[part], nir[part], 1e-4, -0.1, clear_mask(scl[part], red[part], nir[part], masked))
+    layer = np.full((50, 80), 5.0, dtype=np.float32)
+    kernel.ndvi_into(layer[part], red[part], nir[part], scl[part], 1e-4, -0.1, 1e-4, -0.1, masked, first=True)
+    np.testing.assert_array_equal(layer[part], want)
+    assert (np.delete(layer, np.r_[7:41], axis=0) == 5.0).all()  # nothing written outside the part
+    later = np.full((50, 80), np.nan, dtype=np.float32)
+    later[::2] = 0.25
+    kernel.ndvi_into(later[part], red[part], nir[part], scl[part], 1e-4, -0.1, 1e-4, -0.1, masked, first=False)
+    got = later[part]  # part rows start at 7: its odd rows are the even rows set above, its even rows were NaN
+    np.testing.assert_array_equal(got[1::2], np.full_like(want[1::2], 0.25))  # an earlier item's, kept
+    np.testing.assert_array_equal(got[::2], want[::2])  # filled by this one
