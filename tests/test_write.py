@@ -835,3 +835,24 @@ def test_unfinished_cube_opens_with_plain_open_zarr(
     done = len(every) - 1  # the last period of the write was never computed
     np.testing.assert_array_equal(cube["ndvi"].values[:done], want[:done])
     assert np.isnan(cube["ndvi"].values[done]).all()
+
+
+def test_holds_data_says_true_only_when_the_chunk_cannot_be_all_fill():
+    """The sample test that spares zarr's whole-chunk "all fill?" pass: True only when a sampled value differs
+    from the fill value, so zarr's choice (store the chunk or not) is the one it would have made."""
+    from ndvi_scale.write import _holds_data
+
+    nan = np.full((1, 300, 300), np.nan, dtype=np.float32)
+    assert not _holds_data(nan, np.float32(np.nan))  # all fill: zarr decides (stores none)
+    one = nan.copy()
+    one[0, 122, 61] = 0.5  # on the sample grid
+    assert _holds_data(one, np.float32(np.nan))
+    off = nan.copy()
+    off[0, 1, 1] = 0.5  # not sampled: "not known", zarr checks the whole chunk
+    assert not _holds_data(off, np.float32(np.nan))
+    counts = np.zeros((1, 300, 300), dtype=np.uint16)
+    assert _holds_data(counts, 65535) and not _holds_data(counts, 0)
+    assert _holds_data(counts, None)  # zarr v2 without a fill value never skips a chunk
+    zeros = np.zeros((1, 300, 300), dtype=np.float32)
+    assert not _holds_data(zeros, 0.0) and not _holds_data(-zeros, 0.0)  # -0.0: zarr compares bits, we do not
+    assert not _holds_data(counts, np.float64(np.nan))  # a NaN fill on integers: left to zarr
