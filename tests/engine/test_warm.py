@@ -122,3 +122,51 @@ def test_start_reading_warms_the_first_period_before_any_task_runs(sample) -> No
     assert WARM.claimed == WARM.warmed
     ref = stack_then_reduce(c)
     np.testing.assert_array_equal(got.ndvi.values, ref["ndvi"])
+
+
+def test_start_reading_decodes_what_it_warms_and_a_failed_decode_is_read_again(sample, monkeypatch) -> None:
+    """Before any task runs, the warmed reads are decoded too (idle cores): their futures hold the finished
+    windows. A warmed read whose one attempt fails (here: the decode) is read again by its task, under the
+    policy, and the cube is still the reference's."""
+    from concurrent.futures import wait
+
+    from ndvi_scale.engine import owntiles
+    from ndvi_scale.engine.graph import start_reading
+
+    spec, catalog = sample
+    c = cfg(catalog, bboxes(spec)["across-overlap"], chunk=64)
+    decoded = []
+    real_decode = owntiles.decode_tile
+
+    def counting(*a: Any, **k: Any) -> Any:
+        decoded.append(1)
+        return real_decode(*a, **k)
+
+    monkeypatch.setattr(owntiles, "decode_tile", counting)
+    lazy = build(c)
+    assert start_reading(lazy.ndvi.data)
+    futures = [f for f, _, _ in WARM._reads.values()]
+    wait(futures)
+    assert futures and decoded  # decoded before any task ran
+    windows = [f.result()() for f in futures]
+    assert all(isinstance(w, np.ndarray) and w.dtype == np.uint16 for w in windows)
+    ref = stack_then_reduce(c)
+    np.testing.assert_array_equal(lazy.compute(scheduler="threads", num_workers=2).ndvi.values, ref["ndvi"])
+
+    WARM.clear()
+    real_try_read = reader_mod.AssetReader.try_read
+    failures = []
+
+    def failing_once(self: Any, window: Any) -> Any:
+        if not failures:
+            failures.append(self.url)
+            raise ValueError("a tile decoded to 12 bytes, 2097152 expected (corrupt or truncated data)")
+        return real_try_read(self, window)
+
+    monkeypatch.setattr(reader_mod.AssetReader, "try_read", failing_once)
+    lazy = build(c)
+    assert start_reading(lazy.ndvi.data)
+    got = lazy.compute(scheduler="threads", num_workers=2)
+    assert failures and WARM.failed == 1
+    np.testing.assert_array_equal(got.ndvi.values, ref["ndvi"])
+    np.testing.assert_array_equal(got.valid_count.values, ref["valid_count"])

@@ -170,7 +170,7 @@ def start_reading(cube: da.Array) -> bool:
             # sources task computes the same again, cheaply: its files' headers are known by then).
             period = dask.local.get_sync({(name, 0): layer[(name, 0)]}, (name, 0), callbacks=())
             try:
-                warm_next(period)
+                warm_next(period, decode=True)  # no task runs yet: the idle cores decode them too
             except Exception as e:  # noqa: BLE001 - an optimisation: the tasks make their reads themselves
                 log.debug("warming the first chunks failed: %s", e)
             return True

@@ -334,6 +334,13 @@ class AssetReader:
             raise OSError(f"{clean_href(self.url)} was given up on")
         return self._finisher(self._fetch_once(window), window, policy)
 
+    def try_read(self, window: Window) -> np.ndarray:
+        """:meth:`try_start` and its decode at once, both outside the policy (a failed decode is not read again
+        here): for reads decoded ahead of their task, whose own read meets any failure again under the policy."""
+        if self._given_up():
+            raise OSError(f"{clean_href(self.url)} was given up on")
+        return self._read_once(window)
+
     def _given_up(self) -> bool:
         """Whether this process gave up reading this asset less than :data:`GIVE_UP_MEMORY` seconds ago."""
         when = _GIVEN_UP.get(clean_href(self.url))

@@ -177,10 +177,15 @@ def composite_block(
     return out.reshape(1, n_out * height, width)
 
 
-def warm_next(period: PeriodReads, limit_chunks: int = 4) -> int:
+def warm_next(period: PeriodReads, limit_chunks: int = 4, *, decode: bool = False) -> int:
     """Warm the first reads of up to ``limit_chunks`` chunks that have not started: this period's, and once every
     chunk of this period has started, the next period's (:mod:`.warm`; nothing on a distributed worker). Returns
     the number of chunks warmed.
+
+    ``decode``: also decode each warmed read as soon as its bytes are in (the window its task will fold),
+    for when no task runs yet (:func:`~.graph.start_reading`, while the cube's template is written): a core
+    that would wait decodes instead (a decoded read holds its window: ~3-5x its compressed bytes, until its task
+    starts moments later). While tasks run, their own decoding goes first: the default.
 
     Not the next period's while this one still has chunks to start: their reads would go before the ones this
     period needs first, and their edge tiles would take the tile cache's room from this period's.
@@ -198,7 +203,8 @@ def warm_next(period: PeriodReads, limit_chunks: int = 4) -> int:
                 continue
             jobs, window_of = read_jobs(p.items, len(p.day_numbers), (p.t, i, j), slices, settings)
             reads = [(_warm_key(a.href, settings.grid, window_of(a)),
-                      functools.partial(_try_start, a.href, settings.grid, window_of(a), settings.policy),
+                      functools.partial(_try_start_decoded if decode else _try_start, a.href, settings.grid,
+                                        window_of(a), settings.policy),
                       reader_for(a.href, settings.grid).cost(window_of(a)))
                      for _, a in jobs]
             if WARM.warm((p.run, p.t, i, j), reads):
@@ -271,6 +277,13 @@ def _start(href: str, grid: OutputGrid, w: windows.Window, policy: ReadPolicy) -
 
 def _try_start(href: str, grid: OutputGrid, w: windows.Window, policy: ReadPolicy) -> Callable[[], np.ndarray]:
     return reader_for(href, grid).try_start(w, policy)
+
+
+def _try_start_decoded(href: str, grid: OutputGrid, w: windows.Window, policy: ReadPolicy
+                       ) -> Callable[[], np.ndarray]:
+    """:func:`_try_start` and its decode at once (one attempt, outside the policy): the task gets the window."""
+    window = reader_for(href, grid).try_read(w)
+    return lambda: window
 
 
 def _composite_part(
