@@ -187,17 +187,11 @@ class ScratchPool:
     @contextlib.contextmanager
     def take(self, shape: tuple[int, ...], dtype: np.dtype | type) -> Iterator[np.ndarray]:
         """A buffer of ``shape`` and ``dtype`` (contents undefined) for the duration of the ``with``."""
-        need = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        with self._lock:
-            fits = [i for i, b in enumerate(self._free) if b.nbytes >= need]
-            buf = self._free.pop(min(fits, key=lambda i: self._free[i].nbytes)) if fits else None
-        if buf is None:
-            buf = np.empty(need, dtype=np.uint8)
+        arr = self.get(shape, dtype)
         try:
-            yield buf[:need].view(dtype).reshape(shape)
+            yield arr
         finally:
-            with self._lock:
-                self._keep(buf)
+            self.give(arr)
 
     def get(self, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
         """A buffer of ``shape`` and ``dtype`` (contents undefined) whose owner may :meth:`give` it back once
@@ -206,8 +200,9 @@ class ScratchPool:
         with self._lock:
             fits = [i for i, b in enumerate(self._free) if b.nbytes >= need]
             buf = self._free.pop(min(fits, key=lambda i: self._free[i].nbytes)) if fits else None
-            if buf is None:
-                buf = np.empty(need, dtype=np.uint8)
+        if buf is None:
+            buf = np.empty(need, dtype=np.uint8)
+        with self._lock:
             self._lent[id(buf)] = buf
         return buf[:need].view(dtype).reshape(shape)
 
