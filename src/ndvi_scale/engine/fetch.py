@@ -43,12 +43,10 @@ def _env_int(name: str, default: int, minimum: int) -> int:
 READ_CONCURRENCY = _env_int("NDVI_SCALE_READ_CONCURRENCY", min(64, max(32, 16 * (os.cpu_count() or 2))), 1)
 
 #: Bytes of fetched-but-not-yet-folded reads one task may hold (``NDVI_SCALE_READ_AHEAD_MB``): compressed tiles on
-#: the engine's own COG path (decoded when folded), uint16 windows through GDAL. 128 MB: about a whole 2048-px
-#: chunk-month of compressed tiles, so a task's reads are all in flight from its start (64 MB left the ends of the
-#: tasks waiting for their last reads at 100 ms: with the warming below, 3.62 -> 3.46 s on the benchmark at 100 ms,
-#: mean of 5-7 runs); through GDAL 16 windows of a 2048-px chunk (192 MB of GDAL windows once took the benchmark
-#: from 1.6 to 2.0 GB).
-READ_AHEAD_BYTES = _env_int("NDVI_SCALE_READ_AHEAD_MB", 128, 1) * 2**20
+#: the engine's own COG path (decoded when folded), uint16 windows through GDAL. 64 MB: 8 windows of a 2048-px
+#: chunk through GDAL (8 MB of uint16 each), two to three times as many compressed; what it adds to a worker's
+#: peak memory stays small (192 MB of GDAL windows took the benchmark from 1.6 to 2.0 GB).
+READ_AHEAD_BYTES = _env_int("NDVI_SCALE_READ_AHEAD_MB", 64, 1) * 2**20
 
 
 #: glibc's arena count for a process that runs the I/O pool (``NDVI_SCALE_MALLOC_ARENAS``; 0 leaves malloc alone).

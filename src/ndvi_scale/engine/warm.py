@@ -38,14 +38,13 @@ def _env_mb(name: str, default: int) -> int:
 
 
 #: Bytes (by the reader's ``cost``: compressed tiles) of one not-yet-started chunk read ahead of its task. A
-#: task folds an asset window in ~10-20 ms of CPU, so 32 MB (30-50 windows of a 2048-px chunk, about half of a
-#: chunk-month) keeps a core busy for several 100 ms round trips while the rest of its reads arrive
-#: (``NDVI_SCALE_WARM_CHUNK_MB``; 16 MB measured ~0.15 s slower at 100 ms with the read-ahead above, fetch.py).
-WARM_CHUNK_BYTES = _env_mb("NDVI_SCALE_WARM_CHUNK_MB", 32)
+#: task folds an asset window in ~10-20 ms of CPU, so 16 MB (15-25 windows of a 2048-px chunk) keeps a core busy
+#: for longer than a 100 ms round trip while the rest of its reads arrive (``NDVI_SCALE_WARM_CHUNK_MB``).
+WARM_CHUNK_BYTES = _env_mb("NDVI_SCALE_WARM_CHUNK_MB", 16)
 
 #: Bytes warmed and not yet claimed in this process at most (``NDVI_SCALE_WARM_MB``; 0 turns warming off): four
 #: chunks' worth, the chunks two threads start next in this period and the next; what it adds to peak memory.
-WARM_BYTES = _env_mb("NDVI_SCALE_WARM_MB", 128)
+WARM_BYTES = _env_mb("NDVI_SCALE_WARM_MB", 64)
 
 #: Seconds an unclaimed warmed read is kept: a run that failed or was interrupted leaves them behind.
 WARM_TTL = 120.0
