@@ -31,6 +31,11 @@ from .warm import WARM, on_cluster
 
 log = logging.getLogger(__name__)
 
+__all__ = [
+    "DAY_LAYERS", "TASK_DAY_BYTES", "PeriodReads", "TaskSettings", "composite_block", "empty_block", "prefetch",
+    "read_jobs", "release_buffers", "strip_rows", "warm_next",
+]
+
 #: The (days, y, x) float32 layers of a task, kept for the next task: ~100 MB for a month of a 2048-px chunk,
 #: which fresh the kernel zeroes page by page on first touch (perf: page faults were ~13 % of the benchmark's CPU
 #: before the pools). One per region thread (a core); given back after a write (:func:`release_buffers`).
@@ -42,11 +47,6 @@ def release_buffers() -> None:
     allocates afresh."""
     DAY_LAYERS.clear()
     WINDOWS.clear()
-
-__all__ = [
-    "TASK_DAY_BYTES", "PeriodReads", "TaskSettings", "composite_block", "empty_block", "prefetch", "read_jobs",
-    "strip_rows", "warm_next",
-]
 
 
 def empty_block(n_out: int, height: int, width: int) -> np.ndarray:
