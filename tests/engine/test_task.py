@@ -248,13 +248,14 @@ def test_mask_filters_chunked_equal_unchunked_and_the_reference(sample):
     assert plain.valid_count.values.sum() > chunked.valid_count.values.sum()
 
 
-def test_tasks_give_back_every_window_and_reuse_their_buffers(sample):
+def test_tasks_give_back_every_window_and_reuse_their_buffers(sample, monkeypatch):
     """The readers' windows and the day layers come from pools the tasks give them back to: after a run nothing
     is still lent, a second run allocates no new window, and the numbers do not change (buffers are reused
     dirty: every pixel is written before it is read)."""
-    from ndvi_scale.engine.task import DAY_LAYERS, release_buffers
+    from ndvi_scale.engine.task import DAY_LAYERS, IDLE, release_buffers
     from ndvi_scale.engine.tiles import WINDOWS
 
+    monkeypatch.setattr(IDLE, "seconds", 3600.0)  # no idle release between the two runs, however slow CI is
     spec, catalog = sample
     c = cfg(catalog, bboxes(spec)["partly-outside"], chunk=64, method="median")
     release_buffers()
@@ -270,3 +271,56 @@ def test_tasks_give_back_every_window_and_reuse_their_buffers(sample):
     np.testing.assert_array_equal(first.ndvi.values, stack_then_reduce(c)["ndvi"])
     release_buffers()
     assert WINDOWS._free == [] and DAY_LAYERS._free == []
+
+
+def test_buffers_are_given_back_once_the_engine_is_idle(sample, monkeypatch):
+    """build(cfg).compute() (a notebook: no pipeline.run to release them at its end) leaves day layers, windows
+    and cached tiles behind for the next task; once no task has run for IDLE.seconds they are given back, the
+    tile cache's counters kept. Tasks running keep them."""
+    from ndvi_scale.engine.task import DAY_LAYERS, IDLE, release_buffers
+    from ndvi_scale.engine.tiles import SCRATCH, TILE_CACHE, WINDOWS
+
+    spec, catalog = sample
+    c = cfg(catalog, bboxes(spec)["partly-outside"], chunk=64, method="median")
+    release_buffers()
+    monkeypatch.setattr(IDLE, "seconds", 3600.0)
+    first = build(c).compute(scheduler="threads", num_workers=2)
+    assert WINDOWS._free and DAY_LAYERS._free and TILE_CACHE.nbytes > 0
+    with IDLE.busy():  # a task runs: an idle time that has passed must not release
+        monkeypatch.setattr(IDLE, "seconds", 0.05)
+        time.sleep(0.3)
+        assert WINDOWS._free and DAY_LAYERS._free
+    counted = TILE_CACHE.hits + TILE_CACHE.waits + TILE_CACHE.misses
+    deadline = time.monotonic() + 10
+    while (WINDOWS._free or DAY_LAYERS._free or TILE_CACHE.nbytes) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert WINDOWS._free == [] and DAY_LAYERS._free == [] and SCRATCH._free == []
+    assert TILE_CACHE.nbytes == 0 and TILE_CACHE.hits + TILE_CACHE.waits + TILE_CACHE.misses == counted
+    again = build(c).compute(scheduler="threads", num_workers=2)  # allocates afresh: same numbers
+    np.testing.assert_array_equal(first.ndvi.values, again.ndvi.values)
+    np.testing.assert_array_equal(first.valid_count.values, again.valid_count.values)
+
+
+def test_idle_release_waits_for_the_last_task_and_counts_from_its_end():
+    from ndvi_scale.engine.task import IdleRelease
+
+    released = []
+    idle = IdleRelease(lambda: released.append(time.monotonic()), 0.2)
+    with idle.busy():
+        with idle.busy():
+            pass
+        time.sleep(0.3)  # the inner task ended 0.3 s ago, but the outer one still runs
+        assert released == []
+    ended = time.monotonic()
+    with idle.busy():  # a task right after: the timer armed above must not fire 0.2 s after the first end
+        pass
+    time.sleep(0.1)
+    with idle.busy():
+        pass
+    last = time.monotonic()
+    deadline = time.monotonic() + 5
+    while not released and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(released) == 1 and released[0] >= last + 0.2 - 0.01 and released[0] > ended + 0.2
+    time.sleep(0.4)
+    assert len(released) == 1  # once per idle spell

@@ -10,10 +10,12 @@ holds the (days, y, x) float32 NDVI and the read-ahead windows.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,27 +28,91 @@ from .fetch import POOL, PREFETCH_POOL, READ_AHEAD_BYTES, ordered_reads
 from .grid import OutputGrid
 from .reader import reader_for
 from .sources import AssetSource, ItemSource
-from .tiles import WINDOWS, ScratchPool
+from .tiles import SCRATCH, TILE_CACHE, WINDOWS, ScratchPool
 from .warm import WARM, on_cluster
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DAY_LAYERS", "TASK_DAY_BYTES", "PeriodReads", "TaskSettings", "composite_block", "empty_block", "prefetch",
-    "read_jobs", "release_buffers", "strip_rows", "warm_next",
+    "DAY_LAYERS", "IDLE", "TASK_DAY_BYTES", "IdleRelease", "PeriodReads", "TaskSettings", "composite_block",
+    "empty_block", "prefetch", "read_jobs", "release_buffers", "strip_rows", "warm_next",
 ]
 
 #: The (days, y, x) float32 layers of a task, kept for the next task: ~100 MB for a month of a 2048-px chunk,
 #: which fresh the kernel zeroes page by page on first touch (perf: page faults were ~13 % of the benchmark's CPU
-#: before the pools). One per region thread (a core); given back after a write (:func:`release_buffers`).
+#: before the pools). One per region thread (a core); given back when the engine is idle (:data:`IDLE`).
 DAY_LAYERS = ScratchPool(max(2, os.cpu_count() or 2))
 
 
 def release_buffers() -> None:
-    """Give back the buffers kept between tasks (:data:`DAY_LAYERS`, :data:`~.tiles.WINDOWS`); the next task
-    allocates afresh."""
+    """Give back what the engine keeps between tasks: :data:`DAY_LAYERS`, the readers' windows and decode
+    buffers (:data:`~.tiles.WINDOWS`, :data:`~.tiles.SCRATCH`) and the cached tiles (:data:`~.tiles.TILE_CACHE`,
+    its counters kept). The next task allocates afresh. Called by :data:`IDLE` and at the end of
+    :func:`ndvi_scale.pipeline.run`."""
     DAY_LAYERS.clear()
     WINDOWS.clear()
+    SCRATCH.clear()
+    TILE_CACHE.drop()
+
+
+def _idle_seconds() -> float:
+    raw = os.environ.get("NDVI_SCALE_IDLE_RELEASE_S", "").strip()
+    try:
+        return max(0.0, float(raw)) if raw else 2.0
+    except ValueError:
+        return 2.0
+
+
+class IdleRelease:
+    """Calls ``release`` once no task of this process has run for ``seconds``.
+
+    Tasks run inside :meth:`busy`. The buffers a task leaves for the next one are worth keeping only while
+    tasks follow each other; a notebook that ran ``build(cfg).compute()`` (no :func:`ndvi_scale.pipeline.run`
+    to give them back at its end) would otherwise hold them until its next run: ~0.2 GB of day layers and
+    windows and up to the tile cache's 384 MB. Within a run the next task starts milliseconds after the last
+    ends, so 2 s idle never happens between tasks of a local run, and on a cluster only when the worker
+    has nothing left of the wave.
+    """
+
+    def __init__(self, release: Callable[[], Any], seconds: float) -> None:
+        self.release = release
+        self.seconds = seconds
+        """Idle time before :attr:`release` runs (``NDVI_SCALE_IDLE_RELEASE_S``, default 2)."""
+        self._lock = threading.Lock()
+        self._active = 0
+        self._generation = 0
+        self._timer: threading.Timer | None = None
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """The ``with`` block is a task: no release while it runs; the idle time counts from its end."""
+        with self._lock:
+            self._active += 1
+            self._generation += 1
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._active -= 1
+                if self._active == 0:
+                    # a thread per idle spell (tasks last tens of ms at least): cheap beside what it frees
+                    self._timer = threading.Timer(self.seconds, self._fire, args=(self._generation,))
+                    self._timer.daemon = True  # never delays the interpreter's exit
+                    self._timer.start()
+
+    def _fire(self, generation: int) -> None:
+        with self._lock:
+            if self._active or generation != self._generation:  # a task started since (its end re-arms)
+                return
+            self._timer = None
+        self.release()
+
+
+#: The engine's idle release: :func:`release_buffers` after :func:`_idle_seconds` without a task.
+IDLE = IdleRelease(release_buffers, _idle_seconds())
 
 
 def empty_block(n_out: int, height: int, width: int) -> np.ndarray:
@@ -148,6 +214,16 @@ def composite_block(
     pixel is reduced on its own). Once its reads are all submitted, the task warms the first reads of chunks
     that have not started (:func:`warm_next`). Raises as :func:`_composite_part`.
     """
+    with IDLE.busy():
+        return _composite_block(period, block_id, slices, aoi)
+
+
+def _composite_block(
+    period: PeriodReads,
+    block_id: tuple[int, int, int],
+    slices: tuple[slice, slice],
+    aoi: Any,
+) -> np.ndarray:
     rows, cols = slices
     height, width = rows.stop - rows.start, cols.stop - cols.start
     settings = period.settings

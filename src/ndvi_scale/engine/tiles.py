@@ -64,6 +64,13 @@ class TileCache:
             self._bytes = 0
             self.hits = self.waits = self.misses = 0
 
+    def drop(self) -> None:
+        """Drop every tile and the buffers kept for reuse (memory back to the process), keeping the counters."""
+        with self._lock:
+            self._data.clear()
+            self._free.clear()
+            self._bytes = 0
+
     def claim(self, keys: Any) -> tuple[dict[Any, np.ndarray], list[Any], dict[Any, threading.Event]]:
         """(cached arrays, keys now loading by the caller, events of keys another thread is loading)."""
         have: dict[Any, np.ndarray] = {}
