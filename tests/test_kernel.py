@@ -61,11 +61,13 @@ def test_sorting_network_sorts_anything():
 # ------------------------------------------------------------------------------------------------ mask filters
 
 
-@pytest.mark.parametrize("radius", [0.5, 1, 1.5, 2, 2.5, 3, 6, 10])
+@pytest.mark.parametrize("radius", [0.5, 1, 1.5, 2, 2.5, 3, 6, 10, 70])
 @pytest.mark.parametrize("density", [0.002, 0.05, 0.5])
 def test_dilation_and_erosion_equal_scipy_on_random_masks(radius, density):
+    """Widths around the 64-pixel words the masks are packed in (63, 64, 65, 128, 130), one pixel high or wide,
+    radii beyond the array."""
     rng = np.random.default_rng(int(radius * 100) + int(density * 1000))
-    for shape in ((1, 1), (7, 3), (57, 91), (130, 64)):
+    for shape in ((1, 1), (7, 3), (57, 91), (130, 64), (3, 63), (65, 65), (1, 128), (40, 130), (150, 1)):
         mask = rng.random(shape) < density
         np.testing.assert_array_equal(kernel.dilate(mask, radius), mask_filter(mask, [("dilation", radius)]))
         np.testing.assert_array_equal(kernel.erode(mask, radius), mask_filter(mask, [("erosion", radius)]))
@@ -88,15 +90,17 @@ def test_disk_is_skimage_disk():
         [("opening", 2), ("dilation", 6)],
         [("closing", 3)],
         [("opening", 1.5), ("dilation", 2), ("erosion", 1), ("closing", 2.5)],
+        [("dilation", 2), ("dilation", 6)],  # what the first grows past the edge must not come back in the second
     ],
 )
 def test_filter_chains_equal_scipy_and_reach_is_enough(filters):
     rng = np.random.default_rng(7)
-    # blobs (a smoothed random field) with speckle: what a cloud mask looks like
+    # blobs (a smoothed random field) with speckle: what a cloud mask looks like; masked up to the right edge
     field = rng.random((120, 150))
     for _ in range(3):
         field = (field + sum(np.roll(field, s, a) for s in (1, -1) for a in (0, 1))) / 5
     mask = (field > np.quantile(field, 0.7)) | (rng.random(field.shape) < 0.01)
+    mask[[0, 60, 119], [149, 149, 0]] = True
     whole = kernel.apply_mask_filters(mask, filters)
     np.testing.assert_array_equal(whole, mask_filter(mask, filters))
     # a window read with the filters' reach gives the whole array's result inside it (chunk independence)
@@ -106,7 +110,9 @@ def test_filter_chains_equal_scipy_and_reach_is_enough(filters):
     np.testing.assert_array_equal(part[reach:-reach, reach:-reach], whole[r0:r1, c0:c1])
 
 
-def test_filtered_clear_reshapes_only_cloud_and_shadow():
+@pytest.mark.parametrize("engine", ["numpy", *(["numba"] if kernel.NUMBA else [])])
+def test_filtered_clear_reshapes_only_cloud_and_shadow(engine, monkeypatch):
+    monkeypatch.setenv("NDVI_SCALE_NUMBA", "1" if engine == "numba" else "0")
     rng = np.random.default_rng(3)
     scl = rng.integers(0, 12, size=(64, 80)).astype(np.uint16)
     scl[rng.random(scl.shape) < 0.7] = 4  # mostly vegetation, scattered other classes

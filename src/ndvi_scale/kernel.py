@@ -27,15 +27,24 @@
 from __future__ import annotations
 
 import functools
-import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from .config import MASK_FILTER_OPS
+from .jit import NUMBA
+from .jit import njit as _njit
+from .jit import use_numba as _use_numba
 from .mask import _lookup
+from .maskfilters import (
+    FILTER_OPS,
+    FILTERED_CLASSES,
+    apply_mask_filters,
+    dilate,
+    erode,
+    filter_reach,
+    filtered_clear,
+)
 from .ndvi import reflectance
 
 __all__ = [
@@ -178,29 +187,8 @@ def _ndvi_item_loop(
                 out[y, x] = v
 
 
-def _njit(func: Any) -> Any:
-    """``func`` compiled by numba (cached on disk, GIL released), or None when numba is not installed."""
-    try:
-        import numba
-    except ImportError:
-        return None
-    def compiled(cache: bool) -> Any:
-        return numba.njit(cache=cache, nogil=True, error_model="numpy", boundscheck=False)(func)
-
-    try:
-        return compiled(True)
-    except RuntimeError:  # no writable cache location (read-only image, no NUMBA_CACHE_DIR): compile per process
-        return compiled(False)
-
-
 #: The compiled per-item loop, or None (numba missing): then the numpy path runs.
 _NUMBA_LOOP = _njit(_ndvi_item_loop)
-#: True when numba is there (``NDVI_SCALE_NUMBA=0`` still switches to numpy at run time).
-NUMBA = _NUMBA_LOOP is not None
-
-
-def _use_numba() -> bool:
-    return NUMBA and os.environ.get("NDVI_SCALE_NUMBA", "1") != "0"
 
 
 def _ndvi_item_numba(*args: Any) -> None:
@@ -372,122 +360,9 @@ def warm_up() -> bool:
             ndvi_into(out, dn, dn, scl, 1e-4, 0.0, 1e-4, 0.0, (0,), first=True, clear=clear)
     for method in ("median", "mean", "max"):
         reduce_days(np.stack([layer, layer]), method, np.arange(2))
+    scl = np.full((3, 4), 8, dtype=np.uint16)  # a cloud: the mask filters' classification and combination
+    filtered_clear(scl, (8,), (("dilation", 1.0),))
     return True
-
-
-# ------------------------------------------------------------------------------------------------ mask filters
-
-#: SCL classes the mask filters reshape (when masked): 3 cloud shadow, 8/9 cloud medium/high probability, 10 thin
-#: cirrus. The other masked classes (0 no data, 1 defective, 2 dark area, 11 snow...) are masked as they are: an
-#: opening must not drop an isolated defective pixel, and a dilation of no-data would only lose observations.
-FILTERED_CLASSES: tuple[int, ...] = (3, 8, 9, 10)
-
-#: Morphological operations a mask filter may apply (DEA ``mask_filters``' names); opening = erosion, dilation.
-FILTER_OPS = MASK_FILTER_OPS
-
-
-def _disk_half_widths(radius: float) -> np.ndarray:
-    """int64[R + 1]: half-width of the disk ``dx^2 + dy^2 <= radius^2`` on row ``dy`` = 0..R (R = floor(radius)),
-    the structuring element of ``skimage.morphology.disk`` (integer radius) and of any radius in pixels."""
-    big = int(math.floor(radius + 1e-9))
-    dy = np.arange(big + 1, dtype=np.float64)
-    return np.floor(np.sqrt(np.maximum(radius * radius - dy * dy, 0.0)) + 1e-9).astype(np.int64)
-
-
-def dilate(mask: np.ndarray, radius: float) -> np.ndarray:
-    """Binary dilation of the 2-D bool ``mask`` by a disk of ``radius`` pixels; outside the array counts as False
-    (``scipy.ndimage.binary_dilation(border_value=0)``). Returns a new bool array.
-
-    A disk is a stack of rows: the dilation is the OR, over its rows ``dy``, of the mask dilated along x by that
-    row's half-width and shifted by ``dy``; each x dilation is a difference of one running sum (O(pixels) per
-    distinct half-width, whatever the radius), each shift a view. No Python loop over pixels."""
-    widths = _disk_half_widths(radius)
-    big = len(widths) - 1
-    height, width = mask.shape
-    if big <= 0 or mask.size == 0:
-        return mask.copy()
-    # running sum along x, padded by `big` on each side: padded[:, big + k] = number of True in mask[:, :k]
-    padded = np.empty((height, width + 1 + 2 * big), dtype=np.int32)
-    padded[:, : big + 1] = 0
-    np.cumsum(mask, axis=1, dtype=np.int32, out=padded[:, big + 1 : big + 1 + width])
-    padded[:, big + 1 + width :] = padded[:, big + width : big + width + 1]
-    along_x: dict[int, np.ndarray] = {}
-    for w in sorted(set(widths.tolist())):
-        # True in [x - w, x + w] <=> count(:x + w + 1) - count(:x - w) > 0
-        along_x[w] = padded[:, big + w + 1 : big + w + 1 + width] > padded[:, big - w : big - w + width]
-    out = along_x[int(widths[0])].copy()
-    for dy in range(1, min(big, height - 1) + 1):  # rows further than the array's height shift nothing in
-        row = along_x[int(widths[dy])]
-        out[dy:] |= row[: height - dy]
-        out[: height - dy] |= row[dy:]
-    return out
-
-
-def erode(mask: np.ndarray, radius: float) -> np.ndarray:
-    """Binary erosion by a disk of ``radius`` pixels; outside the array counts as True
-    (``scipy.ndimage.binary_erosion(border_value=1)``): a mask reaching the edge of the read is not eaten from
-    outside, where nothing is known."""
-    return ~dilate(~mask, radius)
-
-
-def apply_mask_filters(mask: np.ndarray, filters: Sequence[tuple[str, float]]) -> np.ndarray:
-    """``mask`` (bool, True = masked) through ``filters``, in order: ``(op, radius in pixels)`` with ``op`` one of
-    :data:`FILTER_OPS` (opening = erosion then dilation, closing = dilation then erosion). Returns a new array."""
-    out = mask
-    for op, radius in filters:
-        if op == "dilation":
-            out = dilate(out, radius)
-        elif op == "erosion":
-            out = erode(out, radius)
-        elif op == "opening":
-            out = dilate(erode(out, radius), radius)
-        elif op == "closing":
-            out = erode(dilate(out, radius), radius)
-        else:
-            raise ValueError(f"mask filter {op!r} is unknown; expected one of {', '.join(FILTER_OPS)}")
-    return out.copy() if out is mask else out
-
-
-def filter_reach(filters: Sequence[tuple[str, float]]) -> int:
-    """Pixels around a window whose SCL the filtered mask of the window depends on: a chunk reads that margin, so
-    its mask equals the one of the whole grid (results do not depend on the chunk size)."""
-    reach = 0
-    for op, radius in filters:
-        r = len(_disk_half_widths(radius)) - 1
-        reach += 2 * r if op in ("opening", "closing") else r
-    return reach
-
-
-@functools.lru_cache(maxsize=16)
-def _class_tables(mask_classes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """(clear, filtered) bool[65536] tables of an SCL value: clear as :func:`scl_table`; filtered where it is a
-    masked class of :data:`FILTERED_CLASSES`."""
-    clear = np.zeros(65536, dtype=bool)
-    clear[:256] = _lookup(mask_classes)
-    filtered = np.zeros(65536, dtype=bool)
-    filtered[[c for c in FILTERED_CLASSES if c in mask_classes]] = True
-    clear.setflags(write=False)
-    filtered.setflags(write=False)
-    return clear, filtered
-
-
-def filtered_clear(
-    scl: np.ndarray, mask_classes: Sequence[int], filters: Sequence[tuple[str, float]]
-) -> np.ndarray:
-    """Bool (y, x): True where the SCL ``scl`` (uint8/uint16, on the output grid) is clear once the cloud/shadow
-    mask (:data:`FILTERED_CLASSES` among ``mask_classes``) went through ``filters`` (radii in output pixels).
-
-    The other masked classes stay masked exactly; a cloud/shadow pixel an opening removes becomes clear, a pixel
-    a dilation reaches becomes masked. Without filters: the plain SCL test (:func:`scl_table`)."""
-    clear_t, filtered_t = _class_tables(tuple(sorted({int(c) for c in mask_classes})))
-    clear = clear_t[scl]
-    if not filters:
-        return clear
-    cloud = filtered_t[scl]
-    if not cloud.any():
-        # nothing to grow; an opening or erosion of an empty mask is empty too
-        return clear
-    return (clear | cloud) & ~apply_mask_filters(cloud, filters)
 
 
 #: float32[65536] of a ``clear`` mask viewed as uint8: 1 (clear) -> 0, 0 (masked) -> NaN, as :func:`scl_table`.
