@@ -9,8 +9,8 @@ B, then A... each in a fresh process, and prints every run and the means::
     python benchmarks/ab.py /path/to/src-a /path/to/src-b               # or two src/ folders
 
 Run it on a quiet machine, ideally as ``chrt -f 10 python benchmarks/ab.py ...`` (real-time priority: steadier).
-Data: the benchmark's default (``--scale 0.5 --dates 12``, median, chunk 2048, no mask filters), cached as run.py
-caches it.
+Data: the benchmark's default (``--scale 0.5 --dates 12``, median, chunk 2048, no mask filters; ``--default-filters``:
+the filters a user's run has by default), cached as run.py caches it.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ with Server(root, "delay", latency_ms={latency}) as srv:
     R._http_catalog(items, cat, root, srv.url, dates)
     R._warm_page_cache(cat, root, srv.url)
     cfg = RunConfig.create(bbox=R._bbox(spec, 4096), start=dates[0], end=dates[-1], catalog=str(cat),
-                           out=str(work / "o.zarr"), period="month", method={method!r}, chunk=2048, mask_filters=())
+                           out=str(work / "o.zarr"), period="month", method={method!r}, chunk=2048,
+                           **({{}} if {default_filters} else {{"mask_filters": ()}}))
     mark = srv.mark()
     t0, c0 = time.perf_counter(), time.process_time()
     with dask.config.set(scheduler="threads"):
@@ -82,6 +83,9 @@ def main() -> None:
     ap.add_argument("--method", default="median")
     ap.add_argument("--scale", type=float, default=0.5)
     ap.add_argument("--dates", type=int, default=12)
+    ap.add_argument("--default-filters", action="store_true",
+                    help="the default mask filters (opening 20 m, dilation 60 m) as a user's run; default: none, "
+                    "as run.py's contenders (the peers have none)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ndvi-ab-src-"))
     made = []
@@ -95,7 +99,8 @@ def main() -> None:
         for k in range(args.rounds):
             for name in ("A", "B") if k % 2 == 0 else ("B", "A"):  # ABBA: drift hits both alike
                 code = CHILD.format(bench=str(HERE), src=srcs[name], scale=args.scale, dates=args.dates,
-                                    latency=args.latency, method=args.method)
+                                    latency=args.latency, method=args.method,
+                                    default_filters=args.default_filters)
                 env = dict(os.environ, PYTHONPATH=srcs[name])
                 out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
                 got = json.loads(out.stdout.strip().splitlines()[-1])
