@@ -37,6 +37,35 @@ def test_fast_reducers_are_bit_identical(method):
             assert np.array_equal(np.asarray(a, dtype=np.float32), b, equal_nan=True)
 
 
+def test_written_out_median_networks_are_what_the_generator_writes():
+    """ndvi_scale/_median_networks.py is generated (python -m ndvi_scale.kernel): it must not drift from its
+    generator, whose networks the bit-identity test above checks (1, 2, 3, 6 and 13 days are written out)."""
+    from pathlib import Path
+
+    import ndvi_scale._median_networks as networks
+
+    assert Path(networks.__file__).read_text() == kernel.median_networks_module()
+    assert kernel.MAX_UNROLLED_DAYS >= 13
+
+
+@pytest.mark.skipif(not kernel.NUMBA, reason="the written-out networks are numba's; numpy runs bottleneck")
+def test_written_out_median_equals_the_loop_on_every_count_and_special_value():
+    rng = np.random.default_rng(5)
+    for n in range(1, kernel.MAX_UNROLLED_DAYS + 1):
+        days = rng.random((n, 6, 33), dtype=np.float32) * 2 - 1
+        days[rng.random(days.shape) < 0.4] = np.nan
+        days[:, 0] = np.nan
+        days[0, 1], days[-1, 2] = np.inf, -np.inf
+        days[:, 3] = 0.25  # all equal
+        days[:, 4, ::2] = -0.0
+        want_v, want_c = np.empty((6, 33), np.float32), np.empty((6, 33), np.float32)
+        kernel._NUMBA_MEDIAN(days, sorting_pairs(n), want_v, want_c)
+        got_v, got_c = np.empty((6, 33), np.float32), np.empty((6, 33), np.float32)
+        kernel.unrolled_median(n)(days, got_v, got_c)
+        assert np.array_equal(got_v, want_v, equal_nan=True) and np.array_equal(got_c, want_c), n
+        assert np.array_equal(np.signbit(got_v), np.signbit(want_v)), n
+
+
 def test_sorting_network_sorts_anything():
     """Knuth's 0-1 principle: a comparator network sorts every input iff it sorts every 0/1 input."""
 

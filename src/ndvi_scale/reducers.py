@@ -73,7 +73,8 @@ class Reducer:
 
 class Median(Reducer):
     """The median: the middle value, or the float64 mean of the two middle ones cast to float32 (bottleneck).
-    Compiled: a sorting network across a row of pixels, up to :data:`ndvi_scale.kernel.MAX_NETWORK_DAYS` days."""
+    Compiled: a sorting network, written out per day count up to :data:`ndvi_scale.kernel.MAX_UNROLLED_DAYS`
+    days, run across a row of pixels up to :data:`ndvi_scale.kernel.MAX_NETWORK_DAYS` days."""
 
     method = "median"
 
@@ -81,11 +82,15 @@ class Median(Reducer):
         return (bn.nanmedian(days, axis=0),)
 
     def fast(self, days: np.ndarray, numbers: np.ndarray, out: np.ndarray) -> bool:
-        from .kernel import _NUMBA_MEDIAN, MAX_NETWORK_DAYS, sorting_pairs
+        from .kernel import _NUMBA_MEDIAN, MAX_NETWORK_DAYS, sorting_pairs, unrolled_median
 
         if days.shape[0] > MAX_NETWORK_DAYS or _NUMBA_MEDIAN is None:
             return False
-        _NUMBA_MEDIAN(days, sorting_pairs(days.shape[0]), out[0], out[1])
+        unrolled = unrolled_median(days.shape[0])
+        if unrolled is not None:  # up to MAX_UNROLLED_DAYS: the network written out, vectorised across pixels
+            unrolled(days, out[0], out[1])
+        else:
+            _NUMBA_MEDIAN(days, sorting_pairs(days.shape[0]), out[0], out[1])
         return True
 
 
