@@ -191,9 +191,33 @@ def _ndvi_item_loop(
 _NUMBA_LOOP = _njit(_ndvi_item_loop)
 
 
-def _ndvi_item_numba(*args: Any) -> None:
+def _ndvi_item_numba(red: np.ndarray, nir: np.ndarray, scl: np.ndarray, *rest: Any) -> None:
     assert _NUMBA_LOOP is not None
-    _NUMBA_LOOP(*args)
+    if red.flags.writeable and nir.flags.writeable and scl.flags.writeable:
+        _NUMBA_LOOP(red, nir, scl, *rest)
+    else:
+        _numba_loop_read_only()(red, nir, scl, *rest)
+
+
+@functools.cache
+def _numba_loop_read_only() -> Any:
+    """The loop for read-only bands (the tile cache's tiles, folded where they lie: :mod:`.engine.task`): ONE
+    compiled signature per SCL dtype, strided read-only views, which any layout converts to. Left to itself numba
+    would compile every combination of read-only or not, contiguous or not, of three bands as it meets them."""
+    import numba
+    from numba import types
+
+    def band(dtype: Any) -> Any:
+        return types.Array(dtype, 2, "A", readonly=True)
+
+    table = types.Array(types.float32, 1, "C", readonly=True)
+    out = types.Array(types.float32, 2, "A")
+    signatures = [
+        types.void(band(dn), band(dn), band(scl), table, table, table, out, types.boolean)
+        for dn in (types.uint16, types.uint8)
+        for scl in (types.uint16, types.uint8)
+    ]
+    return numba.njit(signatures, cache=True, nogil=True, error_model="numpy", boundscheck=False)(_ndvi_item_loop)
 
 
 # ------------------------------------------------------------------------------------------------ reducers
@@ -421,6 +445,10 @@ def warm_up() -> bool:
             ndvi_into(out, dn, dn, scl, 1e-4, 0.0, 1e-4, 0.0, (0,), first=False)
             # the mask-filter path hands the loop a uint8 mask instead of the uint16 SCL: its own signature
             ndvi_into(out, dn, dn, scl, 1e-4, 0.0, 1e-4, 0.0, (0,), first=True, clear=clear)
+    cached = np.full((3, 4), 1, dtype=np.uint16)
+    cached.setflags(write=False)  # a tile of the tile cache, folded where it lies
+    ndvi_into(part, cached[1:, 1:], cached[1:, 1:], np.full((2, 3), 4, dtype=np.uint16), 1e-4, 0.0, 1e-4, 0.0, (0,),
+              first=True)
     for method in ("median", "mean", "max"):
         reduce_days(np.stack([layer, layer]), method, np.arange(2))
     for n in range(1, WARM_MEDIAN_DAYS + 1):  # the written-out networks of the day counts of a month of one tile

@@ -73,7 +73,7 @@ from .tiles import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FILL", "AssetReader", "GridMatch", "match_grid", "reader_for"]
+__all__ = ["FILL", "AssetReader", "Finish", "GridMatch", "match_grid", "reader_for"]
 
 #: Value of pixels outside the asset or equal to its nodata: Sentinel-2 L2A's no-data DN.
 FILL = 0
@@ -349,18 +349,7 @@ class AssetReader:
     def _finisher(self, got: Any, window: Window, policy: ReadPolicy) -> Callable[[], np.ndarray]:
         if isinstance(got, np.ndarray):
             return lambda: got
-
-        def finish() -> np.ndarray:
-            try:
-                return got()
-            except _NOT_THE_ASSETS_FAULT:
-                raise
-            except Exception as e:
-                log.info("decoding %s failed, reading it again: %s", clean_href(self.url), error_text(e))
-                self._reset(policy)
-                return self.read(window, policy)
-
-        return finish
+        return Finish(self, got, window, policy)
 
     def _with_policy(self, window: Window, policy: ReadPolicy,
                      once: Callable[[Window], Any]) -> Any:
@@ -497,7 +486,10 @@ class AssetReader:
         shift = ((rr0 - m.row_off) - sr0 * k, (cc0 - m.col_off) - sc0 * k)
         if plan.layout is not None:
             batch = owntiles.collect(self.url, plan.layout, plan.nodata, plan.grid, sr0, sr1, sc0, sc1)
-            return functools.partial(_finish_aligned, plan, (h, w), inner, shift, batch.place)
+            finish = functools.partial(_finish_aligned, plan, (h, w), inner, shift, batch.place)
+            if k == 1 and plan.nodata in (None, FILL):  # the file's own pixels: foldable tile by tile
+                return owntiles.TiledRead(finish, batch, (h, w), inner)
+            return finish
 
         def gdal(target: np.ndarray) -> None:
             with HANDLES.use(self.url, self._open) as ds:
@@ -557,6 +549,32 @@ class AssetReader:
                 got = np.empty((t_r1 - t_r0, t_c1 - t_c0), dtype=plan.src_dtype)
                 _gdal_read(ds, t_r0, t_r1, t_c0, t_c1, got)
             paste(target, r0, c0, got, t_r0, t_c0)
+
+
+class Finish:
+    """The second half of a read (:meth:`AssetReader.start`): call it for the window. A finisher whose bytes do
+    not decode (a file changed or corrupt since) reads the window again under the read policy.
+
+    ``tiled`` is the own-tile read behind it when its tiles can be folded where they lie
+    (:class:`.owntiles.TiledRead`), else None: a fold that takes them, and fails to decode them, calls the
+    finisher instead, which decodes again and reads again under the policy as any read.
+    """
+
+    def __init__(self, reader: AssetReader, got: Callable[[], np.ndarray], window: Window,
+                 policy: ReadPolicy) -> None:
+        self.reader, self.got, self.window, self.policy = reader, got, window, policy
+        self.tiled: owntiles.TiledRead | None = got if isinstance(got, owntiles.TiledRead) else None
+
+    def __call__(self) -> np.ndarray:
+        try:
+            return self.got()
+        except _NOT_THE_ASSETS_FAULT:
+            raise
+        except Exception as e:
+            reader = self.reader
+            log.info("decoding %s failed, reading it again: %s", clean_href(reader.url), error_text(e))
+            reader._reset(self.policy)
+            return reader.read(self.window, self.policy)
 
 
 def _finish_aligned(plan: _Aligned, shape: tuple[int, int], inner: tuple[int, int, int, int],

@@ -26,6 +26,7 @@ from ..faults import ReadPolicy
 from ..kernel import filter_reach, filtered_clear, ndvi_into, reduce_days
 from .fetch import POOL, PREFETCH_POOL, READ_AHEAD_BYTES, ordered_reads
 from .grid import OutputGrid
+from .owntiles import gather
 from .reader import reader_for
 from .sources import AssetSource, ItemSource
 from .tiles import SCRATCH, TILE_CACHE, WINDOWS, ScratchPool
@@ -401,9 +402,12 @@ def _composite_part(
         def claim(job: tuple[int, AssetSource]) -> Any:
             return WARM.claim(_warm_key(job[1].href, grid, window_of(job[1])), lambda: POOL.submit(start, job))
 
-        got: dict[str, np.ndarray] = {}
+        got: dict[str, Any] = {}
         for (i, asset), finish in ordered_reads(jobs, start, cost, settings.read_ahead, claim=claim,
                                                 on_started=on_started):
+            if asset.band != "scl" and getattr(finish, "tiled", None) is not None:
+                got[asset.band] = finish  # folded from its tiles where they lie, once the item's SCL is in
+                continue
             data = finish()  # the tiles are decoded now (decode pool, one thread per core), not while in flight
             w = window_of(asset)
             if data.shape != (int(w.height), int(w.width)):
@@ -419,7 +423,8 @@ def _composite_part(
             started[src.day] = True
             del data
             for arr in got.values():
-                WINDOWS.give(arr)  # folded: the next item's windows reuse them
+                if isinstance(arr, np.ndarray):
+                    WINDOWS.give(arr)  # folded: the next item's windows reuse them
             got = {}
         if not started.all():
             days[~started] = np.nan
@@ -456,19 +461,56 @@ def _fold(
     pr, pc = part
     if first and (pr.start, pr.stop, pc.start, pc.stop) != (0, layer.shape[0], 0, layer.shape[1]):
         _fill_outside(layer, pr, pc)
-    ndvi_into(
-        layer[pr, pc],
-        got["red"][pr, pc],
-        got["nir"][pr, pc],
-        got["scl"][pr, pc],
-        src.red_scale,
-        src.red_offset,
-        src.nir_scale,
-        src.nir_offset,
-        mask_classes,
-        first=first,
-        clear=got["clear"][pr, pc] if "clear" in got else None,
-    )
+    clear = got.get("clear")
+    for (r0, r1, c0, c1), red, nir in _band_parts(got, pr, pc):
+        ndvi_into(
+            layer[r0:r1, c0:c1],
+            red,
+            nir,
+            got["scl"][r0:r1, c0:c1],
+            src.red_scale,
+            src.red_offset,
+            src.nir_scale,
+            src.nir_offset,
+            mask_classes,
+            first=first,
+            clear=clear[r0:r1, c0:c1] if clear is not None else None,
+        )
+    for band in ("red", "nir"):
+        tiled = getattr(got[band], "tiled", None)
+        if tiled is not None:
+            tiled.release()
+
+
+def _band_parts(
+    got: dict[str, Any], pr: slice, pc: slice
+) -> list[tuple[tuple[int, int, int, int], np.ndarray, np.ndarray]]:
+    """The rectangles (row0, row1, col0, col1) of the covered part ``pr`` x ``pc`` of the chunk, with their red and
+    nir pixels: one per COG tile where red and nir are both read tile by tile on the same tiles (the tiles are
+    folded where they lie), else the whole part from the two windows (a deferred read is finished now; one that
+    fails to decode tile by tile too, which reads it again under the read policy)."""
+    red, nir = got["red"], got["nir"]
+    tr, tn = getattr(red, "tiled", None), getattr(nir, "tiled", None)
+    if tr is not None and tn is not None and tr.rects() == tn.rects():
+        try:
+            red_f, nir_f = tr.submit(), tn.submit()  # both bands' tiles in the decode pool at once
+            pixels = zip(tr.rects(), gather(red_f), gather(nir_f), strict=True)
+        except Exception as e:  # noqa: BLE001 - a corrupt tile: the finishers below decode and re-read it
+            log.info("red/nir tiles did not decode (%s): finishing their windows, under the read policy", e)
+            tr.release()
+            tn.release()
+        else:
+            parts = []
+            for (r0, r1, c0, c1), r, n in pixels:
+                y0, y1, x0, x1 = max(r0, pr.start), min(r1, pr.stop), max(c0, pc.start), min(c1, pc.stop)
+                if y0 < y1 and x0 < x1:
+                    rows, cols = slice(y0 - r0, y1 - r0), slice(x0 - c0, x1 - c0)
+                    parts.append(((y0, y1, x0, x1), _read_only(r[rows, cols]), _read_only(n[rows, cols])))
+            return parts
+    for band, value in (("red", red), ("nir", nir)):
+        if getattr(value, "tiled", None) is not None:
+            got[band] = value()  # its window (given back with the others once folded)
+    return [((pr.start, pr.stop, pc.start, pc.stop), got["red"][pr, pc], got["nir"][pr, pc])]
 
 
 def _covered(src: ItemSource, grid: OutputGrid, rows: slice, cols: slice) -> tuple[slice, slice] | None:
@@ -495,3 +537,10 @@ def _fill_outside(layer: np.ndarray, rows: slice, cols: slice) -> None:
     layer[rows, : cols.start] = np.nan
     layer[rows, cols.stop :] = np.nan
 
+
+
+def _read_only(view: np.ndarray) -> np.ndarray:
+    """``view`` marked read-only: the kernel then runs its one read-only signature for tiles
+    (:func:`ndvi_scale.kernel._numba_loop_read_only`), whatever mix of cached, decoded, cut or whole tiles."""
+    view.setflags(write=False)
+    return view
