@@ -438,11 +438,12 @@ def warm_up() -> bool:
     # bands whole, or the part of their windows an item covers (views: numba compiles each layout apart)
     for shape, cut in (((2, 3), np.s_[:, :]), ((3, 4), np.s_[1:, 1:])):
         dn = np.full(shape, 1, dtype=np.uint16)[cut]
-        scl = np.full(shape, 4, dtype=np.uint16)[cut]
         clear = np.ones(shape, dtype=bool)[cut]
         for out in (layer, part):
-            ndvi_into(out, dn, dn, scl, 1e-4, 0.0, 1e-4, 0.0, (0,), first=True)
-            ndvi_into(out, dn, dn, scl, 1e-4, 0.0, 1e-4, 0.0, (0,), first=False)
+            for scl_dtype in (np.uint16, np.uint8):  # the SCL comes as the file has it (8-bit on the aligned path)
+                scl = np.full(shape, 4, dtype=scl_dtype)[cut]
+                ndvi_into(out, dn, dn, scl, 1e-4, 0.0, 1e-4, 0.0, (0,), first=True)
+                ndvi_into(out, dn, dn, scl, 1e-4, 0.0, 1e-4, 0.0, (0,), first=False)
             # the mask-filter path hands the loop a uint8 mask instead of the uint16 SCL: its own signature
             ndvi_into(out, dn, dn, scl, 1e-4, 0.0, 1e-4, 0.0, (0,), first=True, clear=clear)
     cached = np.full((3, 4), 1, dtype=np.uint16)
@@ -453,8 +454,8 @@ def warm_up() -> bool:
         reduce_days(np.stack([layer, layer]), method, np.arange(2))
     for n in range(1, WARM_MEDIAN_DAYS + 1):  # the written-out networks of the day counts of a month of one tile
         reduce_days(np.stack([layer] * n), "median", np.arange(n))
-    scl = np.full((3, 4), 8, dtype=np.uint16)  # a cloud: the mask filters' classification and combination
-    filtered_clear(scl, (8,), (("dilation", 1.0),))
+    for scl_dtype in (np.uint16, np.uint8):  # a cloud: the mask filters' classification and combination
+        filtered_clear(np.full((3, 4), 8, dtype=scl_dtype), (8,), (("dilation", 1.0),))
     return True
 
 

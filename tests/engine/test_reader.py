@@ -43,7 +43,10 @@ def read_all(items: list, grid: OutputGrid, chunk: int) -> tuple[np.ndarray, dic
     def read(job: tuple[int, int, tuple[slice, slice]]) -> None:
         i, b, (rows, cols) = job
         r = reader_for(items[i].bands[BANDS[b]].href, grid)
-        out[i, b, rows, cols] = r.read(Window.from_slices(rows, cols), FAST_POLICY)
+        window = r.read(Window.from_slices(rows, cols), FAST_POLICY)
+        # the 8-bit SCL comes as uint8 on the aligned paths (half the bytes to fill and fold), the rest as uint16
+        assert window.dtype == (np.uint8 if BANDS[b] == "scl" and r.fast else np.uint16), (BANDS[b], window.dtype)
+        out[i, b, rows, cols] = window
 
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(read, jobs))
@@ -74,7 +77,7 @@ def test_aligned_reads_equal_the_reference_stack(sample, where, chunk, aligned_p
     items, grid = items_and_grid(catalog, bboxes(spec)[where])
     ref = reference_stack(items, grid)
     got, paths = read_all(items, grid, chunk)
-    assert got.dtype == np.uint16 and np.array_equal(got, ref), f"{where}, chunk {chunk}"
+    assert np.array_equal(got, ref), f"{where}, chunk {chunk}"
     assert paths == {"B04.tif": {True}, "B08.tif": {True}, "SCL.tif": {True}}  # never the warper
     assert which_path(items, grid) == {aligned_path}
     if spec.blocksize < spec.size and chunk < spec.size:

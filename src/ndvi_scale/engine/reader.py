@@ -78,7 +78,8 @@ __all__ = ["FILL", "AssetReader", "Finish", "GridMatch", "match_grid", "reader_f
 #: Value of pixels outside the asset or equal to its nodata: Sentinel-2 L2A's no-data DN.
 FILL = 0
 
-#: Output dtype of every read: Sentinel-2 digital numbers (SCL classes fit too).
+#: Output dtype of every read: Sentinel-2 digital numbers (SCL classes fit too). An 8-bit file read on the aligned
+#: path (the SCL) comes as uint8.
 DTYPE = np.dtype("uint16")
 
 #: Tolerance, in output pixels, for "the asset origin lies on the output grid" and "the pixel size ratio
@@ -478,7 +479,7 @@ class AssetReader:
         rr0, rr1 = max(r0, e_r0), min(r0 + h, e_r1)
         cc0, cc1 = max(c0, e_c0), min(c0 + w, e_c1)
         if rr0 >= rr1 or cc0 >= cc1:
-            return lambda: np.full((h, w), FILL, dtype=DTYPE)
+            return lambda: np.full((h, w), FILL, dtype=_out_dtype(plan))
         # Asset pixels under it: output pixel j (from the asset's edge) has its centre in asset pixel j // k.
         sr0, sc0 = (rr0 - m.row_off) // k, (cc0 - m.col_off) // k
         sr1, sc1 = (rr1 - 1 - m.row_off) // k + 1, (cc1 - 1 - m.col_off) // k + 1
@@ -584,7 +585,7 @@ def _finish_aligned(plan: _Aligned, shape: tuple[int, int], inner: tuple[int, in
     ``k`` x ``k`` from ``shift`` (the offset of the window's first pixel in that first asset pixel) if the asset
     is coarser, its nodata made :data:`FILL`."""
     i_r0, i_r1, i_c0, i_c1 = inner
-    out = WINDOWS.get(shape, DTYPE)  # the task gives it back once folded
+    out = WINDOWS.get(shape, _out_dtype(plan))  # the task gives it back once folded
     # fill only the margins the asset does not cover
     out[:i_r0] = FILL
     out[i_r1:] = FILL
@@ -602,6 +603,11 @@ def _finish_aligned(plan: _Aligned, shape: tuple[int, int], inner: tuple[int, in
     if plan.nodata is not None and plan.nodata != FILL:
         dst[dst == plan.nodata] = FILL
     return out
+
+
+def _out_dtype(plan: _Aligned) -> np.dtype:
+    """uint8 for an 8-bit file (the SCL: half the bytes to fill, upsample and fold, no cast), else :data:`DTYPE`."""
+    return np.dtype(np.uint8) if plan.src_dtype == np.uint8 else DTYPE
 
 
 def _clip(match: GridMatch, shape: tuple[int, int]) -> tuple[int, int, int, int]:
