@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -80,6 +80,7 @@ class Header:
 
 
 Tile = tuple[int, int]
+T = TypeVar("T")
 
 
 class TileBatch:
@@ -203,7 +204,7 @@ class TiledRead:
             TILE_BUFFERS.give(buf)
 
 
-def gather(futures: list[Future[np.ndarray]]) -> list[np.ndarray]:
+def gather(futures: list[Future[T]]) -> list[T]:
     """The results of ``futures`` in order; on the first failure the others not started are cancelled and it
     raises."""
     try:

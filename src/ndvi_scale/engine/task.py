@@ -26,7 +26,7 @@ from ..faults import ReadPolicy
 from ..kernel import filter_reach, filtered_clear, ndvi_into, reduce_days
 from .fetch import POOL, PREFETCH_POOL, READ_AHEAD_BYTES, ordered_reads
 from .grid import OutputGrid
-from .owntiles import gather
+from .owntiles import DECODE_POOL, gather
 from .reader import reader_for
 from .sources import AssetSource, ItemSource
 from .tiles import SCRATCH, TILE_CACHE, WINDOWS, ScratchPool
@@ -462,7 +462,9 @@ def _fold(
     if first and (pr.start, pr.stop, pc.start, pc.stop) != (0, layer.shape[0], 0, layer.shape[1]):
         _fill_outside(layer, pr, pc)
     clear = got.get("clear")
-    for (r0, r1, c0, c1), red, nir in _band_parts(got, pr, pc):
+
+    def fold(rect: tuple[tuple[int, int, int, int], np.ndarray, np.ndarray]) -> None:
+        (r0, r1, c0, c1), red, nir = rect
         ndvi_into(
             layer[r0:r1, c0:c1],
             red,
@@ -476,10 +478,19 @@ def _fold(
             first=first,
             clear=clear[r0:r1, c0:c1] if clear is not None else None,
         )
-    for band in ("red", "nir"):
-        tiled = getattr(got[band], "tiled", None)
-        if tiled is not None:
-            tiled.release()
+
+    rects = _band_parts(got, pr, pc)
+    try:
+        if len(rects) > 1:  # disjoint rectangles of the layer: folded on every core (the last task runs alone)
+            gather([DECODE_POOL.submit(fold, rect) for rect in rects])
+        else:
+            for rect in rects:
+                fold(rect)
+    finally:
+        for band in ("red", "nir"):
+            tiled = getattr(got[band], "tiled", None)
+            if tiled is not None:
+                tiled.release()
 
 
 def _band_parts(
