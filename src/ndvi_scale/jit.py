@@ -21,14 +21,17 @@ except ImportError:  # the [fast] extra is not installed: numpy everywhere
 NUMBA = numba is not None
 
 
-def njit(func: Any) -> Any:
+def njit(func: Any, signatures: list[Any] | None = None) -> Any:
     """``func`` compiled by numba (cached on disk, GIL released, no bounds checks, numpy's division semantics),
-    or None when numba is not installed."""
+    or None when numba is not installed. ``signatures``: compile those now, and only those (arguments of other
+    types are converted to them), instead of one specialisation per argument types met."""
     if numba is None:
         return None
 
     def compiled(cache: bool) -> Any:
-        return numba.njit(cache=cache, nogil=True, error_model="numpy", boundscheck=False)(func)
+        options = {"cache": cache, "nogil": True, "error_model": "numpy", "boundscheck": False}
+        jit = numba.njit(signatures, **options) if signatures is not None else numba.njit(**options)
+        return jit(func)
 
     try:
         return compiled(True)

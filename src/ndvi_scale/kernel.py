@@ -204,7 +204,6 @@ def _numba_loop_read_only() -> Any:
     """The loop for read-only bands (the tile cache's tiles, folded where they lie: :mod:`.engine.task`): ONE
     compiled signature per SCL dtype, strided read-only views, which any layout converts to. Left to itself numba
     would compile every combination of read-only or not, contiguous or not, of three bands as it meets them."""
-    import numba
     from numba import types
 
     def band(dtype: Any) -> Any:
@@ -217,7 +216,7 @@ def _numba_loop_read_only() -> Any:
         for dn in (types.uint16, types.uint8)
         for scl in (types.uint16, types.uint8)
     ]
-    return numba.njit(signatures, cache=True, nogil=True, error_model="numpy", boundscheck=False)(_ndvi_item_loop)
+    return _njit(_ndvi_item_loop, signatures)
 
 
 # ------------------------------------------------------------------------------------------------ reducers
