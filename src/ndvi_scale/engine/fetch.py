@@ -21,16 +21,24 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
-__all__ = ["POOL", "PREFETCH_POOL", "LazyPool", "PoolClosed", "READ_AHEAD_BYTES", "READ_CONCURRENCY", "ordered_reads"]
+__all__ = [
+    "POOL", "PREFETCH_POOL", "LazyPool", "PoolClosed", "READ_AHEAD_BYTES", "READ_CONCURRENCY", "env_number",
+    "ordered_reads",
+]
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-def _env_int(name: str, default: int, minimum: int) -> int:
+N = TypeVar("N", int, float)
+
+
+def env_number(name: str, default: N, minimum: N) -> N:
+    """The engine's setting ``name`` from the environment, of ``default``'s type (int or float), at least
+    ``minimum``; ``default`` when unset or not such a number."""
     raw = os.environ.get(name, "").strip()
     try:
-        return max(minimum, int(raw)) if raw else default
+        return max(minimum, type(default)(raw)) if raw else default
     except ValueError:
         return default
 
@@ -40,13 +48,13 @@ def _env_int(name: str, default: int, minimum: int) -> int:
 #: one task at a time) took 1.46x its time at 0 ms with 32 threads, 2.1x with 16, 3.0x with 8 (measured). Threads
 #: waiting on a socket cost no CPU; how many decode at once is bounded by each task's read-ahead
 #: (:data:`READ_AHEAD_BYTES`), not by this number.
-READ_CONCURRENCY = _env_int("NDVI_SCALE_READ_CONCURRENCY", min(64, max(32, 16 * (os.cpu_count() or 2))), 1)
+READ_CONCURRENCY = env_number("NDVI_SCALE_READ_CONCURRENCY", min(64, max(32, 16 * (os.cpu_count() or 2))), 1)
 
 #: Bytes of fetched-but-not-yet-folded reads one task may hold (``NDVI_SCALE_READ_AHEAD_MB``): compressed tiles on
 #: the engine's own COG path (decoded when folded), uint16 windows through GDAL. 64 MB: 8 windows of a 2048-px
 #: chunk through GDAL (8 MB of uint16 each), two to three times as many compressed; what it adds to a worker's
 #: peak memory stays small (192 MB of GDAL windows took the benchmark from 1.6 to 2.0 GB).
-READ_AHEAD_BYTES = _env_int("NDVI_SCALE_READ_AHEAD_MB", 64, 1) * 2**20
+READ_AHEAD_BYTES = env_number("NDVI_SCALE_READ_AHEAD_MB", 64, 1) * 2**20
 
 
 #: glibc's arena count for a process that runs the I/O pool (``NDVI_SCALE_MALLOC_ARENAS``; 0 leaves malloc alone).
@@ -55,7 +63,7 @@ READ_AHEAD_BYTES = _env_int("NDVI_SCALE_READ_AHEAD_MB", 64, 1) * 2**20
 #: peak. Only the arena count is capped: also trimming freed memory (M_TRIM_THRESHOLD) fixes glibc's mmap threshold
 #: at 128 kB, so every tile-sized buffer became fresh zeroed pages: +30 % CPU (measured). ``MALLOC_ARENA_MAX`` in the
 #: environment wins.
-MALLOC_ARENAS = _env_int("NDVI_SCALE_MALLOC_ARENAS", 2, 0)
+MALLOC_ARENAS = env_number("NDVI_SCALE_MALLOC_ARENAS", 2, 0)
 
 
 def _tame_malloc() -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import rasterio
 
 from ..http import gdal_retry_options
+from .fetch import env_number
 
 __all__ = ["GDAL_OPEN_OPTIONS", "GDAL_READ_OPTIONS", "HANDLES", "MAX_OPEN", "HandlePool", "gdal_env"]
 
@@ -64,17 +65,9 @@ def gdal_env(options: dict[str, Any]) -> rasterio.Env:
     return rasterio.Env(**{k: v for k, v in options.items() if k not in os.environ})
 
 
-def _max_open() -> int:
-    raw = os.environ.get("NDVI_SCALE_MAX_OPEN_FILES", "").strip()
-    try:
-        return max(8, int(raw)) if raw else 256
-    except ValueError:
-        return 256
-
-
 #: Most handles open at once per process. 256: far under the usual 1024 file limit (sockets, Zarr writes and
 #: dask's own connections need the rest), and more than the assets one period of one chunk reads at a time.
-MAX_OPEN = _max_open()
+MAX_OPEN = env_number("NDVI_SCALE_MAX_OPEN_FILES", 256, 8)
 
 
 class HandlePool:

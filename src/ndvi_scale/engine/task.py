@@ -24,7 +24,7 @@ from rasterio import windows
 
 from ..faults import ReadPolicy
 from ..kernel import filter_reach, filtered_clear, ndvi_into, reduce_days
-from .fetch import POOL, PREFETCH_POOL, READ_AHEAD_BYTES, ordered_reads
+from .fetch import POOL, PREFETCH_POOL, READ_AHEAD_BYTES, env_number, ordered_reads
 from .grid import OutputGrid
 from .owntiles import DECODE_POOL, gather
 from .reader import reader_for
@@ -54,14 +54,6 @@ def release_buffers() -> None:
     WINDOWS.clear()
     SCRATCH.clear()
     TILE_CACHE.drop()
-
-
-def _idle_seconds() -> float:
-    raw = os.environ.get("NDVI_SCALE_IDLE_RELEASE_S", "").strip()
-    try:
-        return max(0.0, float(raw)) if raw else 2.0
-    except ValueError:
-        return 2.0
 
 
 class IdleRelease:
@@ -112,8 +104,9 @@ class IdleRelease:
         self.release()
 
 
-#: The engine's idle release: :func:`release_buffers` after :func:`_idle_seconds` without a task.
-IDLE = IdleRelease(release_buffers, _idle_seconds())
+#: The engine's idle release: :func:`release_buffers` after ``NDVI_SCALE_IDLE_RELEASE_S`` seconds (default 2)
+#: without a task.
+IDLE = IdleRelease(release_buffers, env_number("NDVI_SCALE_IDLE_RELEASE_S", 2.0, 0.0))
 
 
 def empty_block(n_out: int, height: int, width: int) -> np.ndarray:

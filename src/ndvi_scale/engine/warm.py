@@ -13,7 +13,6 @@ nothing is warmed in a distributed worker, where the chunk may run elsewhere.
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
@@ -22,29 +21,21 @@ from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from .fetch import POOL
+from .fetch import POOL, env_number
 
 __all__ = ["WARM", "WARM_BYTES", "WARM_CHUNK_BYTES", "WARM_TTL", "WarmReads", "on_cluster"]
 
 R = TypeVar("R")
 
 
-def _env_mb(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    try:
-        return max(0, int(raw)) * 2**20 if raw else default * 2**20
-    except ValueError:
-        return default * 2**20
-
-
 #: Bytes (by the reader's ``cost``: compressed tiles) of one not-yet-started chunk read ahead of its task. A
 #: task folds an asset window in ~10-20 ms of CPU, so 16 MB (15-25 windows of a 2048-px chunk) keeps a core busy
 #: for longer than a 100 ms round trip while the rest of its reads arrive (``NDVI_SCALE_WARM_CHUNK_MB``).
-WARM_CHUNK_BYTES = _env_mb("NDVI_SCALE_WARM_CHUNK_MB", 16)
+WARM_CHUNK_BYTES = env_number("NDVI_SCALE_WARM_CHUNK_MB", 16, 0) * 2**20
 
 #: Bytes warmed and not yet claimed in this process at most (``NDVI_SCALE_WARM_MB``; 0 turns warming off): four
 #: chunks' worth, the chunks two threads start next in this period and the next; what it adds to peak memory.
-WARM_BYTES = _env_mb("NDVI_SCALE_WARM_MB", 64)
+WARM_BYTES = env_number("NDVI_SCALE_WARM_MB", 64, 0) * 2**20
 
 #: Seconds an unclaimed warmed read is kept: a run that failed or was interrupted leaves them behind.
 WARM_TTL = 120.0
