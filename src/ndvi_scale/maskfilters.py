@@ -117,7 +117,7 @@ class _Packed:
         """The OR over the disk's rows dy of the rows dilated along x by that row's half-width, shifted by dy.
         Along x: windows of 2^k pixels by doubling, a window of any length as two overlapping ones."""
         widths = _disk_half_widths(radius)
-        if len(widths) <= 1 and widths[0] == 0:
+        if widths[0] == 0:  # a radius under one pixel: the disk is the pixel itself
             return
         ends = {1: self.words}  # ends[n][x] = any of x - n + 1 .. x
         n = 1

@@ -135,18 +135,15 @@ class TiledRead:
     """A fetched own-tile read whose pixels are the asset's own (factor 1, nodata = the fill value): its window
     on demand (call it: decoded and pasted, as any read), or its tiles where they lie.
 
-    :meth:`rects` are the parts of the window the read covers, one per tile; :meth:`decode` gives their pixels
-    (cached tiles as they are, read-only; the others decoded into :data:`TILE_BUFFERS`, in :data:`DECODE_POOL`),
-    and :meth:`release` gives those buffers back. The fold reads the tiles there: no window is filled, no tile
-    copied into it (:mod:`.task`).
+    :meth:`rects` are the parts of the window the read covers, one per tile; :meth:`submit` starts getting their
+    pixels (cached tiles as they are, read-only; the others decoded into :data:`TILE_BUFFERS`, in
+    :data:`DECODE_POOL`; :func:`gather` collects them), and :meth:`release` gives those buffers back. The fold
+    reads the tiles there: no window is filled, no tile copied into it (:mod:`.task`).
     """
 
-    def __init__(self, window: Callable[[], np.ndarray], batch: TileBatch, shape: tuple[int, int],
-                 inner: tuple[int, int, int, int]) -> None:
+    def __init__(self, window: Callable[[], np.ndarray], batch: TileBatch, inner: tuple[int, int, int, int]) -> None:
         self._window = window
         self.batch = batch
-        self.shape = shape
-        """(rows, cols) of the window."""
         self.inner = inner
         """Rows and columns of the window the asset covers (row0, row1, col0, col1)."""
         self._lent: list[np.ndarray] = []
@@ -171,12 +168,9 @@ class TiledRead:
         """The parts of the window (row0, row1, col0, col1) the tiles cover; together, :attr:`inner`."""
         return [rect for _, rect in self._tiles()]
 
-    def decode(self) -> list[np.ndarray]:
-        """The pixels of each of :meth:`rects`. Raises on bytes that do not decode (then :meth:`release`)."""
-        return gather(self.submit())
-
     def submit(self) -> list[Future[np.ndarray]]:
-        """:meth:`decode` started in :data:`DECODE_POOL`: one future per rect (see :func:`gather`)."""
+        """The pixels of each of :meth:`rects`, one future each (:func:`gather`), decoded in :data:`DECODE_POOL`.
+        Their results raise on bytes that do not decode (then :meth:`release`)."""
         b = self.batch
         tiles = self._tiles()
         shape = (b.layout.tile_height, b.layout.tile_width)

@@ -489,7 +489,7 @@ class AssetReader:
             batch = owntiles.collect(self.url, plan.layout, plan.nodata, plan.grid, sr0, sr1, sc0, sc1)
             finish = functools.partial(_finish_aligned, plan, (h, w), inner, shift, batch.place)
             if k == 1 and plan.nodata in (None, FILL):  # the file's own pixels: foldable tile by tile
-                return owntiles.TiledRead(finish, batch, (h, w), inner)
+                return owntiles.TiledRead(finish, batch, inner)
             return finish
 
         def gdal(target: np.ndarray) -> None:

@@ -495,10 +495,11 @@ def _band_parts(
     fails to decode tile by tile too, which reads it again under the read policy)."""
     red, nir = got["red"], got["nir"]
     tr, tn = getattr(red, "tiled", None), getattr(nir, "tiled", None)
-    if tr is not None and tn is not None and tr.rects() == tn.rects():
+    rects = tr.rects() if tr is not None and tn is not None else None
+    if tr is not None and tn is not None and rects == tn.rects():
         try:
             red_f, nir_f = tr.submit(), tn.submit()  # both bands' tiles in the decode pool at once
-            pixels = zip(tr.rects(), gather(red_f), gather(nir_f), strict=True)
+            pixels = zip(rects, gather(red_f), gather(nir_f), strict=True)
         except Exception as e:  # noqa: BLE001 - a corrupt tile: the finishers below decode and re-read it
             log.info("red/nir tiles did not decode (%s): finishing their windows, under the read policy", e)
             tr.release()
