@@ -206,3 +206,43 @@ def test_ndvi_into_reads_views_as_they_are(engine, monkeypatch):
     got = later[part]  # part rows start at 7: its odd rows are the even rows set above, its even rows were NaN
     np.testing.assert_array_equal(got[1::2], np.full_like(want[1::2], 0.25))  # an earlier item's, kept
     np.testing.assert_array_equal(got[::2], want[::2])  # filled by this one
+
+
+@pytest.mark.skipif(not kernel.NUMBA, reason="compares the compiled loop with the numpy path")
+@pytest.mark.parametrize("scales", [(1e-4, -0.1, 1e-4, -0.1), (1e-4, 0.0, 1e-4, 0.0), (2.75e-5, -0.2, 1e-4, -0.1)])
+def test_compiled_ndvi_equals_the_numpy_tables_bit_for_bit_on_every_dn(scales, monkeypatch):
+    """The compiled loop computes reflectance itself (vectorised) where the numpy path looks it up in tables: every
+    uint16 DN of red against every other of nir (in a shuffled 256 x 256 tile), every SCL byte and SCL values past
+    the legend, the first item of a day and a later one, bands as strided read-only views and whole; the float32
+    bits are the same, NaNs included."""
+    rng = np.random.default_rng(3)
+    dn = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    red, nir = dn.copy(), rng.permutation(dn.ravel()).reshape(256, 256)
+    scl16 = rng.integers(0, 300, size=(256, 256)).astype(np.uint16)
+    scl16[::3] = rng.choice(np.array([4, 5, 6, 7, 11], dtype=np.uint16), size=scl16[::3].shape)
+    tile = np.zeros((300, 400), dtype=np.uint16)
+    tile[20:276, 30:286] = nir
+    tile.setflags(write=False)  # a cached tile, folded where it lies
+    nir_view = tile[20:276, 30:286]
+    masked = (3, 8, 9, 10)
+    for scl in (scl16, scl16.astype(np.uint8), scl16[:, ::-1]):
+        results = []
+        for engine in ("0", "1"):
+            monkeypatch.setenv("NDVI_SCALE_NUMBA", engine)
+            first = np.empty((256, 256), dtype=np.float32)
+            kernel.ndvi_into(first, red, nir_view, scl, *scales, masked, first=True)
+            later = np.full((256, 300), np.nan, dtype=np.float32)
+            later[::2, ::3] = 0.25
+            kernel.ndvi_into(later[:, 7:263], red, nir, scl, *scales, masked, first=False)
+            results.append((first.view(np.uint32), later.view(np.uint32)))
+        (f0, l0), (f1, l1) = results
+        np.testing.assert_array_equal(f1, f0)
+        np.testing.assert_array_equal(l1, l0)
+        assert 0.2 < np.isnan(f0.view(np.float32)).mean() < 0.9
+    u8 = np.full((1, 5), 200, dtype=np.uint8)
+    out = np.zeros((1, 5), dtype=np.float32)
+    kernel.ndvi_into(out, u8, u8 + 10, np.full((1, 5), 4, dtype=np.uint8), *scales, masked, first=True)
+    want = np.empty_like(out)
+    monkeypatch.setenv("NDVI_SCALE_NUMBA", "0")
+    kernel.ndvi_into(want, u8, u8 + 10, np.full((1, 5), 4, dtype=np.uint8), *scales, masked, first=True)
+    np.testing.assert_array_equal(out.view(np.uint32), want.view(np.uint32))

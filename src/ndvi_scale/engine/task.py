@@ -545,7 +545,7 @@ def _fill_outside(layer: np.ndarray, rows: slice, cols: slice) -> None:
 
 
 def _read_only(view: np.ndarray) -> np.ndarray:
-    """``view`` marked read-only: the kernel then runs its one read-only signature for tiles
-    (:func:`ndvi_scale.kernel._numba_loop_read_only`), whatever mix of cached, decoded, cut or whole tiles."""
+    """``view`` marked read-only: a tile of the tile cache is shared by the tasks of neighbouring chunks, and the
+    fold only reads it (the compiled kernel takes read-only bands: :func:`ndvi_scale.kernel._numba_rows`)."""
     view.setflags(write=False)
     return view

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..kernel import _ndvi_item_numba, _ndvi_item_numpy, _use_numba, reflectance_table, scl_table
+from ..kernel import ndvi_into
 from ..mask import _lookup
 from ..ndvi import reflectance
 
@@ -163,14 +163,10 @@ def ndvi_days(
     n_days = (max(idx) + 1 if idx else 0) if n_days is None else n_days
     days = np.empty((n_days, height, width), dtype=np.float32)
     started = np.zeros(n_days, dtype=bool)
-    scl_t = scl_table(tuple(int(c) for c in mask_classes))
-    one_item = _ndvi_item_numba if _use_numba() else _ndvi_item_numpy
-    with np.errstate(invalid="ignore", divide="ignore"):
-        for i, d in enumerate(idx):
-            red_t = reflectance_table(float(red_scale[i]), float(red_offset[i]))
-            nir_t = reflectance_table(float(nir_scale[i]), float(nir_offset[i]))
-            one_item(block[i, 0], block[i, 1], block[i, 2], red_t, nir_t, scl_t, days[d], not started[d])
-            started[d] = True
+    for i, d in enumerate(idx):
+        ndvi_into(days[d], block[i, 0], block[i, 1], block[i, 2], red_scale[i], red_offset[i], nir_scale[i],
+                  nir_offset[i], mask_classes, first=not started[d])
+        started[d] = True
     if not started.all():
         days[~started] = np.nan
     return days
