@@ -623,6 +623,69 @@ def test_crash_while_writing_metadata_is_resumed(
     assert store_bytes(url) == store_bytes(reference)
 
 
+
+def test_metadata_written_beside_the_first_regions_gives_the_same_cube(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``start_reading`` (the pipeline on a local scheduler) a new cube's metadata is written in a thread
+    while the regions compute: the regions start before it is done, write nothing until it is, and the cube is
+    byte for byte the one written the plain way."""
+    import time
+
+    from ndvi_scale import write as write_module
+    from ndvi_scale.storage import open_location
+
+    url, reference = str(tmp_path / "c.zarr"), str(tmp_path / "ref.zarr")
+    write_cube(make_cube(PERIODS), reference)
+    events: dict[str, Any] = {"entered": []}
+    original_metadata = write_module._Writer._write_metadata
+    original_region = write_module._write_region
+
+    def slow_metadata(self: Any, *args: Any) -> Any:
+        time.sleep(0.5)  # slower than composing a few tiny regions
+        got = original_metadata(self, *args)
+        loc = open_location(url)
+        found = loc.fs.find(loc.path)
+        events["chunks_at_metadata_end"] = [p for p in found if "/ndvi/c/" in p or "/valid_count/c/" in p]
+        events["metadata_end"] = time.perf_counter()
+        return got
+
+    def region(*args: Any, block_info: Any = None, **kwargs: Any) -> Any:  # dask hands block_info by name
+        events["entered"].append(time.perf_counter())
+        return original_region(*args, block_info=block_info, **kwargs)
+
+    monkeypatch.setattr(write_module._Writer, "_write_metadata", slow_metadata)
+    monkeypatch.setattr(write_module, "_write_region", region)
+    started: list[bool] = []
+    report = write_cube(make_cube(PERIODS), url, start_reading=lambda: started.append(True))
+
+    assert started == [True] and report.regions_written == TOTAL_REGIONS
+    assert min(events["entered"]) < events["metadata_end"], "the regions did not start before the metadata ended"
+    assert events["chunks_at_metadata_end"] == [], "a region wrote a chunk before the metadata was complete"
+    assert store_bytes(url) == store_bytes(reference)
+
+
+def test_metadata_failure_beside_the_regions_is_raised_and_no_chunk_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ndvi_scale import write as write_module
+    from ndvi_scale.errors import StorageError
+    from ndvi_scale.storage import open_location
+
+    url = str(tmp_path / "c.zarr")
+
+    def refused(self: Any, *args: Any) -> None:
+        raise StorageError(f"output {url}: the bucket refused the write (test)")
+
+    monkeypatch.setattr(write_module._Writer, "_write_template", refused)
+    with pytest.raises(StorageError, match="refused the write"):
+        write_cube(make_cube(PERIODS), url, start_reading=lambda: None)
+    loc = open_location(url)
+    found = loc.fs.find(loc.path) if loc.fs.exists(loc.path) else []
+    assert not [p for p in found if "/ndvi/c/" in p or "/valid_count/c/" in p]
+    assert write_module._MetadataGate._open == {}, "the gate of the failed write is closed"
+
+
 def _die_inside_chunk_writes(after: int) -> None:
     """Make this process SIGKILL itself in the middle of writing its ``after + 1``-th ndvi chunk file: half the
     bytes are in zarr's temporary ``<chunk>.<uuid>.partial`` file, exactly what an OOM kill can leave."""
