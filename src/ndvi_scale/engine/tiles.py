@@ -251,6 +251,13 @@ def scratch(shape: tuple[int, int], dtype: np.dtype) -> contextlib.AbstractConte
     return SCRATCH.take(shape, dtype)
 
 
+#: dtype -> (the unsigned type twice as wide, the factor that repeats a value in both halves of it).
+_PAIRED: dict[str, tuple[type, Any]] = {
+    np.dtype(np.uint8).str: (np.uint16, np.uint16(0x0101)),
+    np.dtype(np.uint16).str: (np.uint32, np.uint32(0x00010001)),
+}
+
+
 def upsample_into(dst: np.ndarray, src: np.ndarray, k: int, dr: int, dc: int) -> None:
     """``dst[i, j] = src[(i + dr) // k, (j + dc) // k]`` (nearest, e.g. 20 m SCL onto the 10 m grid).
 
@@ -258,8 +265,16 @@ def upsample_into(dst: np.ndarray, src: np.ndarray, k: int, dr: int, dc: int) ->
     ``np.repeat`` twice and a copy: one full-size temporary less, ~1.5x faster.
     """
     height, width = dst.shape
-    cols = np.take(src, (np.arange(width) + dc) // k, axis=1, mode="clip")
     rows = (np.arange(height) + dr) // k
+    wide = _PAIRED.get(src.dtype.str)
+    if k == 2 and wide is not None and dst.dtype == src.dtype and 2 * src.shape[1] >= dc + width:
+        # The 20 m -> 10 m case: each value doubled along the row by one multiplication into the type twice as
+        # wide (v * 257 is the uint16 whose two bytes are v), read back as pairs: ~5x faster than the gather.
+        with SCRATCH.take(src.shape, wide[0]) as pairs:
+            np.multiply(src, wide[1], out=pairs, dtype=wide[0])
+            np.take(pairs.view(src.dtype)[:, dc : dc + width], rows, axis=0, out=dst, mode="clip")
+        return
+    cols = np.take(src, (np.arange(width) + dc) // k, axis=1, mode="clip")
     if dst.dtype == cols.dtype:
         np.take(cols, rows, axis=0, out=dst, mode="clip")  # mode="clip": no buffering of ``out``
     else:
