@@ -641,9 +641,9 @@ def test_metadata_written_beside_the_first_regions_gives_the_same_cube(
     original_metadata = write_module._Writer._write_metadata
     original_region = write_module._write_region
 
-    def slow_metadata(self: Any, *args: Any) -> Any:
+    def slow_metadata(self: Any, *args: Any, **kwargs: Any) -> Any:
         time.sleep(0.5)  # slower than composing a few tiny regions
-        got = original_metadata(self, *args)
+        got = original_metadata(self, *args, **kwargs)
         loc = open_location(url)
         found = loc.fs.find(loc.path)
         events["chunks_at_metadata_end"] = [p for p in found if "/ndvi/c/" in p or "/valid_count/c/" in p]
@@ -684,6 +684,39 @@ def test_metadata_failure_beside_the_regions_is_raised_and_no_chunk_is_written(
     found = loc.fs.find(loc.path) if loc.fs.exists(loc.path) else []
     assert not [p for p in found if "/ndvi/c/" in p or "/valid_count/c/" in p]
     assert write_module._MetadataGate._open == {}, "the gate of the failed write is closed"
+
+
+
+def test_a_fault_recorded_while_the_metadata_is_written_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that fails in the first regions, while the template is written beside them (which replaces what is
+    at the location), is not lost: the fault log holds it until the template is written."""
+    import threading
+    import time
+
+    from ndvi_scale import write as write_module
+    from ndvi_scale.faults import AssetFault, FaultLog
+    from ndvi_scale.storage import open_location
+    from ndvi_scale.write import SKIPPED_ATTR
+
+    url = str(tmp_path / "c.zarr")
+    faults = FaultLog(open_location(url).spec())
+    fault = AssetFault(href="https://example.test/B04.tif", window=(0, 0, 32, 32), error="HTTP response code: 404",
+                       attempts=3, skipped=True)
+    original = write_module._Writer._write_template
+
+    def slow_template(self: Any, *args: Any) -> None:
+        time.sleep(0.4)
+        original(self, *args)
+
+    monkeypatch.setattr(write_module._Writer, "_write_template", slow_template)
+    early = threading.Timer(0.1, faults.record, args=(fault,))  # a region's read gives up during the template
+    report = write_cube(make_cube(PERIODS), url, faults=faults, start_reading=early.start)
+    early.join()
+    assert [e["href"] for e in report.skipped_assets] == [fault.href]
+    with xr.open_zarr(url) as cube:
+        assert [e["href"] for e in json.loads(cube.attrs[SKIPPED_ATTR])] == [fault.href]
 
 
 def _die_inside_chunk_writes(after: int) -> None:

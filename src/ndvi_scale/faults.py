@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -171,6 +172,10 @@ class AssetReadError(ReadError):
         return (AssetReadError, (self.fault,))
 
 
+#: Faults held per (location, prefix) of a :class:`FaultLog` (:meth:`FaultLog.hold`), in this process.
+_HELD: dict[tuple[Any, str], list[AssetFault]] = {}
+_HELD_LOCK = threading.Lock()
+
 @dataclass(frozen=True)
 class FaultLog:
     """Where read faults are recorded: a folder below an output location (picklable, for Dask workers)."""
@@ -189,21 +194,43 @@ class FaultLog:
         return self._loc().join(self.prefix, "skipped" if skipped else "failed")
 
     def record(self, fault: AssetFault) -> None:
+        with _HELD_LOCK:
+            held = _HELD.get((self.location, self.prefix))
+            if held is not None:  # the output's metadata is being written (hold): kept until release
+                held.append(fault)
+                return
+        self._write(fault)
+
+    def _write(self, fault: AssetFault) -> None:
         loc = self._loc()
         path = f"{self._dir(fault.skipped)}/{fault.key()}.json"
         if loc.is_local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
         loc.fs.pipe_file(path, json.dumps(fault.to_dict()).encode())
 
+    def hold(self) -> None:
+        """Keep the faults this process records in memory until :meth:`release`: while a new output's metadata
+        is written (which replaces whatever is at the location) beside the first reads."""
+        with _HELD_LOCK:
+            _HELD.setdefault((self.location, self.prefix), [])
+
+    def release(self) -> None:
+        """Record the faults held since :meth:`hold`, and record the next ones at once."""
+        with _HELD_LOCK:
+            held = _HELD.pop((self.location, self.prefix), [])
+        for fault in held:
+            self._write(fault)
+
     def read(self, skipped: bool) -> list[AssetFault]:
-        """The faults recorded so far (skipped ones, or the ones that failed the run)."""
+        """The faults recorded so far (skipped ones, or the ones that failed the run), held ones included."""
+        with _HELD_LOCK:
+            out = [f for f in _HELD.get((self.location, self.prefix), []) if f.skipped == skipped]
         loc = self._loc()
         root = self._dir(skipped)
         try:
             paths = [p for p in loc.fs.find(root) if p.endswith(".json")]
         except FileNotFoundError:
-            return []
-        out = []
+            return out
         for p in sorted(paths):
             try:
                 out.append(AssetFault.from_dict(json.loads(loc.fs.cat_file(p))))

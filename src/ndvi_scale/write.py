@@ -880,21 +880,32 @@ class _Writer:
     def new(self, fmt: int) -> WriteReport:
         fp = self.fingerprint(fmt)
         state = {"fingerprint": fp, "state": "template", "periods": self.labels, "n_before": 0}
+        overlap = self.start_reading is not None and _in_process_scheduler()
+        if overlap and self.faults is not None:
+            self.faults.hold()  # the template replaces what is at the location: a fault recorded before is lost
         if self.start_reading is not None and _active_client() is None:
             self.start_reading()
+        if overlap:
             # The metadata is written while the first regions compute (~0.2-0.4 s of one core on object storage
             # or a busy machine, where the regions' reads would otherwise wait): each region writes its chunks
             # only once the metadata is complete (_MetadataGate), so the store goes through the same states.
-            gate = _MetadataGate(lambda: self._write_metadata(fmt, state))
+            gate = _MetadataGate(lambda: self._write_metadata(fmt, state, release=self.faults))
             with gate.running():
                 return self._regions_and_finish(fmt, state, resumed=False, skipped_periods=(), gate=gate)
         self._write_metadata(fmt, state)
         return self._regions_and_finish(fmt, state, resumed=False, skipped_periods=())
 
-    def _write_metadata(self, fmt: int, state: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    def _write_metadata(
+        self, fmt: int, state: Mapping[str, Any], release: FaultLog | None = None
+    ) -> dict[str, dict[str, Any]]:
         """A new cube's metadata (template, state "regions", consolidated); returns the stored encodings of the
-        cube variables. Raises :class:`~ndvi_scale.errors.StorageError` / :class:`OutputError`."""
-        self._write_template(fmt, state)
+        cube variables. ``release``: a held fault log, released once the template is written (whatever
+        happens). Raises :class:`~ndvi_scale.errors.StorageError` / :class:`OutputError`."""
+        try:
+            self._write_template(fmt, state)
+        finally:
+            if release is not None:
+                release.release()
         self._set_state(fmt, {**state, "state": "regions"})
         consolidate(self.loc, fmt)  # an unfinished cube opens with plain xr.open_zarr (its regions read as fill)
         labels, encodings = self._store_layout(fmt)
@@ -1079,7 +1090,7 @@ class _Writer:
             already,
             len(skipped_periods),
         )
-        if self.faults is not None:
+        if self.faults is not None and gate is None:  # a new cube (gate) has no failures of an earlier run
             self.faults.clear_failed()
         try:
             self._compute(groups)
@@ -1659,6 +1670,15 @@ class _ProgressCallback(Callback):
             with self._lock:
                 self._done += 1
                 self._fn(self._done, self._total)
+
+
+def _in_process_scheduler() -> bool:
+    """Whether dask's scheduler in use runs the tasks in this process: threaded or synchronous, or none set (the
+    threaded one, dask's default for arrays), not a distributed client or the process pool."""
+    import dask.local
+    import dask.threaded
+
+    return dask.base.get_scheduler() in (None, dask.threaded.get, dask.local.get_sync)
 
 
 def _active_client() -> Any:
