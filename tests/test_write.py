@@ -668,8 +668,10 @@ def test_metadata_written_beside_the_first_regions_gives_the_same_cube(
 def test_metadata_failure_beside_the_regions_is_raised_and_no_chunk_is_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from ndvi_scale import faults as fault_module
     from ndvi_scale import write as write_module
     from ndvi_scale.errors import StorageError
+    from ndvi_scale.faults import FaultLog
     from ndvi_scale.storage import open_location
 
     url = str(tmp_path / "c.zarr")
@@ -678,8 +680,10 @@ def test_metadata_failure_beside_the_regions_is_raised_and_no_chunk_is_written(
         raise StorageError(f"output {url}: the bucket refused the write (test)")
 
     monkeypatch.setattr(write_module._Writer, "_write_template", refused)
+    faults = FaultLog(open_location(url).spec())
     with pytest.raises(StorageError, match="refused the write"):
-        write_cube(make_cube(PERIODS), url, start_reading=lambda: None)
+        write_cube(make_cube(PERIODS), url, faults=faults, start_reading=lambda: None)
+    assert fault_module._HELD == {}, "the fault log holds nothing after the failed write"
     loc = open_location(url)
     found = loc.fs.find(loc.path) if loc.fs.exists(loc.path) else []
     assert not [p for p in found if "/ndvi/c/" in p or "/valid_count/c/" in p]

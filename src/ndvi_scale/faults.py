@@ -176,6 +176,7 @@ class AssetReadError(ReadError):
 _HELD: dict[tuple[Any, str], list[AssetFault]] = {}
 _HELD_LOCK = threading.Lock()
 
+
 @dataclass(frozen=True)
 class FaultLog:
     """Where read faults are recorded: a folder below an output location (picklable, for Dask workers)."""

@@ -880,20 +880,25 @@ class _Writer:
     def new(self, fmt: int) -> WriteReport:
         fp = self.fingerprint(fmt)
         state = {"fingerprint": fp, "state": "template", "periods": self.labels, "n_before": 0}
-        overlap = self.start_reading is not None and _in_process_scheduler()
-        if overlap and self.faults is not None:
-            self.faults.hold()  # the template replaces what is at the location: a fault recorded before is lost
-        if self.start_reading is not None and _active_client() is None:
+        if self.start_reading is None or not _in_process_scheduler():
+            if self.start_reading is not None and _active_client() is None:
+                self.start_reading()
+            self._write_metadata(fmt, state)
+            return self._regions_and_finish(fmt, state, resumed=False, skipped_periods=())
+        # The metadata is written while the first regions compute (~0.2-0.4 s of one core on object storage or a
+        # busy machine, where the regions' reads would otherwise wait): each region writes its chunks only once
+        # the metadata is complete (_MetadataGate), so the store goes through the same states. The template
+        # replaces what is at the location: faults recorded before it would be lost, so the log holds them.
+        if self.faults is not None:
+            self.faults.hold()
+        try:
             self.start_reading()
-        if overlap:
-            # The metadata is written while the first regions compute (~0.2-0.4 s of one core on object storage
-            # or a busy machine, where the regions' reads would otherwise wait): each region writes its chunks
-            # only once the metadata is complete (_MetadataGate), so the store goes through the same states.
             gate = _MetadataGate(lambda: self._write_metadata(fmt, state, release=self.faults))
             with gate.running():
                 return self._regions_and_finish(fmt, state, resumed=False, skipped_periods=(), gate=gate)
-        self._write_metadata(fmt, state)
-        return self._regions_and_finish(fmt, state, resumed=False, skipped_periods=())
+        finally:
+            if self.faults is not None:
+                self.faults.release()  # held ones were released with the template, unless it never ran
 
     def _write_metadata(
         self, fmt: int, state: Mapping[str, Any], release: FaultLog | None = None
@@ -1505,7 +1510,12 @@ class _MetadataGate:
         """Write the metadata in its thread for the duration of the ``with``; never leaves it running."""
         with self._lock:
             self._open[self.key] = self
-        self._thread.start()
+        try:
+            self._thread.start()
+        except BaseException:
+            with self._lock:
+                self._open.pop(self.key, None)
+            raise
         try:
             yield self
         finally:
