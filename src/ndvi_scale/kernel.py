@@ -173,7 +173,12 @@ def _ndvi_item_numpy(
 def clear_word(mask_classes: tuple[int, ...]) -> int:
     """:func:`scl_table` as a 32-bit word: bit ``c`` set where SCL value ``c`` is clear. Every clear value is
     below 12 (SCL 0 and 12-255 are masked whatever the classes: :func:`ndvi_scale.mask._lookup`)."""
-    clear = np.flatnonzero(scl_table(mask_classes) == 0)
+    return _word_of(scl_table(mask_classes))
+
+
+def _word_of(scl_t: np.ndarray) -> int:
+    """A table of 0 (clear) or NaN by SCL value as a 32-bit word: bit ``c`` set where value ``c`` is clear."""
+    clear = np.flatnonzero(scl_t == 0)
     if clear.size and clear[-1] >= 32:  # cannot happen with the legend's 12 classes; a guard for a new legend
         raise ValueError(f"clear SCL value {int(clear[-1])} does not fit a 32-bit word")
     return int(sum(1 << int(c) for c in clear))
@@ -529,8 +534,8 @@ def warm_up() -> bool:
 _CLEAR_CODES = np.full(65536, np.nan, dtype=np.float32)
 _CLEAR_CODES[1] = 0.0
 _CLEAR_CODES.setflags(write=False)
-#: :data:`_CLEAR_CODES` as :func:`clear_word` makes it: only 1 is clear.
-_CLEAR_WORD = 0b10
+#: :data:`_CLEAR_CODES` as the compiled loop's word (only 1 is clear).
+_CLEAR_WORD = _word_of(_CLEAR_CODES)
 
 
 if __name__ == "__main__":  # python -m ndvi_scale.kernel: regenerate the written-out sorting networks
