@@ -91,6 +91,24 @@ def test_aligned_reads_equal_the_reference_stack(sample, where, chunk, aligned_p
     assert np.array_equal(uncached, ref)
 
 
+@pytest.mark.parametrize("chunk", [16, 50])
+def test_expected_windows_retire_every_shared_tile_once_taken(sample, chunk):
+    """Readers told the windows they will be read on (what the tasks of a period do, ``AssetReader.expect``):
+    a tile cut by chunk edges leaves the tile cache as soon as every window that needs it has taken it, the
+    pixels are the same, and nothing is left cached after the last window."""
+    spec, catalog = sample
+    items, grid = items_and_grid(catalog, bboxes(spec)["across-overlap"])
+    for it in items:
+        for b in BANDS:
+            reader_for(it.bands[b].href, grid).expect(
+                Window.from_slices(*sl) for _, _, sl in grid.windows(chunk))
+    got, _ = read_all(items, grid, chunk)
+    assert np.array_equal(got, reference_stack(items, grid))
+    assert which_path(items, grid) == {"tiles"}
+    assert TILE_CACHE.retired > 0 and TILE_CACHE.hits + TILE_CACHE.waits > 0
+    assert TILE_CACHE.nbytes == 0 and not TILE_CACHE._data  # every cached tile was taken by all its windows
+
+
 def check_reads(items: list, grid: OutputGrid, chunk: int, *, red_nir_aligned: bool, scl_aligned: bool) -> np.ndarray:
     """Reads of every asset on ``grid`` equal the reference stack, each file on the path expected of it."""
     got, paths = read_all(items, grid, chunk)

@@ -159,6 +159,57 @@ def test_tile_cache_lends_the_buffers_of_evicted_tiles():
     assert cache.buffer((100,), np.float64).__array_interface__["data"][0] != held.__array_interface__["data"][0]
 
 
+def test_tile_cache_retires_a_tile_once_every_read_that_needs_it_has_taken_it():
+    """put(..., uses=n): the tile leaves the cache after n more claims (hits, or takes by reads that waited for
+    it); its buffer is lent again only once nothing refers to it."""
+    cache = TileCache(max_bytes=2**20)
+    have, mine, pending = cache.claim(["t"])
+    assert mine == ["t"]
+    _, _, waiting = cache.claim(["t"])  # another read finds it loading
+    arr = cache.buffer((100,), np.float64)
+    arr[:] = 1
+    cache.put("t", arr, uses=2)
+    del arr
+    assert cache.take("t") is not None and cache.nbytes == 800  # the waiter's use: one left
+    have, _, _ = cache.claim(["t"])  # the last use: retired, but this read still holds it
+    assert cache.nbytes == 0 and cache.retired == 1 and cache.peek("t") is None
+    held = have.pop("t")
+    address = held.__array_interface__["data"][0]
+    assert cache.buffer((100,), np.float64).__array_interface__["data"][0] != address  # still read: not lent
+    view = held[10:20]
+    del held
+    assert cache.buffer((100,), np.float64).__array_interface__["data"][0] != address  # a view holds it too
+    del view
+    again = cache.buffer((100,), np.float64)
+    assert again.__array_interface__["data"][0] == address and again.flags.writeable
+    # a tile no other read needs is not kept; one whose uses are unknown stays until evicted
+    cache.claim(["solo", "lru"])
+    cache.put("solo", np.zeros(10), uses=0)
+    cache.put("lru", np.zeros(10))
+    assert cache.peek("solo") is None and cache.peek("lru") is not None
+    for _ in range(5):
+        cache.claim(["lru"])
+    assert cache.peek("lru") is not None
+
+
+def test_tile_cache_keeps_spares_within_its_budget():
+    """Retired tiles still read count against the budget (all but the newest few, the next tiles' buffers): a
+    run whose reads keep many of them cannot grow the cache's memory past its budget."""
+    from ndvi_scale.engine.tiles import EVICTED_SPARES
+
+    cache = TileCache(max_bytes=20 * 800)
+    held = []
+    for k in range(40):
+        key = f"t{k}"
+        cache.claim([key])
+        cache.put(key, np.zeros(100), uses=1)
+        have, _, _ = cache.claim([key])  # its one other use: retired, and held by this "read"
+        held.append(have[key])
+    assert cache.nbytes == 0 and cache.retired == 40
+    assert cache._spare_bytes <= cache.max_bytes + EVICTED_SPARES * 800
+    assert len(cache._spare) == 20 + EVICTED_SPARES
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.float32])
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_upsample_into_is_nearest_for_every_shift_and_shape(dtype, k):

@@ -35,7 +35,16 @@ from dask.highlevelgraph import HighLevelGraph
 from ..faults import ReadPolicy
 from .grid import OutputGrid
 from .sources import ItemSource
-from .task import PeriodReads, TaskSettings, composite_block, empty_block, prefetch, release_buffers, warm_next
+from .task import (
+    PeriodReads,
+    TaskSettings,
+    composite_block,
+    empty_block,
+    expect_reads,
+    prefetch,
+    release_buffers,
+    warm_next,
+)
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +162,10 @@ def _period_sources(
     if after is not None:
         prefetch(after[1].items, grid, slices)
         nxt = PeriodReads(settings, run, after[0], after[1].items, after[1].day_numbers, chunk_windows)
-    return PeriodReads(settings, run, t, period.items, period.day_numbers, chunk_windows, nxt)
+        expect_reads(nxt)
+    reads = PeriodReads(settings, run, t, period.items, period.day_numbers, chunk_windows, nxt)
+    expect_reads(reads)
+    return reads
 
 
 def start_reading(cube: da.Array) -> bool:

@@ -209,27 +209,36 @@ def gather(futures: list[Future[T]]) -> list[T]:
 
 
 def collect(url: str, layout: CogLayout, nodata: int | None, grid: tuple[int, int, int, int],
-            r0: int, r1: int, c0: int, c1: int) -> TileBatch:
+            r0: int, r1: int, c0: int, c1: int,
+            others: Callable[[tuple[int, int, int, int]], int] | None = None) -> TileBatch:
     """The :class:`TileBatch` of asset pixels [r0, r1) x [c0, c1) of ``url``; ``grid`` = the output grid in asset
     pixels (row0, row1, col0, col1): a tile partly in the window and partly in the rest of the grid is needed by
-    another window too, and goes through the tile cache. Raises ``OSError``/``ValueError`` (fetch or decode)."""
+    another window too, and goes through the tile cache. ``others(extent)``: how many other reads of this run
+    need the tile of that extent (asset pixels), when known: the cache drops it once they have all taken it, and
+    a tile no other read needs is not cached. Raises ``OSError``/``ValueError`` (fetch or decode)."""
     batch = TileBatch(layout, nodata, r0, c0)
     tiles = window_tiles(r0, r1, c0, c1, (layout.tile_height, layout.tile_width))
     cache: TileCache = TILE_CACHE
-    shared = [t for t in tiles
-              if cache.max_bytes > 0 and needed_elsewhere(batch.extent(t), grid, r0, r1, c0, c1)]
+    uses: dict[Tile, int | None] = {}
+    if cache.max_bytes > 0:
+        for t in tiles:
+            if needed_elsewhere(batch.extent(t), grid, r0, r1, c0, c1):
+                n = others(batch.extent(t)) if others is not None else None
+                if n is None or n > 0:
+                    uses[t] = n
+    shared = list(uses)
     have, mine, pending = cache.claim([(url, *t) for t in shared]) if shared else ({}, [], {})
     try:
         own = [key[1:] for key in mine]
-        _fetch(url, batch, [t for t in tiles if t not in shared] + own)
+        _fetch(url, batch, [t for t in tiles if t not in uses] + own)
         if own:
-            _decode_for_cache(batch, {t: key for t, key in zip(own, mine, strict=True)})
+            _decode_for_cache(batch, {t: (key, uses[t]) for t, key in zip(own, mine, strict=True)})
     finally:
         cache.release(mine)  # no-op for the keys put
     batch.ready.update((key[1:], arr) for key, arr in have.items())
     for key, event in pending.items():
         event.wait()
-        got = cache.peek(key)
+        got = cache.take(key)
         if got is not None:
             batch.ready[key[1:]] = got
         else:  # the other thread failed, or the tile was evicted already: fetch it here
@@ -244,10 +253,11 @@ def _fetch(url: str, batch: TileBatch, tiles: list[Tile]) -> None:
     batch.raw.update(zip(stored, blobs, strict=True))
 
 
-def _decode_for_cache(batch: TileBatch, keys: dict[Tile, Any]) -> None:
-    """Decode the claimed tiles now (the other windows that need them wait for them) and cache them."""
+def _decode_for_cache(batch: TileBatch, keys: dict[Tile, tuple[Any, int | None]]) -> None:
+    """Decode the claimed tiles now (the other windows that need them wait for them) and cache them: tile ->
+    (cache key, uses by other reads or None)."""
 
-    def one(t: Tile, key: Any, data: bytes | memoryview | None) -> None:
+    def one(t: Tile, key: Any, uses: int | None, data: bytes | memoryview | None) -> None:
         layout = batch.layout
         t_r0, t_r1, t_c0, t_c1 = batch.extent(t)
         shape = (layout.tile_height, layout.tile_width)
@@ -255,9 +265,9 @@ def _decode_for_cache(batch: TileBatch, keys: dict[Tile, Any]) -> None:
         buf = TILE_CACHE.buffer(shape, np.dtype(layout.dtype)) if whole else np.empty(shape, dtype=layout.dtype)
         batch._decode(t, data, buf)
         tile = buf if whole else buf[: t_r1 - t_r0, : t_c1 - t_c0].copy()
-        TILE_CACHE.put(key, tile)
+        TILE_CACHE.put(key, tile, uses)
         batch.ready[t] = tile
 
-    futures = [DECODE_POOL.submit(one, t, key, batch.raw.pop(t)) for t, key in keys.items()]
+    futures = [DECODE_POOL.submit(one, t, key, uses, batch.raw.pop(t)) for t, (key, uses) in keys.items()]
     for f in futures:
         f.result()

@@ -42,7 +42,7 @@ import logging
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +111,19 @@ class GridMatch:
         """Output-grid pixels (row0, row1, col0, col1) the asset covers (may reach outside the grid)."""
         k = self.factor
         return self.row_off, self.row_off + self.height * k, self.col_off, self.col_off + self.width * k
+
+
+def _asset_span(m: GridMatch, r0: int, r1: int, c0: int, c1: int) -> tuple[int, int, int, int] | None:
+    """Asset pixels (row0, row1, col0, col1) under output pixels [r0, r1) x [c0, c1), or None when the asset
+    does not reach them: output pixel j (from the asset's edge) has its centre in asset pixel j // k."""
+    k = m.factor
+    e_r0, e_r1, e_c0, e_c1 = m.extent
+    rr0, rr1 = max(r0, e_r0), min(r1, e_r1)
+    cc0, cc1 = max(c0, e_c0), min(c1, e_c1)
+    if rr0 >= rr1 or cc0 >= cc1:
+        return None
+    return ((rr0 - m.row_off) // k, (rr1 - 1 - m.row_off) // k + 1,
+            (cc0 - m.col_off) // k, (cc1 - 1 - m.col_off) // k + 1)
 
 
 def _as_int(value: float) -> int | None:
@@ -185,6 +198,30 @@ class AssetReader:
         self.grid = grid
         self._plan: _Aligned | _Warped | None = None
         self._lock = threading.Lock()
+        self._expected: tuple[tuple[int, int, int, int], ...] | None = None
+
+    def expect(self, windows: Iterable[Window]) -> None:
+        """The windows (of the output grid) the tasks of this run read the asset on, as far as this process knows:
+        a COG tile that several of them need leaves the tile cache once the last of them has taken it
+        (:meth:`.tiles.TileCache.put`'s ``uses``). Replaces what an earlier run expected."""
+        self._expected = tuple(sorted({(int(w.row_off), int(w.row_off + w.height), int(w.col_off),
+                                        int(w.col_off + w.width)) for w in windows}))
+
+    def _others(self, match: GridMatch, window: tuple[int, int, int, int]
+                ) -> Callable[[tuple[int, int, int, int]], int] | None:
+        """For a read of output pixels ``window`` (row0, row1, col0, col1): a tile extent (asset pixels) ->
+        how many of the other expected windows need that tile; None when nothing is expected."""
+        expected = self._expected
+        if expected is None:
+            return None
+        spans = [span for win in expected if win != window
+                 for span in [_asset_span(match, *win)] if span is not None]
+
+        def others(extent: tuple[int, int, int, int]) -> int:
+            t_r0, t_r1, t_c0, t_c1 = extent
+            return sum(1 for r0, r1, c0, c1 in spans if r0 < t_r1 and t_r0 < r1 and c0 < t_c1 and t_c0 < c1)
+
+        return others
 
     @property
     def fast(self) -> bool | None:
@@ -474,19 +511,19 @@ class AssetReader:
         k = m.factor
         r0, c0 = int(window.row_off), int(window.col_off)
         h, w = int(window.height), int(window.width)
+        span = _asset_span(m, r0, r0 + h, c0, c0 + w)
+        if span is None:
+            return lambda: np.full((h, w), FILL, dtype=_out_dtype(plan))
+        sr0, sr1, sc0, sc1 = span
         # The asset's extent in output pixels, clipped to the window.
         e_r0, e_r1, e_c0, e_c1 = m.extent
         rr0, rr1 = max(r0, e_r0), min(r0 + h, e_r1)
         cc0, cc1 = max(c0, e_c0), min(c0 + w, e_c1)
-        if rr0 >= rr1 or cc0 >= cc1:
-            return lambda: np.full((h, w), FILL, dtype=_out_dtype(plan))
-        # Asset pixels under it: output pixel j (from the asset's edge) has its centre in asset pixel j // k.
-        sr0, sc0 = (rr0 - m.row_off) // k, (cc0 - m.col_off) // k
-        sr1, sc1 = (rr1 - 1 - m.row_off) // k + 1, (cc1 - 1 - m.col_off) // k + 1
         inner = (rr0 - r0, rr1 - r0, cc0 - c0, cc1 - c0)
         shift = ((rr0 - m.row_off) - sr0 * k, (cc0 - m.col_off) - sc0 * k)
         if plan.layout is not None:
-            batch = owntiles.collect(self.url, plan.layout, plan.nodata, plan.grid, sr0, sr1, sc0, sc1)
+            batch = owntiles.collect(self.url, plan.layout, plan.nodata, plan.grid, sr0, sr1, sc0, sc1,
+                                     self._others(m, (r0, r0 + h, c0, c0 + w)))
             finish = functools.partial(_finish_aligned, plan, (h, w), inner, shift, batch.place)
             if k == 1 and plan.nodata in (None, FILL):  # the file's own pixels: foldable tile by tile
                 return owntiles.TiledRead(finish, batch, inner)
@@ -545,7 +582,7 @@ class AssetReader:
         for key, event in pending.items():
             event.wait()
             t_r0, t_r1, t_c0, t_c1 = extent(key[1:])
-            got = cache.peek(key)
+            got = cache.take(key)
             if got is None:  # the other thread failed, or the tile was evicted already: read it here
                 got = np.empty((t_r1 - t_r0, t_c1 - t_c0), dtype=plan.src_dtype)
                 _gdal_read(ds, t_r0, t_r1, t_c0, t_c1, got)

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DAY_LAYERS", "IDLE", "TASK_DAY_BYTES", "IdleRelease", "PeriodReads", "TaskSettings", "composite_block",
-    "empty_block", "prefetch", "read_jobs", "release_buffers", "strip_rows", "warm_next",
+    "empty_block", "expect_reads", "prefetch", "read_jobs", "release_buffers", "strip_rows", "warm_next",
 ]
 
 #: The (days, y, x) float32 layers of a task, kept for the next task: ~100 MB for a month of a 2048-px chunk,
@@ -226,25 +226,51 @@ def _composite_block(
     inside = _aoi_inside(aoi, settings.grid, rows, cols) if aoi is not None else None
     if inside is not None and not inside.any():
         return empty_block(n_out, height, width)
-    step = strip_rows(len(period.day_numbers), height, width)
     warm = functools.partial(_warm_quietly, period)
 
     def part(rows: slice, last: bool) -> np.ndarray:
         return _composite_part(period.items, block_id, (rows, cols), settings, period.day_numbers,
                                on_started=warm if last else None)
 
-    if step >= height:
+    strips = _strips(len(period.day_numbers), slices)
+    if len(strips) == 1:
         out = part(rows, True)
     else:
         out = np.empty((n_out, height, width), dtype=np.float32)
-        for r0 in range(0, height, step):
-            r1 = min(height, r0 + step)
-            out[:, r0:r1] = part(slice(rows.start + r0, rows.start + r1), r1 == height)
+        for k, strip in enumerate(strips):
+            out[:, strip.start - rows.start : strip.stop - rows.start] = part(strip, k == len(strips) - 1)
     if inside is not None:
         outside = ~inside
         out[:, outside] = np.nan  # value and date layers
         out[1, outside] = 0  # valid_count
     return out.reshape(1, n_out * height, width)
+
+
+def _strips(n_days: int, slices: tuple[slice, slice]) -> list[slice]:
+    """The rows of a chunk that its task composites one after the other (:func:`strip_rows`): one strip, the
+    chunk's, unless its day layers would exceed :data:`TASK_DAY_BYTES`."""
+    rows, cols = slices
+    height = rows.stop - rows.start
+    step = strip_rows(n_days, height, cols.stop - cols.start)
+    return [slice(rows.start + r0, rows.start + min(height, r0 + step)) for r0 in range(0, height, step)]
+
+
+def expect_reads(period: PeriodReads) -> None:
+    """Tell this process's readers the windows the period's tasks read each asset on (every chunk's strips, in
+    :func:`read_jobs`' windows): a COG tile that several of them need leaves the tile cache once the last has
+    taken it (:meth:`~.reader.AssetReader.expect`)."""
+    settings = period.settings
+    expected: dict[str, set[tuple[int, int, int, int]]] = {}
+    for i, j, slices in period.windows:
+        for strip in _strips(len(period.day_numbers), slices):
+            jobs, window_of = read_jobs(period.items, len(period.day_numbers), (period.t, i, j),
+                                        (strip, slices[1]), settings)
+            for _, asset in jobs:
+                w = window_of(asset)
+                expected.setdefault(asset.href, set()).add(
+                    (int(w.row_off), int(w.col_off), int(w.height), int(w.width)))
+    for href, wins in expected.items():
+        reader_for(href, settings.grid).expect(windows.Window(c, r, w, h) for r, c, h, w in wins)
 
 
 def warm_next(period: PeriodReads, limit_chunks: int = 4, *, decode: bool = False) -> int:
@@ -271,7 +297,10 @@ def warm_next(period: PeriodReads, limit_chunks: int = 4, *, decode: bool = Fals
         for i, j, slices in pending[: limit_chunks - warmed]:
             if WARM.knows((p.run, p.t, i, j)):  # warmed already (by another task): warm() would refuse it
                 continue
-            jobs, window_of = read_jobs(p.items, len(p.day_numbers), (p.t, i, j), slices, settings)
+            # The reads of its first strip: what its task reads first (a chunk of many days is composited
+            # in strips, whose windows are the strip's rows).
+            first = (_strips(len(p.day_numbers), slices)[0], slices[1])
+            jobs, window_of = read_jobs(p.items, len(p.day_numbers), (p.t, i, j), first, settings)
             reads = [(_warm_key(a.href, settings.grid, window_of(a)),
                       functools.partial(_try_start_decoded if decode else _try_start, a.href, settings.grid,
                                         window_of(a), settings.policy),

@@ -44,13 +44,22 @@ class TileCache:
         self.max_bytes = int(max_bytes)
         self._data: collections.OrderedDict[Any, np.ndarray] = collections.OrderedDict()
         self._loading: dict[Any, threading.Event] = {}
-        self._free: dict[Any, list[np.ndarray]] = {}
+        self._waiting: dict[Any, int] = {}
+        """Key being loaded -> reads waiting for it."""
+        self._uses: dict[Any, int] = {}
+        """Key -> claims of other reads still to come (:meth:`put`'s ``uses``); the tile retires at 0."""
+        self._spare: list[np.ndarray] = []
+        """Retired tiles, lent again by :meth:`buffer` once nothing refers to them; within the budget with the
+        cached ones."""
+        self._spare_bytes = 0
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
         #: claims that found the tile being loaded by another thread and waited for it (not decoded twice either)
         self.waits = 0
         self.misses = 0
+        #: tiles dropped because every read that needed them had taken them (:meth:`put`'s ``uses``)
+        self.retired = 0
 
     @property
     def nbytes(self) -> int:
@@ -60,16 +69,20 @@ class TileCache:
         """Drop every tile and reset the hit/miss counters."""
         with self._lock:
             self._data.clear()
-            self._free.clear()
-            self._bytes = 0
-            self.hits = self.waits = self.misses = 0
+            self._uses.clear()
+            self._waiting.clear()
+            self._spare.clear()
+            self._bytes = self._spare_bytes = 0
+            self.hits = self.waits = self.misses = self.retired = 0
 
     def drop(self) -> None:
         """Drop every tile and the buffers kept for reuse (memory back to the process), keeping the counters."""
         with self._lock:
             self._data.clear()
-            self._free.clear()
-            self._bytes = 0
+            self._uses.clear()
+            self._waiting.clear()
+            self._spare.clear()
+            self._bytes = self._spare_bytes = 0
 
     def claim(self, keys: Any) -> tuple[dict[Any, np.ndarray], list[Any], dict[Any, threading.Event]]:
         """(cached arrays, keys now loading by the caller, events of keys another thread is loading)."""
@@ -83,30 +96,64 @@ class TileCache:
                     self._data.move_to_end(key)
                     self.hits += 1
                     have[key] = arr
+                    self._used(key)
                 elif key in self._loading:
                     self.waits += 1
+                    self._waiting[key] = self._waiting.get(key, 0) + 1
                     pending[key] = self._loading[key]
                 else:
                     self._loading[key] = threading.Event()
                     mine.append(key)
         return have, mine, pending
 
-    def put(self, key: Any, arr: np.ndarray) -> None:
-        """Store a tile the caller claimed (read-only from now on) and wake the threads waiting for it."""
+    def put(self, key: Any, arr: np.ndarray, uses: int | None = None) -> None:
+        """Store a tile the caller claimed (read-only from now on) and wake the threads waiting for it.
+
+        ``uses``: how many other reads will take it (:meth:`claim` or :meth:`take`), when the caller knows
+        (:meth:`.reader.AssetReader.expect`): once they all have, the tile leaves the cache at once instead of
+        when the budget pushes it out, and its buffer goes to the next tile. A tile the run keeps for later
+        chunks would otherwise hold its memory until the cache is full (a fresh 2 MiB tile costs 512 page
+        faults; a cache holding only what is still needed lends the same few buffers again). None: unknown,
+        kept until evicted. Fewer uses than claims only costs a second decode of the tile; more, the memory
+        until eviction.
+        """
         arr.setflags(write=False)
         with self._lock:
             self.misses += 1
-            if 0 < arr.nbytes <= self.max_bytes and key not in self._data:
+            waiting = self._waiting.pop(key, 0)  # reads that will take it (among the uses, if those are right)
+            if 0 < arr.nbytes <= self.max_bytes and key not in self._data and (uses is None or uses > 0 or waiting):
                 self._data[key] = arr
                 self._bytes += arr.nbytes
-                while self._bytes > self.max_bytes:
-                    _, old = self._data.popitem(last=False)
-                    self._bytes -= old.nbytes
-                    self._recycle(old)
-                    del old
+                if uses is not None:
+                    self._uses[key] = max(uses, waiting)
+                self._trim()
             event = self._loading.pop(key, None)
         if event is not None:
             event.set()
+
+    def take(self, key: Any) -> np.ndarray | None:
+        """The cached tile of ``key`` for a read that waited while another thread loaded it (:meth:`claim`'s
+        events), counted as one of its uses; None if the load failed or the tile is gone (load it yourself)."""
+        with self._lock:
+            arr = self._data.get(key)
+            if arr is not None:
+                self._used(key)
+            return arr
+
+    def _used(self, key: Any) -> None:
+        # Under the lock: one use of a tile with a known number of uses; the last one retires it.
+        left = self._uses.get(key)
+        if left is None:
+            return
+        if left > 1:
+            self._uses[key] = left - 1
+            return
+        del self._uses[key]
+        arr = self._data.pop(key)
+        self._bytes -= arr.nbytes
+        self.retired += 1
+        self._keep_spare(arr)
+        self._trim()
 
     def store(self, key: Any, tile: np.ndarray) -> None:
         """:meth:`put` a copy of ``tile`` (a view into a larger read), in a recycled buffer when one is free.
@@ -119,26 +166,50 @@ class TileCache:
         self.put(key, arr)
 
     def buffer(self, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
-        """An array to load a tile into before :meth:`put`: the buffer of an evicted tile of that shape when
-        one is free (no page faults), else a new one."""
+        """An array to load a tile into before :meth:`put`: the buffer of an evicted or retired tile of that
+        shape that nothing refers to any more (no page faults), else a new one."""
+        shape, dtype = tuple(shape), np.dtype(dtype)
         with self._lock:
-            free = self._free.get((tuple(shape), np.dtype(dtype).str))
-            arr = free.pop() if free else None
-        return arr if arr is not None else np.empty(shape, dtype=dtype)
+            spare = self._spare
+            for i in range(len(spare)):
+                if spare[i].shape == shape and spare[i].dtype == dtype and _unreferenced(spare, i):
+                    arr = spare.pop(i)
+                    self._spare_bytes -= arr.nbytes
+                    arr.setflags(write=True)
+                    return arr
+        return np.empty(shape, dtype=dtype)
 
-    def _recycle(self, old: np.ndarray) -> None:
-        # Only if nobody holds it any more: the cache's reference was just dropped, so the count is ours
-        # ("old" in put and the argument here) plus getrefcount's own.
-        if sys.getrefcount(old) <= 3 and old.base is None:
-            free = self._free.setdefault((old.shape, old.dtype.str), [])
-            if len(free) < 8:
-                old.setflags(write=True)
-                free.append(old)
+    def _keep_spare(self, old: np.ndarray) -> None:
+        # Under the lock. Reads may still hold the tile (a read ahead of its fold): :meth:`buffer` lends it
+        # only once they are done.
+        if old.base is None:
+            self._spare.append(old)
+            self._spare_bytes += old.nbytes
+
+    def _trim(self) -> None:
+        # Under the lock: the tiles and the spares within the budget, but for the newest few spares (the buffers
+        # of the next tiles: a full cache keeps lending what it evicts instead of taking fresh memory for every
+        # tile). The oldest spares go first (one still read is freed once its readers are done), then the least
+        # recently used tiles, which become spares.
+        while True:
+            counted = self._spare_bytes - sum(a.nbytes for a in self._spare[-EVICTED_SPARES:])
+            if self._bytes + counted <= self.max_bytes:
+                return
+            if counted > 0:
+                self._spare_bytes -= self._spare.pop(0).nbytes
+            else:
+                old_key, old = self._data.popitem(last=False)
+                self._uses.pop(old_key, None)
+                self._bytes -= old.nbytes
+                self._keep_spare(old)
+                del old
 
     def release(self, keys: Any) -> None:
         """Give up claimed keys not :meth:`put` (a failed read): their waiters load them themselves."""
         with self._lock:
             events = [self._loading.pop(k) for k in keys if k in self._loading]
+            for k in keys:
+                self._waiting.pop(k, None)
         for event in events:
             event.set()
 
@@ -161,9 +232,20 @@ class TileCache:
                 self.put(key, arr)
                 return arr
             pending[key].wait()
-            cached = self.peek(key)
+            cached = self.take(key)
             if cached is not None:
                 return cached
+
+
+#: Spares a :class:`TileCache` keeps beyond its budget: the buffers the next few tiles are decoded into, so that a
+#: full cache does not take fresh memory for every new tile.
+EVICTED_SPARES = 8
+
+
+def _unreferenced(items: list[Any], i: int) -> bool:
+    """Whether nothing but ``items`` refers to ``items[i]``: no view of the array, no thread reading it (a view
+    holds its base; getrefcount counts its own argument too)."""
+    return sys.getrefcount(items[i]) == 2
 
 
 def _default_cache_bytes() -> int:
