@@ -253,7 +253,7 @@ def test_tasks_give_back_every_window_and_reuse_their_buffers(sample, monkeypatc
     is still lent, a second run allocates no new window, and the numbers do not change (buffers are reused
     dirty: every pixel is written before it is read)."""
     from ndvi_scale.engine.task import DAY_LAYERS, IDLE, release_buffers
-    from ndvi_scale.engine.tiles import WINDOWS
+    from ndvi_scale.engine.tiles import RESULTS, WINDOWS, _unreferenced
 
     monkeypatch.setattr(IDLE, "seconds", 3600.0)  # no idle release between the two runs, however slow CI is
     spec, catalog = sample
@@ -262,7 +262,9 @@ def test_tasks_give_back_every_window_and_reuse_their_buffers(sample, monkeypatc
     first = build(c).compute(scheduler="threads", num_workers=2)
     assert len(WINDOWS._lent) == 0 and WINDOWS._free and DAY_LAYERS._free
     kept = {id(b) for b in WINDOWS._free}
-    for buf in [*WINDOWS._free, *DAY_LAYERS._free]:
+    free_results = [RESULTS._bufs[i] for i in range(len(RESULTS._bufs)) if _unreferenced(RESULTS._bufs, i)]
+    assert free_results  # the result blocks' buffers, free once dask dropped the blocks
+    for buf in [*WINDOWS._free, *DAY_LAYERS._free, *free_results]:
         buf.fill(0x7F)  # garbage from an earlier task (3.4e38 as float32) must not reach the result
     second = build(c).compute(scheduler="synchronous")
     assert {id(b) for b in WINDOWS._free} <= kept  # no new window buffer was needed
@@ -270,7 +272,7 @@ def test_tasks_give_back_every_window_and_reuse_their_buffers(sample, monkeypatc
     np.testing.assert_array_equal(first.valid_count.values, second.valid_count.values)
     np.testing.assert_array_equal(first.ndvi.values, stack_then_reduce(c)["ndvi"])
     release_buffers()
-    assert WINDOWS._free == [] and DAY_LAYERS._free == []
+    assert WINDOWS._free == [] and DAY_LAYERS._free == [] and RESULTS._bufs == []
 
 
 def test_buffers_are_given_back_once_the_engine_is_idle(sample, monkeypatch):

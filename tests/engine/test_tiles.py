@@ -137,6 +137,35 @@ def test_scratch_pool_take_is_reused_between_with_blocks():
         assert second.base is base
 
 
+def test_result_pool_lends_a_buffer_again_once_nothing_refers_to_it():
+    """A task's result block is handed to dask, which drops it once the region is written: its buffer is lent
+    to a later result only when no array or view of it is alive any more."""
+    from ndvi_scale.engine.tiles import ResultPool
+
+    def address(arr: np.ndarray) -> int:
+        return int(arr.__array_interface__["data"][0])
+
+    pool = ResultPool(keep=2)
+    a = pool.get((4, 6), np.float32)
+    first = address(a)
+    a[:] = 1
+    view = a.reshape(1, 24)[:, 3:]  # what dask's layer slicing makes of a block
+    del a
+    b = pool.get((4, 6), np.float32)
+    assert address(b) != first  # the block's view is alive: not lent
+    del view
+    c = pool.get((2, 3), np.uint16)  # fits in the first buffer, now free: lent again
+    assert address(c) == first and c.shape == (2, 3) and c.dtype == np.uint16 and c.flags.writeable
+    d = pool.get((4, 6), np.float32)  # both in use and the pool full: a new array, not kept
+    assert address(d) not in (first, address(b)) and len(pool._bufs) == 2
+    del b, c, d
+    big = pool.get((10, 10), np.float32)  # larger than every free buffer: replaces one
+    assert len(pool._bufs) == 2 and any(buf.nbytes == 400 for buf in pool._bufs)
+    del big
+    pool.clear()
+    assert pool._bufs == []
+
+
 def test_tile_cache_lends_the_buffers_of_evicted_tiles():
     cache = TileCache(max_bytes=2 * 800)
     for key in "ab":

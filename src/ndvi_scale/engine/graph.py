@@ -45,6 +45,7 @@ from .task import (
     release_buffers,
     warm_next,
 )
+from .tiles import RESULTS
 
 log = logging.getLogger(__name__)
 
@@ -211,4 +212,10 @@ def cube_layer(
 def _layer(block: np.ndarray, index: int, n_out: int, dtype: np.dtype, convert: Any) -> np.ndarray:
     height = block.shape[1] // n_out
     layer = block[:, index * height : (index + 1) * height]
-    return convert(layer) if convert is not None else layer.astype(dtype, copy=False)
+    if convert is not None:
+        return convert(layer)
+    if layer.dtype == dtype:
+        return layer
+    out = RESULTS.get(layer.shape, dtype)  # e.g. valid_count as uint16: memory of an earlier region's, not fresh
+    np.copyto(out, layer, casting="unsafe")
+    return out

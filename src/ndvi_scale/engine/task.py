@@ -29,7 +29,7 @@ from .grid import OutputGrid
 from .owntiles import DECODE_POOL, gather
 from .reader import reader_for
 from .sources import AssetSource, ItemSource
-from .tiles import SCRATCH, TILE_CACHE, WINDOWS, ScratchPool
+from .tiles import RESULTS, SCRATCH, TILE_CACHE, WINDOWS, ScratchPool
 from .warm import WARM, on_cluster
 
 log = logging.getLogger(__name__)
@@ -46,11 +46,13 @@ DAY_LAYERS = ScratchPool(max(2, os.cpu_count() or 2))
 
 
 def release_buffers() -> None:
-    """Give back what the engine keeps between tasks: :data:`DAY_LAYERS`, the readers' windows and decode
-    buffers (:data:`~.tiles.WINDOWS`, :data:`~.tiles.SCRATCH`) and the cached tiles (:data:`~.tiles.TILE_CACHE`,
+    """Give back what the engine keeps between tasks: :data:`DAY_LAYERS`, the result blocks
+    (:data:`~.tiles.RESULTS`), the readers' windows and decode buffers (:data:`~.tiles.WINDOWS`,
+    :data:`~.tiles.SCRATCH`) and the cached tiles (:data:`~.tiles.TILE_CACHE`,
     its counters kept). The next task allocates afresh. Called by :data:`IDLE` and at the end of
     :func:`ndvi_scale.pipeline.run`."""
     DAY_LAYERS.clear()
+    RESULTS.clear()
     WINDOWS.clear()
     SCRATCH.clear()
     TILE_CACHE.drop()
@@ -236,7 +238,7 @@ def _composite_block(
     if len(strips) == 1:
         out = part(rows, True)
     else:
-        out = np.empty((n_out, height, width), dtype=np.float32)
+        out = RESULTS.get((n_out, height, width), np.float32)
         for k, strip in enumerate(strips):
             out[:, strip.start - rows.start : strip.stop - rows.start] = part(strip, k == len(strips) - 1)
     if inside is not None:
@@ -450,7 +452,7 @@ def _composite_part(
             got = {}
         if not started.all():
             days[~started] = np.nan
-        out = np.empty((settings.n_out, height, width), dtype=np.float32)
+        out = RESULTS.get((settings.n_out, height, width), np.float32)
         reduce_days(days, settings.method, np.asarray(day_numbers, dtype=np.int64), out=out)
         return out
 

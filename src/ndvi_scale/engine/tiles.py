@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "DEFAULT_TILE_CACHE_MB", "SCRATCH", "TILE_CACHE", "WINDOWS", "ScratchPool", "TileCache", "needed_elsewhere",
-    "paste", "scratch", "tile_extent", "upsample_into", "window_tiles",
+    "DEFAULT_TILE_CACHE_MB", "RESULTS", "SCRATCH", "TILE_CACHE", "WINDOWS", "ResultPool", "ScratchPool", "TileCache",
+    "needed_elsewhere", "paste", "scratch", "tile_extent", "upsample_into", "window_tiles",
 ]
 
 #: Default budget of :data:`TILE_CACHE` in MiB; ``NDVI_SCALE_TILE_CACHE_MB`` overrides it (0 disables it).
@@ -316,6 +316,47 @@ class ScratchPool:
         """Give the kept buffers back (the end of a run: a notebook's process should not hold them)."""
         with self._lock:
             self._free.clear()
+
+
+class ResultPool:
+    """Buffers for arrays handed on and never given back: a task's result block, which dask passes to the region
+    write and then drops. A buffer is lent again once nothing refers to it any more (no array or view of it
+    alive: the reference count says so), so the next task's result takes memory already mapped instead of
+    fresh pages the kernel zeroes on first touch (tens of MB per task). At most ``keep`` buffers are kept;
+    when all are in use, a result gets a new array, freed as any other."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self._bufs: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def get(self, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+        """An array of ``shape`` and ``dtype`` (contents undefined)."""
+        need = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        with self._lock:
+            bufs = self._bufs
+            free = [i for i in range(len(bufs)) if bufs[i].nbytes >= need and _unreferenced(bufs, i)]
+            if free:
+                buf = bufs[min(free, key=lambda i: bufs[i].nbytes)]
+            else:
+                buf = np.empty(need, dtype=np.uint8)
+                if len(bufs) < self.keep:
+                    bufs.append(buf)
+                elif any(_unreferenced(bufs, i) for i in range(len(bufs))):
+                    # a free buffer too small for this shape: this one replaces it
+                    bufs[next(i for i in range(len(bufs)) if _unreferenced(bufs, i))] = buf
+        return buf[:need].view(dtype).reshape(shape)
+
+    def clear(self) -> None:
+        """Forget the buffers (those still in use are freed with their last array)."""
+        with self._lock:
+            self._bufs.clear()
+
+
+#: The result blocks of the tasks (:func:`~.task.composite_block`) and the layers cast from them for the write.
+#: Three per core: a region thread's block and the layers cast from it are alive together until its region is
+#: written, and the next task may start before dask drops them.
+RESULTS = ResultPool(3 * max(2, os.cpu_count() or 2))
 
 
 #: The uint16 windows the readers return (:func:`~.reader._finish_aligned`), given back by the task once folded:
