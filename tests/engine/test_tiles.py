@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -164,6 +165,23 @@ def test_result_pool_lends_a_buffer_again_once_nothing_refers_to_it():
     del big
     pool.clear()
     assert pool._bufs == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_POPULATE_WRITE) is Linux's")
+def test_populate_maps_the_pages_without_changing_a_byte():
+    """populate() maps an array's pages ahead of its first writes (no page fault then), leaving its contents."""
+    import resource
+
+    from ndvi_scale.engine.tiles import populate
+
+    fresh = np.empty(64 * 2**20, dtype=np.uint8)  # 16k pages of 4 KiB, none mapped yet
+    assert populate(fresh)
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    fresh[::4096] = 1  # one write per page
+    assert resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before < 100
+    data = np.arange(10**6, dtype=np.float32)
+    assert populate(data) and np.array_equal(data, np.arange(10**6, dtype=np.float32))
+    assert not populate(data[::2])  # not one block of memory: nothing done
 
 
 def test_tile_cache_lends_the_buffers_of_evicted_tiles():

@@ -42,6 +42,7 @@ from .task import (
     empty_block,
     expect_reads,
     prefetch,
+    prepare_day_layers,
     release_buffers,
     warm_next,
 )
@@ -171,9 +172,10 @@ def _period_sources(
 
 def start_reading(cube: da.Array) -> bool:
     """Start the reads of the first period of ``cube`` (a :func:`composite_cube`, or an array made from one) now,
-    without waiting: its files' headers and the first reads of its first chunks (:func:`~.task.warm_next`). The
-    write stage calls it before it writes the cube's template, so the first tasks find their reads under way.
-    Returns False when ``cube`` has no period with scenes (nothing started)."""
+    without waiting: its files' headers, the first reads of its first chunks (:func:`~.task.warm_next`) and the
+    memory of their day layers (:func:`~.task.prepare_day_layers`). The write stage calls it before it writes
+    the cube's template, so the first tasks find their reads under way. Returns False when ``cube`` has no
+    period with scenes (nothing started)."""
     import dask.local
 
     layers = getattr(cube.__dask_graph__(), "layers", {})  # a HighLevelGraph: composite_cube made one
@@ -184,6 +186,7 @@ def start_reading(cube: da.Array) -> bool:
             period = dask.local.get_sync({(name, 0): layer[(name, 0)]}, (name, 0), callbacks=())
             try:
                 warm_next(period, decode=True)  # no task runs yet: the idle cores decode them too
+                prepare_day_layers(period)
             except Exception as e:  # noqa: BLE001 - an optimisation: the tasks make their reads themselves
                 log.debug("warming the first chunks failed: %s", e)
             return True

@@ -261,10 +261,15 @@ def _decode_for_cache(batch: TileBatch, keys: dict[Tile, tuple[Any, int | None]]
         layout = batch.layout
         t_r0, t_r1, t_c0, t_c1 = batch.extent(t)
         shape = (layout.tile_height, layout.tile_width)
-        whole = shape == (t_r1 - t_r0, t_c1 - t_c0)
-        buf = TILE_CACHE.buffer(shape, np.dtype(layout.dtype)) if whole else np.empty(shape, dtype=layout.dtype)
-        batch._decode(t, data, buf)
-        tile = buf if whole else buf[: t_r1 - t_r0, : t_c1 - t_c0].copy()
+        dtype = np.dtype(layout.dtype)
+        if shape == (t_r1 - t_r0, t_c1 - t_c0):
+            tile = TILE_CACHE.buffer(shape, dtype)
+            batch._decode(t, data, tile)
+        else:  # a tile cut by the file's edge: decoded whole in a scratch buffer, its part kept
+            with scratch(shape, dtype) as buf:
+                batch._decode(t, data, buf)
+                tile = TILE_CACHE.buffer((t_r1 - t_r0, t_c1 - t_c0), dtype)
+                np.copyto(tile, buf[: t_r1 - t_r0, : t_c1 - t_c0])
         TILE_CACHE.put(key, tile, uses)
         batch.ready[t] = tile
 

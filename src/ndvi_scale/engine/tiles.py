@@ -24,7 +24,7 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_TILE_CACHE_MB", "RESULTS", "SCRATCH", "TILE_CACHE", "WINDOWS", "ResultPool", "ScratchPool", "TileCache",
-    "needed_elsewhere", "paste", "scratch", "tile_extent", "upsample_into", "window_tiles",
+    "needed_elsewhere", "paste", "populate", "scratch", "tile_extent", "upsample_into", "window_tiles",
 ]
 
 #: Default budget of :data:`TILE_CACHE` in MiB; ``NDVI_SCALE_TILE_CACHE_MB`` overrides it (0 disables it).
@@ -357,6 +357,33 @@ class ResultPool:
 #: Three per core: a region thread's block and the layers cast from it are alive together until its region is
 #: written, and the next task may start before dask drops them.
 RESULTS = ResultPool(3 * max(2, os.cpu_count() or 2))
+
+
+#: ``madvise`` advice that maps a range's pages now, writable, without touching them (Linux >= 5.14).
+_MADV_POPULATE_WRITE = 23
+
+
+def populate(arr: np.ndarray) -> bool:
+    """Map the pages under ``arr`` now (what its first writes would otherwise fault in one by one, the kernel
+    zeroing each), without changing its contents: safe while another thread uses the array. Returns False
+    where that cannot be done (not Linux, an older kernel, not one block of memory); the pages then come on
+    first touch as usual."""
+    if not sys.platform.startswith("linux") or not arr.flags.c_contiguous or arr.nbytes == 0:
+        return False
+    import ctypes
+    import mmap
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return False
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = mmap.PAGESIZE
+    address = int(arr.__array_interface__["data"][0])
+    start, end = -(-address // page) * page, (address + arr.nbytes) // page * page
+    # ctypes releases the GIL for the call: the other threads run while the kernel maps the pages
+    return end <= start or madvise(start, end - start, _MADV_POPULATE_WRITE) == 0
 
 
 #: The uint16 windows the readers return (:func:`~.reader._finish_aligned`), given back by the task once folded:
