@@ -109,17 +109,32 @@ def test_warmed_reads_are_claimed_once_each_and_change_no_pixel(sample, monkeypa
     np.testing.assert_array_equal(cold.ndvi.values, got.ndvi.values)
 
 
-def test_start_reading_warms_the_first_period_before_any_task_runs(sample) -> None:
+def test_start_reading_warms_the_first_period_before_any_task_runs(sample, monkeypatch) -> None:
     """What the write stage calls before the template: the first period's first chunks are warmed, their tasks
     claim every warmed read, and the cube is the reference's."""
     from ndvi_scale.engine.graph import start_reading
+    from ndvi_scale.engine.task import DAY_LAYERS, release_buffers
 
     spec, catalog = sample
     c = cfg(catalog, bboxes(spec)["across-overlap"], chunk=64)
     lazy = build(c)
+    release_buffers()
     assert start_reading(lazy.ndvi.data) and WARM.warmed > 0 and WARM.claimed == 0
+    # the first tasks' day layers are in the pool already (their pages being mapped), one per region thread
+    prepared = {id(buf) for buf in DAY_LAYERS._free}
+    assert len(prepared) == 2
+    taken: list[int] = []
+    get = DAY_LAYERS.get
+
+    def recording_get(shape: Any, dtype: Any) -> Any:
+        arr = get(shape, dtype)
+        taken.append(id(arr.base))
+        return arr
+
+    monkeypatch.setattr(DAY_LAYERS, "get", recording_get)
     got = lazy.compute(scheduler="threads", num_workers=2)
     assert WARM.claimed == WARM.warmed
+    assert set(taken[:2]) == prepared  # the first two tasks folded into them
     ref = stack_then_reduce(c)
     np.testing.assert_array_equal(got.ndvi.values, ref["ndvi"])
 
