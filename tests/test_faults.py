@@ -145,13 +145,18 @@ def assert_same_data(got: Path, ref: Path) -> None:
 
 
 def fast_gdal(monkeypatch: pytest.MonkeyPatch) -> None:
-    """In this process: GDAL's request retries as :data:`FAST` says (the engine's GDAL options are made at import)."""
-    from ndvi_scale.engine import handles
+    """In this process: request retries as :data:`FAST` says, through GDAL (the engine's GDAL options are made at
+    import) and the engine's own range requests (their settings are read from the environment once per
+    process: made again here). Else a file that answers 500 forever costs 30 s of production backoff per
+    request."""
+    from ndvi_scale.engine import handles, ranges
 
     for k, v in FAST.items():
         if k.startswith("GDAL_"):
+            monkeypatch.setenv(k, v)
             for options in (handles.GDAL_OPEN_OPTIONS, handles.GDAL_READ_OPTIONS):
                 monkeypatch.setitem(options, k, v)
+    monkeypatch.setattr(ranges, "_http", None)
 
 
 def without(catalog: Path, drop: set[str], dest: Path) -> Path:

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from ..http import gdal_retry_options
+from ..http import BACKOFF_MAX, RETRY_AFTER_MAX, gdal_retry_options
+from . import httpget
 from .fetch import LazyPool
 
 __all__ = ["MAX_CONNECTIONS", "MERGE_GAP", "RANGE_POOL", "fetch", "local_path", "supported"]
@@ -45,7 +48,7 @@ MAX_CONNECTIONS = 128
 RANGE_POOL = LazyPool(32, "ndvi-scale-range")
 
 _http_lock = threading.Lock()
-_http: tuple[int, Any] | None = None
+_http: tuple[int, Any, _Settings] | None = None
 
 
 #: Settings of the environment that GDAL applies to its HTTP requests and this module does not (a proxy, extra
@@ -90,9 +93,9 @@ def fetch(url: str, ranges: Sequence[tuple[int, int]]) -> list[bytes | memoryvie
     path = local_path(url)
     if path is not None:
         with open(path, "rb", buffering=0) as fh:
-            blobs: list[bytes] = [os.pread(fh.fileno(), n, a) for a, n in merged]
+            blobs: list[bytes | memoryview] = [os.pread(fh.fileno(), n, a) for a, n in merged]
     else:
-        futures: list[Future[bytes]] = [RANGE_POOL.submit(_get, url, a, n) for a, n in merged[1:]]
+        futures: list[Future[bytes | memoryview]] = [RANGE_POOL.submit(_get, url, a, n) for a, n in merged[1:]]
         try:
             blobs = [_get(url, *merged[0])]
             blobs += [f.result() for f in futures]
@@ -125,43 +128,110 @@ def _find(merged: list[tuple[int, int]], offset: int) -> tuple[int, int]:
     raise AssertionError("range not in the merged ranges")
 
 
-def _pool() -> Any:
-    """This process's urllib3 PoolManager (made after a fork anew: sockets are not shared across processes)."""
+@dataclass(frozen=True)
+class _Settings:
+    """The retry policy's numbers for this module's requests (:func:`~ndvi_scale.http.gdal_retry_options`)."""
+
+    retries: int
+    delay: float
+    codes: frozenset[int]
+    connect_timeout: float
+    read_timeout: float
+
+
+def _pool() -> tuple[Any, _Settings]:
+    """This process's urllib3 PoolManager and the settings both paths follow (made after a fork anew: sockets
+    are not shared across processes)."""
     global _http
     with _http_lock:
         if _http is None or _http[0] != os.getpid():
             import urllib3
 
             opts = gdal_retry_options()
+            settings = _Settings(
+                retries=int(opts["GDAL_HTTP_MAX_RETRY"]),
+                delay=float(opts["GDAL_HTTP_RETRY_DELAY"]),
+                codes=frozenset(int(s) for s in opts["GDAL_HTTP_RETRY_CODES"].split(",") if s.strip()),
+                connect_timeout=float(opts["GDAL_HTTP_CONNECTTIMEOUT"]),
+                read_timeout=float(opts["GDAL_HTTP_TIMEOUT"]),
+            )
             retry = urllib3.util.Retry(
-                total=int(opts["GDAL_HTTP_MAX_RETRY"]),
-                status_forcelist=[int(s) for s in opts["GDAL_HTTP_RETRY_CODES"].split(",") if s.strip()],
-                backoff_factor=float(opts["GDAL_HTTP_RETRY_DELAY"]),
+                total=settings.retries,
+                status_forcelist=sorted(settings.codes),
+                backoff_factor=settings.delay,
                 allowed_methods=None,
                 raise_on_status=False,
                 respect_retry_after_header=True,
             )
-            timeout = urllib3.Timeout(connect=float(opts["GDAL_HTTP_CONNECTTIMEOUT"]),
-                                      read=float(opts["GDAL_HTTP_TIMEOUT"]))
+            timeout = urllib3.Timeout(connect=settings.connect_timeout, read=settings.read_timeout)
             manager = urllib3.PoolManager(num_pools=64, maxsize=MAX_CONNECTIONS, block=False, retries=retry,
                                           timeout=timeout)
-            _http = (os.getpid(), manager)
-        return _http[1]
+            httpget.reset()
+            _http = (os.getpid(), manager, settings)
+        return _http[1], _http[2]
 
 
-def _get(url: str, offset: int, length: int) -> bytes:
+def _get(url: str, offset: int, length: int) -> bytes | memoryview:
+    """One range over HTTP(S) under the retry policy: through :mod:`.httpget` (the plain case, most of the CPU
+    of a request saved), else through urllib3, which follows redirects and reads any kind of body. The same
+    policy on both: ``GDAL_HTTP_MAX_RETRY`` retries of a dropped connection, a timeout or a status in
+    ``GDAL_HTTP_RETRY_CODES``, urllib3's waits (none before the first retry, then ``GDAL_HTTP_RETRY_DELAY``
+    doubling; a server's ``Retry-After`` in seconds on 429/503, capped)."""
+    _, settings = _pool()
+    parts = urlsplit(url)
+    failure: OSError | None = None
+    wait = 0.0
+    for attempt in range(settings.retries + 1):
+        if attempt:
+            time.sleep(wait)
+        try:
+            answer = httpget.get_range(parts, offset, length, settings.connect_timeout, settings.read_timeout)
+        except httpget.Unsupported:
+            return _get_urllib3(url, offset, length)
+        except OSError as e:
+            failure = e
+            wait = _backoff(settings.delay, attempt + 1)
+            continue
+        if answer.status in settings.codes and attempt < settings.retries:
+            after = _retry_after(answer) if answer.status in (429, 503) else None
+            wait = _backoff(settings.delay, attempt + 1) if after is None else after
+            continue
+        return _content(answer.status, answer.body, offset, length)
+    # a connection that failed every attempt: its reason, never the URL (its query may be a signature)
+    raise OSError(f"request failed after retries: {type(failure).__name__}: {failure}")
+
+
+def _backoff(delay: float, failures: int) -> float:
+    """urllib3's wait before the next attempt after ``failures`` consecutive failures: none after the first."""
+    return 0.0 if failures <= 1 else min(BACKOFF_MAX, delay * 2 ** (failures - 1))
+
+
+def _retry_after(answer: httpget.Answer) -> float | None:
+    """A ``Retry-After`` in seconds, capped (a date or anything else: None, the backoff applies)."""
+    try:
+        return min(max(0.0, float(answer.retry_after or "")), RETRY_AFTER_MAX)
+    except ValueError:
+        return None
+
+
+def _content(status: int, data: bytes | memoryview, offset: int, length: int) -> bytes | memoryview:
+    if status == 206:
+        return data
+    if status == 200:  # a server that ignores Range sends the whole file
+        return data[offset : offset + length]
+    raise OSError(f"HTTP response code: {status}")
+
+
+def _get_urllib3(url: str, offset: int, length: int) -> bytes | memoryview:
     import urllib3
 
+    manager, _ = _pool()
     try:
-        r = _pool().request("GET", url, headers={"Range": f"bytes={offset}-{offset + length - 1}"},
+        r = manager.request("GET", url, headers={"Range": f"bytes={offset}-{offset + length - 1}"},
                             preload_content=True, decode_content=False)
     except urllib3.exceptions.MaxRetryError as e:
         # urllib3's own message quotes the path with its query string (a signature): keep the reason only
         raise OSError(f"request failed after retries: {e.reason}") from None
     except urllib3.exceptions.HTTPError as e:
         raise OSError(f"request failed: {type(e).__name__}: {e}") from None
-    if r.status == 206:
-        return r.data
-    if r.status == 200:  # a server that ignores Range sends the whole file
-        return r.data[offset : offset + length]
-    raise OSError(f"HTTP response code: {r.status}")
+    return _content(r.status, r.data, offset, length)
