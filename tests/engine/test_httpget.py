@@ -6,9 +6,11 @@ body, 503 with ``Retry-After``."""
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +27,7 @@ class Scripted:
     connections: int = 0
     requests: list[str] = field(default_factory=list)
     busy_left: int = 0
+    tls: ssl.SSLContext | None = None
     _sock: socket.socket | None = None
 
     def start(self) -> None:
@@ -47,6 +50,12 @@ class Scripted:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        if self.tls is not None:
+            try:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            except OSError:
+                conn.close()
+                return
         with conn:
             data = b""
             while True:
@@ -167,3 +176,29 @@ def test_only_plain_requests_take_the_lean_path() -> None:
     for url in ("http://user:pw@h/a.tif", "http://h/a b.tif", "ftp://h/a.tif", "http://h/\u00e9.tif"):
         with pytest.raises(httpget.Unsupported):
             httpget.get_range(urlsplit(url), 0, 10, 1.0, 1.0)
+
+
+def test_https_ranges_verify_the_certificate_and_reuse_the_connection(
+    server: Scripted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over TLS: the server's certificate is verified against the trusted CAs (here a test CA named by
+    SSL_CERT_FILE, as a user's would be), the connection is kept, and an untrusted server is refused."""
+    import trustme
+
+    ca = trustme.CA()
+    server.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server.tls)
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setattr(httpget, "_tls", None)
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    url = f"https://127.0.0.1:{server.port}/ok?sig=x"
+    for a in (0, 9000):
+        assert bytes(ranges.fetch(url, [(a, 500)])[0]) == DATA[a : a + 500]
+    assert server.connections == 1
+    httpget.reset()
+    monkeypatch.setattr(httpget, "_tls", None)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "none.pem"))  # the test CA no longer trusted
+    with pytest.raises(OSError) as err:
+        ranges.fetch(url, [(0, 500)])
+    assert "CERTIFICATE_VERIFY_FAILED" in str(err.value) and "sig" not in str(err.value)

@@ -3,8 +3,10 @@
 One blocking call per read: :func:`fetch` takes the byte ranges of the tiles a window needs, merges the ones
 that (nearly) touch, and returns their bytes. Over HTTP each merged range is one ``GET`` with a ``Range`` header;
 several ranges of one read are fetched at once (the first in the calling thread, the others in
-:data:`RANGE_POOL`), so a read costs one round trip, not one per tile row. Connections are kept alive in one
-urllib3 pool per process (at most :data:`MAX_CONNECTIONS` per host), so a request seldom pays for a connect.
+:data:`RANGE_POOL`), so a read costs one round trip, not one per tile row. Connections are kept alive, so a
+request seldom pays for a connect: a plain range answer is read by :mod:`.httpget` (a fraction of urllib3's CPU
+per request), anything else (a redirect, a chunked body) by one urllib3 pool per process (at most
+:data:`MAX_CONNECTIONS` per host).
 
 Requests follow the one retry policy of :mod:`ndvi_scale.http` through the same settings as GDAL's reads
 (:func:`ndvi_scale.http.gdal_retry_options`: ``GDAL_HTTP_MAX_RETRY``, ``GDAL_HTTP_RETRY_DELAY``,
