@@ -126,6 +126,21 @@ def _asset_span(m: GridMatch, r0: int, r1: int, c0: int, c1: int) -> tuple[int, 
             (cc0 - m.col_off) // k, (cc1 - 1 - m.col_off) // k + 1)
 
 
+def _others(expected: tuple[tuple[int, int, int, int], ...] | None, match: GridMatch,
+            window: tuple[int, int, int, int]) -> Callable[[tuple[int, int, int, int]], int] | None:
+    """For a read of output pixels ``window`` (row0, row1, col0, col1): a tile extent (asset pixels) -> how many
+    of the other ``expected`` windows (:meth:`AssetReader.expect`) need that tile; None when nothing is expected."""
+    if expected is None:
+        return None
+    spans = [span for win in expected if win != window for span in [_asset_span(match, *win)] if span is not None]
+
+    def others(extent: tuple[int, int, int, int]) -> int:
+        t_r0, t_r1, t_c0, t_c1 = extent
+        return sum(1 for r0, r1, c0, c1 in spans if r0 < t_r1 and t_r0 < r1 and c0 < t_c1 and t_c0 < c1)
+
+    return others
+
+
 def _as_int(value: float) -> int | None:
     n = round(value)
     return int(n) if abs(value - n) <= _ALIGN_TOL else None
@@ -207,21 +222,6 @@ class AssetReader:
         self._expected = tuple(sorted({(int(w.row_off), int(w.row_off + w.height), int(w.col_off),
                                         int(w.col_off + w.width)) for w in windows}))
 
-    def _others(self, match: GridMatch, window: tuple[int, int, int, int]
-                ) -> Callable[[tuple[int, int, int, int]], int] | None:
-        """For a read of output pixels ``window`` (row0, row1, col0, col1): a tile extent (asset pixels) ->
-        how many of the other expected windows need that tile; None when nothing is expected."""
-        expected = self._expected
-        if expected is None:
-            return None
-        spans = [span for win in expected if win != window
-                 for span in [_asset_span(match, *win)] if span is not None]
-
-        def others(extent: tuple[int, int, int, int]) -> int:
-            t_r0, t_r1, t_c0, t_c1 = extent
-            return sum(1 for r0, r1, c0, c1 in spans if r0 < t_r1 and t_r0 < r1 and c0 < t_c1 and t_c0 < c1)
-
-        return others
 
     @property
     def fast(self) -> bool | None:
@@ -523,7 +523,7 @@ class AssetReader:
         shift = ((rr0 - m.row_off) - sr0 * k, (cc0 - m.col_off) - sc0 * k)
         if plan.layout is not None:
             batch = owntiles.collect(self.url, plan.layout, plan.nodata, plan.grid, sr0, sr1, sc0, sc1,
-                                     self._others(m, (r0, r0 + h, c0, c0 + w)))
+                                     _others(self._expected, m, (r0, r0 + h, c0, c0 + w)))
             finish = functools.partial(_finish_aligned, plan, (h, w), inner, shift, batch.place)
             if k == 1 and plan.nodata in (None, FILL):  # the file's own pixels: foldable tile by tile
                 return owntiles.TiledRead(finish, batch, inner)
