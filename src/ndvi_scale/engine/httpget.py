@@ -101,9 +101,11 @@ class _Stale(Exception):
 
 
 def _take(key: tuple[str, str, int]) -> socket.socket | None:
+    global _pid
     with _lock:
-        if _pid != os.getpid():  # sockets are not shared across a fork
+        if _pid != os.getpid():  # a forked child: the parent's sockets are not its own, new ones are
             _idle.clear()
+            _pid = os.getpid()
             return None
         socks = _idle.get(key)
         return socks.pop() if socks else None

@@ -222,8 +222,9 @@ def collect(url: str, layout: CogLayout, nodata: int | None, grid: tuple[int, in
     uses: dict[Tile, int | None] = {}
     if cache.max_bytes > 0:
         for t in tiles:
-            if needed_elsewhere(batch.extent(t), grid, r0, r1, c0, c1):
-                n = others(batch.extent(t)) if others is not None else None
+            extent = batch.extent(t)
+            if needed_elsewhere(extent, grid, r0, r1, c0, c1):
+                n = others(extent) if others is not None else None
                 if n is None or n > 0:
                     uses[t] = n
     shared = list(uses)

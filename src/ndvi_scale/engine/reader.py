@@ -113,28 +113,37 @@ class GridMatch:
         return self.row_off, self.row_off + self.height * k, self.col_off, self.col_off + self.width * k
 
 
-def _asset_span(m: GridMatch, r0: int, r1: int, c0: int, c1: int) -> tuple[int, int, int, int] | None:
-    """Asset pixels (row0, row1, col0, col1) under output pixels [r0, r1) x [c0, c1), or None when the asset
-    does not reach them: output pixel j (from the asset's edge) has its centre in asset pixel j // k."""
+Box = tuple[int, int, int, int]
+
+
+def _overlap(m: GridMatch, r0: int, r1: int, c0: int, c1: int) -> tuple[Box, Box] | None:
+    """Where the asset meets output pixels [r0, r1) x [c0, c1): (the output pixels it covers there, the asset
+    pixels under them), each (row0, row1, col0, col1); None when it does not reach them. Output pixel j (from the
+    asset's edge) has its centre in asset pixel j // k."""
     k = m.factor
     e_r0, e_r1, e_c0, e_c1 = m.extent
     rr0, rr1 = max(r0, e_r0), min(r1, e_r1)
     cc0, cc1 = max(c0, e_c0), min(c1, e_c1)
     if rr0 >= rr1 or cc0 >= cc1:
         return None
-    return ((rr0 - m.row_off) // k, (rr1 - 1 - m.row_off) // k + 1,
-            (cc0 - m.col_off) // k, (cc1 - 1 - m.col_off) // k + 1)
+    return (rr0, rr1, cc0, cc1), ((rr0 - m.row_off) // k, (rr1 - 1 - m.row_off) // k + 1,
+                                  (cc0 - m.col_off) // k, (cc1 - 1 - m.col_off) // k + 1)
 
 
-def _others(expected: tuple[tuple[int, int, int, int], ...] | None, match: GridMatch,
-            window: tuple[int, int, int, int]) -> Callable[[tuple[int, int, int, int]], int] | None:
+def _asset_span(m: GridMatch, r0: int, r1: int, c0: int, c1: int) -> Box | None:
+    """Asset pixels (row0, row1, col0, col1) under output pixels [r0, r1) x [c0, c1), or None (:func:`_overlap`)."""
+    both = _overlap(m, r0, r1, c0, c1)
+    return None if both is None else both[1]
+
+
+def _others(expected: tuple[Box, ...] | None, match: GridMatch, window: Box) -> Callable[[Box], int] | None:
     """For a read of output pixels ``window`` (row0, row1, col0, col1): a tile extent (asset pixels) -> how many
     of the other ``expected`` windows (:meth:`AssetReader.expect`) need that tile; None when nothing is expected."""
     if expected is None:
         return None
     spans = [span for win in expected if win != window for span in [_asset_span(match, *win)] if span is not None]
 
-    def others(extent: tuple[int, int, int, int]) -> int:
+    def others(extent: Box) -> int:
         t_r0, t_r1, t_c0, t_c1 = extent
         return sum(1 for r0, r1, c0, c1 in spans if r0 < t_r1 and t_r0 < r1 and c0 < t_c1 and t_c0 < c1)
 
@@ -213,7 +222,7 @@ class AssetReader:
         self.grid = grid
         self._plan: _Aligned | _Warped | None = None
         self._lock = threading.Lock()
-        self._expected: tuple[tuple[int, int, int, int], ...] | None = None
+        self._expected: tuple[Box, ...] | None = None
 
     def expect(self, windows: Iterable[Window]) -> None:
         """The windows (of the output grid) the tasks of this run read the asset on, as far as this process knows:
@@ -247,15 +256,11 @@ class AssetReader:
         h, w = int(window.height), int(window.width)
         if not isinstance(plan, _Aligned) or plan.layout is None:
             return 2 * h * w
-        m, lay = plan.match, plan.layout
-        k = m.factor
-        r0 = max(0, (int(window.row_off) - m.row_off) // k)
-        r1 = min(lay.height, (int(window.row_off) + h - 1 - m.row_off) // k + 1)
-        c0 = max(0, (int(window.col_off) - m.col_off) // k)
-        c1 = min(lay.width, (int(window.col_off) + w - 1 - m.col_off) // k + 1)
-        if r0 >= r1 or c0 >= c1:
+        r0, c0 = int(window.row_off), int(window.col_off)
+        span = _asset_span(plan.match, r0, r0 + h, c0, c0 + w)
+        if span is None:
             return 0
-        return sum(lay.tile_range(*t)[1] for t in window_tiles(r0, r1, c0, c1, plan.block))
+        return sum(plan.layout.tile_range(*t)[1] for t in window_tiles(*span, plan.block))
 
     def coverage(self) -> tuple[int, int, int, int] | None:
         """Output-grid pixels (row0, row1, col0, col1) the asset's raster covers, exactly, on the aligned path
@@ -511,14 +516,10 @@ class AssetReader:
         k = m.factor
         r0, c0 = int(window.row_off), int(window.col_off)
         h, w = int(window.height), int(window.width)
-        span = _asset_span(m, r0, r0 + h, c0, c0 + w)
-        if span is None:
+        both = _overlap(m, r0, r0 + h, c0, c0 + w)
+        if both is None:
             return functools.partial(_filled, (h, w), _out_dtype(plan))
-        sr0, sr1, sc0, sc1 = span
-        # The asset's extent in output pixels, clipped to the window.
-        e_r0, e_r1, e_c0, e_c1 = m.extent
-        rr0, rr1 = max(r0, e_r0), min(r0 + h, e_r1)
-        cc0, cc1 = max(c0, e_c0), min(c0 + w, e_c1)
+        (rr0, rr1, cc0, cc1), (sr0, sr1, sc0, sc1) = both  # the asset's extent in output pixels, in the window
         inner = (rr0 - r0, rr1 - r0, cc0 - c0, cc1 - c0)
         shift = ((rr0 - m.row_off) - sr0 * k, (cc0 - m.col_off) - sc0 * k)
         if plan.layout is not None:

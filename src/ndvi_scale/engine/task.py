@@ -288,17 +288,15 @@ def expect_reads(period: PeriodReads) -> None:
     :func:`read_jobs`' windows): a COG tile that several of them need leaves the tile cache once the last has
     taken it (:meth:`~.reader.AssetReader.expect`)."""
     settings = period.settings
-    expected: dict[str, set[tuple[int, int, int, int]]] = {}
+    expected: dict[str, set[windows.Window]] = {}
     for i, j, slices in period.windows:
         for strip in _strips(len(period.day_numbers), slices):
             jobs, window_of = read_jobs(period.items, len(period.day_numbers), (period.t, i, j),
                                         (strip, slices[1]), settings)
             for _, asset in jobs:
-                w = window_of(asset)
-                expected.setdefault(asset.href, set()).add(
-                    (int(w.row_off), int(w.col_off), int(w.height), int(w.width)))
+                expected.setdefault(asset.href, set()).add(window_of(asset))
     for href, wins in expected.items():
-        reader_for(href, settings.grid).expect(windows.Window(c, r, w, h) for r, c, h, w in wins)
+        reader_for(href, settings.grid).expect(wins)
 
 
 def warm_next(period: PeriodReads, limit_chunks: int = 4, *, decode: bool = False) -> int:

@@ -335,16 +335,16 @@ class ResultPool:
         need = int(np.prod(shape)) * np.dtype(dtype).itemsize
         with self._lock:
             bufs = self._bufs
-            free = [i for i in range(len(bufs)) if bufs[i].nbytes >= need and _unreferenced(bufs, i)]
-            if free:
-                buf = bufs[min(free, key=lambda i: bufs[i].nbytes)]
+            idle = [i for i in range(len(bufs)) if _unreferenced(bufs, i)]
+            fits = [i for i in idle if bufs[i].nbytes >= need]
+            if fits:
+                buf = bufs[min(fits, key=lambda i: bufs[i].nbytes)]
             else:
                 buf = np.empty(need, dtype=np.uint8)
                 if len(bufs) < self.keep:
                     bufs.append(buf)
-                elif any(_unreferenced(bufs, i) for i in range(len(bufs))):
-                    # a free buffer too small for this shape: this one replaces it
-                    bufs[next(i for i in range(len(bufs)) if _unreferenced(bufs, i))] = buf
+                elif idle:  # a free buffer too small for this shape: this one replaces it
+                    bufs[idle[0]] = buf
         return buf[:need].view(dtype).reshape(shape)
 
     def clear(self) -> None:
