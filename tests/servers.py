@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HOST = "127.0.0.1"
+# Volumes a SeaweedFS test server may hold: one per bucket (a full run makes ~20 per worker); 16 MB and sparse, so
+# the number does not depend on the free disk.
+SEAWEEDFS_VOLUMES = 400
 
 #: Test-only S3 identity configured into the SeaweedFS instance (tests/conftest.py).
 S3_ACCESS_KEY = "ndvi-scale-tests"
@@ -180,6 +183,11 @@ def start_seaweedfs(data_dir: Path, *, access_key: str, secret_key: str, timeout
             "-s3.port.lance=0",
             "-master.telemetry=false",
             f"-s3.config={s3_config}",
+            # Each bucket is a collection with a volume of its own, and `weed mini` sizes volumes and their number
+            # from the free disk (1 GiB, 13 volumes with 14 GB free): a worker's 10-13th test bucket then got a
+            # 500 "internal error" on its first write (CI, session 18). Small sparse volumes, a fixed number.
+            "-master.volumeSizeLimitMB=16",
+            f"-volume.max={SEAWEEDFS_VOLUMES}",
             # -master.port=..., -master.port.grpc=..., ...
             *(
                 f"-{name.replace('.grpc', '')}.port{'.grpc' if '.grpc' in name else ''}={port}"
