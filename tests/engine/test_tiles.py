@@ -174,7 +174,8 @@ def test_populate_maps_the_pages_without_changing_a_byte():
 
     from ndvi_scale.engine.tiles import populate
 
-    fresh = np.empty(64 * 2**20, dtype=np.uint8)  # 16k pages of 4 KiB, none mapped yet
+    # 16k pages of 4 KiB, none mapped yet; mapped in 4 MiB pieces, the last one short
+    fresh = np.empty(64 * 2**20 + 3 * 4096 + 100, dtype=np.uint8)
     assert populate(fresh)
     before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
     fresh[::4096] = 1  # one write per page
