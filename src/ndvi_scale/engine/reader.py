@@ -277,8 +277,7 @@ class AssetReader:
     # -- deciding -----------------------------------------------------------------------------------------
 
     def _open(self) -> Any:
-        with gdal_env(GDAL_OPEN_OPTIONS):
-            return rasterio.open(self.url, sharing=False)
+        return _open(self.url)
 
     def _decide(self) -> _Aligned | _Warped:
         """Open the asset once and choose the path (thread-safe, once per reader and attempt): from the COG's
@@ -289,69 +288,12 @@ class AssetReader:
                 return self._plan
             plan: _Aligned | _Warped | None = None
             if owntiles.OWN_TILES and ranges.supported(self.url):
-                plan = self._plan_from_header()
+                plan = _plan_from_header(self.url, self.grid)
             if plan is None:
                 with HANDLES.use(self.url, self._open) as ds:
-                    plan = self._plan_for(ds)
+                    plan = _plan_for(ds, self.url, self.grid)
             self._plan = plan
             return plan
-
-    def _plan_from_header(self) -> _Aligned | _Warped | None:
-        """The plan from the file's own header (one range request); None when GDAL must read this file."""
-        try:
-            layout = parse_cog(owntiles.Header(self.url).read)
-        except owntiles.NotCog:
-            return None
-        if layout is None:
-            return None
-        grid = self.grid
-        shape = (layout.height, layout.width)
-        src_dtype = np.dtype(layout.dtype)
-        if not np.can_cast(src_dtype, DTYPE, "safe"):
-            return None
-        nodata: int | None = None
-        if layout.nodata is not None:
-            if not float(layout.nodata).is_integer():
-                return None
-            nodata = int(layout.nodata)
-        match = match_grid(layout.transform, shape, layout.epsg, grid.transform, grid.epsg)
-        if match is None:
-            same = layout.epsg == grid.epsg and layout.transform == tuple(grid.transform)[:6] and shape == grid.shape
-            return _Warped(same_grid=bool(same))
-        return _Aligned(match, nodata, (layout.tile_height, layout.tile_width), src_dtype,
-                        _clip(match, grid.shape), layout)
-
-    def _plan_for(self, ds: Any) -> _Aligned | _Warped:
-        if ds.count != 1:
-            raise RuntimeError(
-                f"Assets must have exactly 1 band, but file {clean_href(self.url)!r} has {ds.count}; exclude "
-                "this asset (each band has to be a separate STAC asset)"
-            )
-        grid = self.grid
-        same = ds.crs is not None and ds.crs.to_epsg() == grid.epsg and ds.transform == grid.transform and (
-            ds.height, ds.width) == grid.shape
-        warped = _Warped(same_grid=bool(same))
-        if ds.driver not in _ALIGNED_DRIVERS:
-            return warped
-        src_dtype = np.dtype(ds.dtypes[0])
-        # Integer assets only: GDAL tests float nodata with a tolerance and clamps float -> int conversions.
-        if src_dtype.kind not in "ui" or not np.can_cast(src_dtype, DTYPE, "safe"):
-            return warped
-        flags = ds.mask_flag_enums[0]
-        nodata: int | None = None
-        if flags == [MaskFlags.nodata]:
-            if ds.nodata is None or not float(ds.nodata).is_integer():
-                return warped
-            nodata = int(ds.nodata)
-        elif flags != [MaskFlags.all_valid]:
-            return warped  # internal mask band or alpha: masked pixels are not a value test
-        if ds.crs is None:
-            return warped
-        match = match_grid(ds.transform, (ds.height, ds.width), ds.crs.to_epsg(), grid.transform, grid.epsg)
-        if match is None:
-            return warped
-        block = tuple(int(v) for v in ds.block_shapes[0])
-        return _Aligned(match, nodata, (block[0], block[1]), src_dtype, _clip(match, grid.shape))
 
     # -- reading ------------------------------------------------------------------------------------------
 
@@ -472,40 +414,9 @@ class AssetReader:
         try:
             if isinstance(plan, _Aligned):
                 return self._aligned(plan, window)
-            return self._read_warped(plan, window)
+            return _read_warped(self.url, self.grid, plan, window)
         except Exception as e:
             raise RuntimeError(f"Error reading {window} from {clean_href(self.url)!r}: {e!r}") from e
-
-    # -- the warped path ----------------------------------------------------------------------------------
-
-    def _open_warp(self, plan: _Warped) -> _Warp:
-        ds = self._open()
-        if plan.same_grid:
-            return _Warp(ds, None)
-        try:
-            with gdal_env(GDAL_OPEN_OPTIONS):
-                height, width = self.grid.shape
-                vrt = WarpedVRT(
-                    ds, sharing=False, resampling=Resampling.nearest, add_alpha=ds.nodata is None,
-                    crs=self.grid.epsg, transform=self.grid.transform, height=height, width=width,
-                )
-        except Exception:
-            ds.close()
-            raise
-        return _Warp(ds, vrt)
-
-    def _read_warped(self, plan: _Warped, window: Window) -> np.ndarray:
-        url = self.url
-        with HANDLES.use(("warp", url, self.grid), functools.partial(self._open_warp, plan)) as pair:
-            with gdal_env(GDAL_READ_OPTIONS):
-                src = pair.vrt if pair.vrt is not None else pair.ds
-                result = src.read(window=window, out_dtype=DTYPE, masked=True)
-        # Without a nodata value, pixels outside the file are 0 in the VRT: its alpha band says which are data.
-        if result.shape[0] == 2:
-            result = np.ma.masked_array(result[0], mask=result[1] == 0)
-        else:
-            result = result[0]
-        return np.ma.filled(result, fill_value=FILL).astype(DTYPE, copy=False)
 
     # -- the aligned path ---------------------------------------------------------------------------------
 
@@ -532,62 +443,167 @@ class AssetReader:
 
         def gdal(target: np.ndarray) -> None:
             with HANDLES.use(self.url, self._open) as ds:
-                self._read_tiles(plan, ds, sr0, sr1, sc0, sc1, target)
+                _read_gdal_tiles(self.url, plan, ds, sr0, sr1, sc0, sc1, target)
 
         out = _finish_aligned(plan, (h, w), inner, shift, gdal)
         return lambda: out
 
-    def _read_tiles(
-        self, plan: _Aligned, ds: Any, r0: int, r1: int, c0: int, c1: int, target: np.ndarray
-    ) -> None:
-        cache: TileCache = TILE_CACHE
-        if cache.max_bytes <= 0:
-            _gdal_read(ds, r0, r1, c0, c1, target)
-            return
-        tiles = window_tiles(r0, r1, c0, c1, plan.block)
-        shape = (plan.match.height, plan.match.width)
 
-        def extent(tile: tuple[int, int]) -> tuple[int, int, int, int]:
-            return tile_extent(tile, plan.block, shape)
+# -- an asset's path, from its header or opened by GDAL (AssetReader._decide) -------------------------------
 
-        def whole(tile: tuple[int, int]) -> bool:
-            """No other window of the output grid needs this tile: do not cache it."""
-            return not needed_elsewhere(extent(tile), plan.grid, r0, r1, c0, c1)
 
-        partial = [t for t in tiles if not whole(t)]
-        have, mine, pending = cache.claim([(self.url, *t) for t in partial])
-        try:
-            # ONE read for the whole tiles and the partial tiles nobody has: GDAL then fetches exactly their
-            # byte ranges (merged into few requests) and inflates each tile once.
-            todo = [t for t in tiles if whole(t)] + [key[1:] for key in mine]
-            if todo:
-                b_r0 = min(extent(t)[0] for t in todo)
-                b_r1 = max(extent(t)[1] for t in todo)
-                b_c0 = min(extent(t)[2] for t in todo)
-                b_c1 = max(extent(t)[3] for t in todo)
-                if not mine:  # whole tiles only: straight into the output (their part in the window)
-                    b_r0, b_r1, b_c0, b_c1 = max(b_r0, r0), min(b_r1, r1), max(b_c0, c0), min(b_c1, c1)
-                    _gdal_read(ds, b_r0, b_r1, b_c0, b_c1, target[b_r0 - r0 : b_r1 - r0, b_c0 - c0 : b_c1 - c0])
-                else:
-                    with scratch((b_r1 - b_r0, b_c1 - b_c0), plan.src_dtype) as buf:
-                        _gdal_read(ds, b_r0, b_r1, b_c0, b_c1, buf)
-                        paste(target, r0, c0, buf, b_r0, b_c0)
-                        for key in mine:
-                            t_r0, t_r1, t_c0, t_c1 = extent(key[1:])
-                            cache.store(key, buf[t_r0 - b_r0 : t_r1 - b_r0, t_c0 - b_c0 : t_c1 - b_c0])
-        finally:
-            cache.release(mine)  # no-op for the keys put
-        for key, arr in have.items():
-            t_r0, _, t_c0, _ = extent(key[1:])
-            paste(target, r0, c0, arr, t_r0, t_c0)
-        for key, event in pending.items():
-            event.wait()
-            t_r0, t_r1, t_c0, t_c1 = extent(key[1:])
-            got = cache.take(key)
-            if got is None:  # the other thread failed, or the tile was evicted already: read it here
-                got = np.empty((t_r1 - t_r0, t_c1 - t_c0), dtype=plan.src_dtype)
-                _gdal_read(ds, t_r0, t_r1, t_c0, t_c1, got)
-            paste(target, r0, c0, got, t_r0, t_c0)
+def _open(url: str) -> Any:
+    """The file opened by GDAL (rasterio) with the engine's open options."""
+    with gdal_env(GDAL_OPEN_OPTIONS):
+        return rasterio.open(url, sharing=False)
+
+
+def _plan_from_header(url: str, grid: OutputGrid) -> _Aligned | _Warped | None:
+    """The plan from the file's own header (one range request); None when GDAL must read this file."""
+    try:
+        layout = parse_cog(owntiles.Header(url).read)
+    except owntiles.NotCog:
+        return None
+    if layout is None:
+        return None
+    shape = (layout.height, layout.width)
+    src_dtype = np.dtype(layout.dtype)
+    if not np.can_cast(src_dtype, DTYPE, "safe"):
+        return None
+    nodata: int | None = None
+    if layout.nodata is not None:
+        if not float(layout.nodata).is_integer():
+            return None
+        nodata = int(layout.nodata)
+    match = match_grid(layout.transform, shape, layout.epsg, grid.transform, grid.epsg)
+    if match is None:
+        same = layout.epsg == grid.epsg and layout.transform == tuple(grid.transform)[:6] and shape == grid.shape
+        return _Warped(same_grid=bool(same))
+    return _Aligned(match, nodata, (layout.tile_height, layout.tile_width), src_dtype,
+                    _clip(match, grid.shape), layout)
+
+
+def _plan_for(ds: Any, url: str, grid: OutputGrid) -> _Aligned | _Warped:
+    """The plan from the file opened by GDAL: the aligned path where its pixels can be taken as they are."""
+    if ds.count != 1:
+        raise RuntimeError(
+            f"Assets must have exactly 1 band, but file {clean_href(url)!r} has {ds.count}; exclude "
+            "this asset (each band has to be a separate STAC asset)"
+        )
+    same = ds.crs is not None and ds.crs.to_epsg() == grid.epsg and ds.transform == grid.transform and (
+        ds.height, ds.width) == grid.shape
+    warped = _Warped(same_grid=bool(same))
+    if ds.driver not in _ALIGNED_DRIVERS:
+        return warped
+    src_dtype = np.dtype(ds.dtypes[0])
+    # Integer assets only: GDAL tests float nodata with a tolerance and clamps float -> int conversions.
+    if src_dtype.kind not in "ui" or not np.can_cast(src_dtype, DTYPE, "safe"):
+        return warped
+    flags = ds.mask_flag_enums[0]
+    nodata: int | None = None
+    if flags == [MaskFlags.nodata]:
+        if ds.nodata is None or not float(ds.nodata).is_integer():
+            return warped
+        nodata = int(ds.nodata)
+    elif flags != [MaskFlags.all_valid]:
+        return warped  # internal mask band or alpha: masked pixels are not a value test
+    if ds.crs is None:
+        return warped
+    match = match_grid(ds.transform, (ds.height, ds.width), ds.crs.to_epsg(), grid.transform, grid.epsg)
+    if match is None:
+        return warped
+    block = tuple(int(v) for v in ds.block_shapes[0])
+    return _Aligned(match, nodata, (block[0], block[1]), src_dtype, _clip(match, grid.shape))
+
+
+# -- reading through GDAL: the warped path, and the aligned path's tiles ---------------------------------------
+
+
+def _open_warp(url: str, grid: OutputGrid, plan: _Warped) -> _Warp:
+    """The file and, unless it is on the output grid already, its WarpedVRT onto it."""
+    ds = _open(url)
+    if plan.same_grid:
+        return _Warp(ds, None)
+    try:
+        with gdal_env(GDAL_OPEN_OPTIONS):
+            height, width = grid.shape
+            vrt = WarpedVRT(
+                ds, sharing=False, resampling=Resampling.nearest, add_alpha=ds.nodata is None,
+                crs=grid.epsg, transform=grid.transform, height=height, width=width,
+            )
+    except Exception:
+        ds.close()
+        raise
+    return _Warp(ds, vrt)
+
+
+def _read_warped(url: str, grid: OutputGrid, plan: _Warped, window: Window) -> np.ndarray:
+    """``window`` through GDAL's warper (nearest neighbour), :data:`FILL` where the file has no data."""
+    with HANDLES.use(("warp", url, grid), functools.partial(_open_warp, url, grid, plan)) as pair:
+        with gdal_env(GDAL_READ_OPTIONS):
+            src = pair.vrt if pair.vrt is not None else pair.ds
+            result = src.read(window=window, out_dtype=DTYPE, masked=True)
+    # Without a nodata value, pixels outside the file are 0 in the VRT: its alpha band says which are data.
+    if result.shape[0] == 2:
+        result = np.ma.masked_array(result[0], mask=result[1] == 0)
+    else:
+        result = result[0]
+    return np.ma.filled(result, fill_value=FILL).astype(DTYPE, copy=False)
+
+
+def _read_gdal_tiles(
+    url: str, plan: _Aligned, ds: Any, r0: int, r1: int, c0: int, c1: int, target: np.ndarray
+) -> None:
+    """The asset pixels [r0, r1) x [c0, c1) through GDAL into ``target``; tiles other windows need too go
+    through the tile cache (each fetched and inflated once)."""
+    cache: TileCache = TILE_CACHE
+    if cache.max_bytes <= 0:
+        _gdal_read(ds, r0, r1, c0, c1, target)
+        return
+    tiles = window_tiles(r0, r1, c0, c1, plan.block)
+    shape = (plan.match.height, plan.match.width)
+
+    def extent(tile: tuple[int, int]) -> tuple[int, int, int, int]:
+        return tile_extent(tile, plan.block, shape)
+
+    def whole(tile: tuple[int, int]) -> bool:
+        """No other window of the output grid needs this tile: do not cache it."""
+        return not needed_elsewhere(extent(tile), plan.grid, r0, r1, c0, c1)
+
+    partial = [t for t in tiles if not whole(t)]
+    have, mine, pending = cache.claim([(url, *t) for t in partial])
+    try:
+        # ONE read for the whole tiles and the partial tiles nobody has: GDAL then fetches exactly their
+        # byte ranges (merged into few requests) and inflates each tile once.
+        todo = [t for t in tiles if whole(t)] + [key[1:] for key in mine]
+        if todo:
+            b_r0 = min(extent(t)[0] for t in todo)
+            b_r1 = max(extent(t)[1] for t in todo)
+            b_c0 = min(extent(t)[2] for t in todo)
+            b_c1 = max(extent(t)[3] for t in todo)
+            if not mine:  # whole tiles only: straight into the output (their part in the window)
+                b_r0, b_r1, b_c0, b_c1 = max(b_r0, r0), min(b_r1, r1), max(b_c0, c0), min(b_c1, c1)
+                _gdal_read(ds, b_r0, b_r1, b_c0, b_c1, target[b_r0 - r0 : b_r1 - r0, b_c0 - c0 : b_c1 - c0])
+            else:
+                with scratch((b_r1 - b_r0, b_c1 - b_c0), plan.src_dtype) as buf:
+                    _gdal_read(ds, b_r0, b_r1, b_c0, b_c1, buf)
+                    paste(target, r0, c0, buf, b_r0, b_c0)
+                    for key in mine:
+                        t_r0, t_r1, t_c0, t_c1 = extent(key[1:])
+                        cache.store(key, buf[t_r0 - b_r0 : t_r1 - b_r0, t_c0 - b_c0 : t_c1 - b_c0])
+    finally:
+        cache.release(mine)  # no-op for the keys put
+    for key, arr in have.items():
+        t_r0, _, t_c0, _ = extent(key[1:])
+        paste(target, r0, c0, arr, t_r0, t_c0)
+    for key, event in pending.items():
+        event.wait()
+        t_r0, t_r1, t_c0, t_c1 = extent(key[1:])
+        got = cache.take(key)
+        if got is None:  # the other thread failed, or the tile was evicted already: read it here
+            got = np.empty((t_r1 - t_r0, t_c1 - t_c0), dtype=plan.src_dtype)
+            _gdal_read(ds, t_r0, t_r1, t_c0, t_c1, got)
+        paste(target, r0, c0, got, t_r0, t_c0)
 
 
 class Finish:
