@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import os
+import posixpath
 import re
 import shutil
 import threading
@@ -1424,10 +1425,37 @@ def remove_in_store(loc: Location, sub: str) -> None:
         doomed = [p for p in fs.find(path) if p == path or p.startswith(path + "/")]
         if doomed:
             fs.rm(doomed)
+            _remove_kept_folders(fs, path, doomed)
     except FileNotFoundError:
         return
     except Exception as exc:
         raise storage_error(exc, loc, "cleaning up") from None
+
+
+def _remove_kept_folders(fs: Any, path: str, removed: Sequence[str]) -> None:
+    """Remove the folders an object store kept for the prefix ``path`` once its objects are gone.
+
+    S3 servers backed by a file system (SeaweedFS: directories are entries of its filer) keep a folder for every
+    prefix that held objects, and list it. Left at a cube's root, ``zarr``/``xarray`` opening the cube without
+    consolidated metadata warn ``Object at .ndvi-scale is not recognized as a component of a Zarr hierarchy``.
+    Such a folder goes with a DELETE of ``<prefix>/`` once it is empty, so deepest first. On a store that keeps
+    no folders (AWS S3, GCS) the prefix is gone with its objects: one listing, nothing deleted."""
+    fs.invalidate_cache()
+    parent = posixpath.dirname(path)
+    if not any(p.rstrip("/") == path for p in fs.ls(parent, detail=False)):
+        return
+    folders = {path}
+    for p in removed:
+        d = posixpath.dirname(p)
+        while d.startswith(path + "/"):
+            folders.add(d)
+            d = posixpath.dirname(d)
+    for folder in sorted(folders, key=lambda f: -f.count("/")):
+        try:
+            fs.rm_file(folder + "/")
+        except FileNotFoundError:
+            pass
+    fs.invalidate_cache()
 
 
 def write_stac_item(loc: Location, fmt: int, fingerprint: str) -> str:
