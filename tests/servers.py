@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HOST = "127.0.0.1"
-# Volumes a SeaweedFS test server may hold: one per bucket (a full run makes ~20 per worker); 16 MB and sparse, so
-# the number does not depend on the free disk.
+# Volumes a SeaweedFS test server may hold: one per bucket (a full run made 9-10 per worker); 16 MB and sparse,
+# so the number does not depend on the free disk.
 SEAWEEDFS_VOLUMES = 400
 
 #: Test-only S3 identity configured into the SeaweedFS instance (tests/conftest.py).

@@ -1440,7 +1440,7 @@ def _remove_kept_folders(fs: Any, path: str, removed: Sequence[str]) -> None:
     consolidated metadata warn ``Object at .ndvi-scale is not recognized as a component of a Zarr hierarchy``.
     Such a folder goes with a DELETE of ``<prefix>/`` once it is empty, so deepest first. On a store that keeps
     no folders (AWS S3, GCS) the prefix is gone with its objects: one listing, nothing deleted."""
-    fs.invalidate_cache()
+    fs.invalidate_cache(path)  # the prefix and its parents: the listing below asks the store again
     parent = posixpath.dirname(path)
     if not any(p.rstrip("/") == path for p in fs.ls(parent, detail=False)):
         return
@@ -1455,7 +1455,7 @@ def _remove_kept_folders(fs: Any, path: str, removed: Sequence[str]) -> None:
             fs.rm_file(folder + "/")
         except FileNotFoundError:
             pass
-    fs.invalidate_cache()
+    fs.invalidate_cache(path)
 
 
 def write_stac_item(loc: Location, fmt: int, fingerprint: str) -> str:

@@ -231,7 +231,6 @@ class AssetReader:
         self._expected = tuple(sorted({(int(w.row_off), int(w.row_off + w.height), int(w.col_off),
                                         int(w.col_off + w.width)) for w in windows}))
 
-
     @property
     def fast(self) -> bool | None:
         """True if reads take the aligned path, False if the warped one, None before the first read."""
