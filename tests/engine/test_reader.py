@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import threading
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -169,6 +170,31 @@ def test_reader_is_made_once_per_process_and_knows_its_extent(sample):
     whole = r.read(Window(0, 0, width, height), FAST_POLICY)
     assert (whole[r0:r1, c0:c1] != 0).any() and not whole[:r0].any() and not whole[r1:].any()
     assert not whole[:, :c0].any() and not whole[:, c1:].any()
+
+
+def test_open_ahead_submits_an_open_once_until_it_is_done(sample):
+    spec, catalog = sample
+    items, grid = items_and_grid(catalog, bboxes(spec)["partly-outside"])
+    r = AssetReader(items[0].bands["red"].href, grid)
+    submitted: list[Future] = []
+
+    class Pool:  # holds the opens instead of running them: a queue of header reads not answered yet
+        def submit(self, fn, *args):
+            fut: Future = Future()
+            fut.fn = fn  # type: ignore[attr-defined]
+            submitted.append(fut)
+            return fut
+
+    r.open_ahead(Pool())
+    r.open_ahead(Pool())  # the period's sources ask again (this period, then as the next one's)
+    assert len(submitted) == 1 and r.fast is None
+    submitted[0].set_result(None)  # an open that ended without a plan (it failed): the next call tries again
+    r.open_ahead(Pool())
+    assert len(submitted) == 2
+    submitted[1].set_result(submitted[1].fn())  # the open itself, run
+    assert r.fast is True
+    r.open_ahead(Pool())
+    assert len(submitted) == 2  # open: nothing to do
 
 
 def test_missing_asset_fails_naming_it_or_is_skipped(sample, tmp_path):

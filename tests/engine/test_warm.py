@@ -44,6 +44,18 @@ def test_warm_submits_the_leading_reads_of_a_unit_within_its_limit() -> None:
     assert w.claim(("key", 0), _never).result() == 0
 
 
+def test_a_later_warm_with_a_larger_limit_continues_where_the_first_stopped() -> None:
+    w = WarmReads(budget=1000)
+    log: list[int] = []
+    assert w.warm("u", _reads([10, 10, 10, 10, 10], log), limit=20)  # reads 0 and 1
+    assert not w.warm("u", _reads([10, 10, 10, 10, 10], log), limit=20)  # the same total: nothing more
+    assert w.warm("u", _reads([10, 10, 10, 10, 10], log), limit=40)  # 2 and 3 follow, never 0 and 1 again
+    [w.claim(("key", k), _never).result() for k in range(4)]
+    assert sorted(log) == [0, 1, 2, 3] and w.warmed == 4 and w.claim(("key", 4), _never) is None
+    w.started("u")
+    assert not w.warm("u", _reads([10, 10, 10, 10, 10], log), limit=80)  # its task has started
+
+
 def test_warm_never_twice_never_a_started_unit_never_beyond_the_budget() -> None:
     w = WarmReads(budget=30)
     log: list[int] = []

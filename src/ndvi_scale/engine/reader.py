@@ -43,6 +43,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +57,7 @@ from ..errors import ReadError, exception_chain
 from ..faults import AssetFault, AssetReadError, ReadPolicy, SkippedAssetWarning, clean_href, error_text
 from . import owntiles, ranges
 from .cog import CogLayout, parse_cog
-from .fetch import PoolClosed
+from .fetch import LazyPool, PoolClosed
 from .grid import OutputGrid
 from .handles import GDAL_OPEN_OPTIONS, GDAL_READ_OPTIONS, HANDLES, gdal_env
 from .tiles import (
@@ -223,6 +224,7 @@ class AssetReader:
         self._plan: _Aligned | _Warped | None = None
         self._lock = threading.Lock()
         self._expected: tuple[Box, ...] | None = None
+        self._opening: Future[Any] | None = None
 
     def expect(self, windows: Iterable[Window]) -> None:
         """The windows (of the output grid) the tasks of this run read the asset on, as far as this process knows:
@@ -272,6 +274,16 @@ class AssetReader:
         except Exception:
             return None
         return plan.match.extent if isinstance(plan, _Aligned) else None
+
+    def open_ahead(self, pool: LazyPool) -> None:
+        """Open the asset in ``pool`` (its header read: a round trip), without waiting, unless it is open or an
+        earlier call's open has not finished: the period's sources ask for every asset several times (for this
+        period and as the next one), and a queue of opens already made would hold up the header reads still
+        needed behind them."""
+        opening = self._opening
+        if self._plan is not None or (opening is not None and not opening.done()):
+            return
+        self._opening = pool.submit(self.coverage)
 
     # -- deciding -----------------------------------------------------------------------------------------
 

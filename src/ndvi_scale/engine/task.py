@@ -30,7 +30,7 @@ from .owntiles import DECODE_POOL, gather
 from .reader import reader_for
 from .sources import AssetSource, ItemSource
 from .tiles import RESULTS, SCRATCH, TILE_CACHE, WINDOWS, ScratchPool, populate
-from .warm import WARM, on_cluster
+from .warm import WARM, WARM_CHUNK_BYTES, on_cluster
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def prefetch(sources: Sequence[ItemSource], grid: OutputGrid, slices: Sequence[t
     for src in sources:
         if any(src.red.reaches(*s) and src.nir.reaches(*s) for s in slices):
             for a in src.assets:
-                PREFETCH_POOL.submit(reader_for(a.href, grid).coverage)
+                reader_for(a.href, grid).open_ahead(PREFETCH_POOL)
 
 
 #: Most bytes of day layers one task holds at once: a (period, chunk) whose days x rows x cols x 4 B exceed it is
@@ -299,10 +299,14 @@ def expect_reads(period: PeriodReads) -> None:
         reader_for(href, settings.grid).expect(wins)
 
 
-def warm_next(period: PeriodReads, limit_chunks: int = 4, *, decode: bool = False) -> int:
+def warm_next(period: PeriodReads, limit_chunks: int = 4, *, decode: bool = False, chunk_bytes: int | None = None
+              ) -> int:
     """Warm the first reads of up to ``limit_chunks`` chunks that have not started: this period's, and once every
     chunk of this period has started, the next period's (:mod:`.warm`; nothing on a distributed worker). Returns
     the number of chunks warmed.
+
+    ``chunk_bytes``: what is warmed of each chunk in all (default :data:`~.warm.WARM_CHUNK_BYTES`); a chunk warmed
+    before gets the reads that follow those, up to that total.
 
     ``decode``: also decode each warmed read as soon as its bytes are in (the window its task will fold),
     for when no task runs yet (:func:`~.graph.start_reading`, while the cube's template is written): a core
@@ -321,8 +325,6 @@ def warm_next(period: PeriodReads, limit_chunks: int = 4, *, decode: bool = Fals
             break
         pending = [(i, j, s) for i, j, s in p.windows if not WARM.has_started((p.run, p.t, i, j))]
         for i, j, slices in pending[: limit_chunks - warmed]:
-            if WARM.knows((p.run, p.t, i, j)):  # warmed already (by another task): warm() would refuse it
-                continue
             # The reads of its first strip: what its task reads first (a chunk of many days is composited
             # in strips, whose windows are the strip's rows).
             first = (_strips(len(p.day_numbers), slices)[0], slices[1])
@@ -332,18 +334,23 @@ def warm_next(period: PeriodReads, limit_chunks: int = 4, *, decode: bool = Fals
                                         window_of(a), settings.policy),
                       reader_for(a.href, settings.grid).cost(window_of(a)))
                      for _, a in jobs]
-            if WARM.warm((p.run, p.t, i, j), reads):
+            if WARM.warm((p.run, p.t, i, j), reads, WARM_CHUNK_BYTES if chunk_bytes is None else chunk_bytes):
                 warmed += 1
         if pending:
             break
     return warmed
 
 
+#: What is warmed of each next chunk in all once a task has submitted its last read (a chunk warmed at the start
+#: of the run gets as much again, raw): the reads its task folds while its own first reads make their round trip.
+WARM_ON_STARTED = 2 * WARM_CHUNK_BYTES
+
+
 def _warm_quietly(period: PeriodReads) -> None:
     """:func:`warm_next`, whose failure (a header not readable yet, say) must not fail the task that warms: the
     chunk's own task meets the same error when it reads, under the read policy."""
     try:
-        warm_next(period)
+        warm_next(period, chunk_bytes=WARM_ON_STARTED)
     except Exception as e:  # noqa: BLE001 - an optimisation; the reads themselves report errors
         log.debug("warming the next chunks failed: %s", e)
 

@@ -68,7 +68,8 @@ class WarmReads:
         self._lock = threading.Lock()
         self._reads: OrderedDict[Hashable, tuple[Future[Any], int, float]] = OrderedDict()
         self._held = 0
-        self._units: OrderedDict[Hashable, bool] = OrderedDict()  # True: started, False: warmed, not started
+        # per unit: _STARTED, or the bytes warmed for it so far (its task has not started)
+        self._units: OrderedDict[Hashable, int] = OrderedDict()
         self.claimed = 0
         self.warmed = 0
         self.failed = 0
@@ -76,18 +77,13 @@ class WarmReads:
     def started(self, unit: Hashable) -> None:
         """``unit``'s task has started: never warm it from now on."""
         with self._lock:
-            self._units[unit] = True
+            self._units[unit] = _STARTED
             self._trim_units()
-
-    def knows(self, unit: Hashable) -> bool:
-        """Whether ``unit`` was warmed or its task started in this process."""
-        with self._lock:
-            return unit in self._units
 
     def has_started(self, unit: Hashable) -> bool:
         """Whether ``unit``'s task has started in this process."""
         with self._lock:
-            return self._units.get(unit, False)
+            return self._units.get(unit) == _STARTED
 
     def claim(self, key: Hashable, again: Callable[[], Future[Any]]) -> Future[Any] | None:
         """The warmed read of ``key`` (removed from the registry), or None. If the warmed read fails (it made one
@@ -127,27 +123,30 @@ class WarmReads:
         reads: Sequence[tuple[Hashable, Callable[[], Any], int]],
         limit: int = WARM_CHUNK_BYTES,
     ) -> bool:
-        """Submit the leading ``reads`` (``(key, read, cost)``) of ``unit`` up to ``limit`` bytes (at least one)
-        while the registry holds less than its budget. Returns False when ``unit`` was started or warmed before,
-        or the budget is full."""
+        """Submit the leading ``reads`` (``(key, read, cost)``) of ``unit`` not warmed yet, until what was warmed
+        for ``unit`` in all reaches ``limit`` bytes (at least one read), while the registry holds less than its
+        budget: a later call with a larger ``limit`` continues where an earlier one stopped. Returns whether
+        anything was submitted (never once ``unit``'s task has started, nor when the budget is full)."""
         now = time.monotonic()
         with self._lock:
             self._expire(now)
-            if unit in self._units or self._held >= self.budget or self.budget <= 0:
+            so_far = self._units.get(unit, 0)
+            if so_far == _STARTED or self._held >= self.budget or self.budget <= 0:
                 return False
-            self._units[unit] = False
-            self._trim_units()
             taken = 0
             for key, read, cost in reads:
                 if key in self._reads:
                     continue
-                if taken and (taken + cost > limit or self._held + cost > self.budget):
+                if so_far + taken and (so_far + taken + cost > limit or self._held + cost > self.budget):
                     break
                 self._reads[key] = (POOL.submit(read), cost, now)
                 self._held += cost
                 taken += cost
                 self.warmed += 1
-            return True
+            if taken or unit not in self._units:
+                self._units[unit] = so_far + taken
+                self._trim_units()
+            return taken > 0
 
     def clear(self) -> None:
         """Drop every unclaimed read, forget every unit and zero the counters (tests; between runs of a notebook)."""
@@ -172,6 +171,8 @@ class WarmReads:
         while len(self._units) > 100_000:  # a long-lived worker: forget the oldest runs' chunks
             self._units.popitem(last=False)
 
+
+_STARTED = -1  # a unit whose task has started, in WarmReads._units
 
 #: This process's warmed reads.
 WARM = WarmReads()
