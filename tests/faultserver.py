@@ -12,7 +12,8 @@ re-read whenever the file changes, so a test can break and repair files while th
 
 * ``match``: substring of the request path the rule applies to (first matching rule wins).
 * ``fault``:
-  - ``status``: answer ``code`` (default 500) with a short body, like an overloaded object store;
+  - ``status``: answer ``code`` (default 500) with a short body, like an overloaded object store (with a
+    ``Retry-After: retry_after`` header when the rule has one);
   - ``hang``: wait ``seconds`` (default 60) before answering normally: the client must time out;
   - ``drop``: send the status line, headers and half of the body, then close the connection;
   - ``truncate``: serve the file as if only its first ``fraction`` (default 0.5) had been uploaded, honestly
@@ -87,8 +88,10 @@ def make_handler(root: Path, rules: Rules, log_path: Path) -> type[http.server.B
             with _LOCK:
                 log_file.write(json.dumps(entry) + "\n")
 
-        def _plain(self, status: int, body: bytes, fault: str | None) -> None:
+        def _plain(self, status: int, body: bytes, fault: str | None, retry_after: object = None) -> None:
             self.send_response(status)
+            if retry_after is not None:
+                self.send_header("Retry-After", str(retry_after))
             self.send_header("Content-Type", "text/plain")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -112,7 +115,8 @@ def make_handler(root: Path, rules: Rules, log_path: Path) -> type[http.server.B
             rule = rules.pick(url.path)
             kind = rule["fault"] if rule else None
             if kind == "status":
-                self._plain(int(rule.get("code", 500)), b"injected failure", kind)  # type: ignore[union-attr]
+                self._plain(int(rule.get("code", 500)), b"injected failure", kind,  # type: ignore[union-attr]
+                            retry_after=rule.get("retry_after"))  # type: ignore[union-attr]
                 return
             if kind == "require" and rule["param"] not in url.query:  # type: ignore[index]
                 self._plain(403, b"AuthenticationFailed: signature expired", kind)

@@ -73,7 +73,8 @@ def stac_timeout() -> tuple[float, float]:
     return (CONNECT_TIMEOUT, READ_TIMEOUT)
 
 
-def _capped_retry_class() -> type:
+def capped_retry_class() -> type:
+    """urllib3's ``Retry`` whose wait for a server's ``Retry-After`` is capped at :data:`RETRY_AFTER_MAX`."""
     from urllib3.util.retry import Retry
 
     class CappedRetry(Retry):
@@ -93,7 +94,7 @@ def stac_retry() -> Any:
     caller reports the real status and body (pystac-client turns it into an ``APIError``) instead of "too many
     retries".
     """
-    cls = _capped_retry_class()
+    cls = capped_retry_class()
     kwargs: dict[str, Any] = dict(
         total=MAX_ATTEMPTS - 1,
         connect=CONNECT_RETRIES,

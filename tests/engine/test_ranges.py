@@ -87,6 +87,22 @@ def test_transient_status_is_retried(server: Server) -> None:
     assert bytes(ranges.fetch(f"{server.endpoint}/f.tif", [(0, 64)])[0]) == DATA[:64]
 
 
+@pytest.mark.parametrize("userinfo", ["", "reader:secret@"])  # credentials in the URL: read through urllib3
+def test_a_long_retry_after_is_capped_on_both_paths(server: Server, monkeypatch: pytest.MonkeyPatch,
+                                                   userinfo: str) -> None:
+    from ndvi_scale import http
+
+    monkeypatch.setattr(ranges, "RETRY_AFTER_MAX", 0.2)  # the lean path's cap
+    monkeypatch.setattr(http, "RETRY_AFTER_MAX", 0.2)  # urllib3's (CappedRetry reads it when it waits)
+    rules(server, [{"match": "/f.tif", "fault": "status", "code": 503, "times": 1, "retry_after": 30}])
+    t0 = time.monotonic()
+    url = server.endpoint.replace("http://", f"http://{userinfo}") + "/f.tif"
+    assert bytes(ranges.fetch(url, [(0, 64)])[0]) == DATA[:64]
+    assert time.monotonic() - t0 < 10  # asked again after the cap, not after the server's 30 s
+    time.sleep(0.1)  # the server logs a request after answering it
+    assert sorted(e["status"] for e in log(server)[-2:]) == [206, 503]
+
+
 def test_error_status_uses_gdal_wording(server: Server) -> None:
     rules(server, [{"match": "/f.tif", "fault": "status", "code": 500, "times": -1}])
     with pytest.raises(OSError, match="HTTP response code: 500"):

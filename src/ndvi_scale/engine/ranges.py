@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from ..http import BACKOFF_MAX, RETRY_AFTER_MAX, gdal_retry_options
+from ..http import BACKOFF_MAX, RETRY_AFTER_MAX, capped_retry_class, gdal_retry_options
 from . import httpget
 from .fetch import LazyPool
 
@@ -157,10 +157,12 @@ def _pool() -> tuple[Any, _Settings]:
                 connect_timeout=float(opts["GDAL_HTTP_CONNECTTIMEOUT"]),
                 read_timeout=float(opts["GDAL_HTTP_TIMEOUT"]),
             )
-            retry = urllib3.util.Retry(
+            # the lean path's caps too (_backoff, _retry_after): urllib3's own are 120 s and none
+            retry = capped_retry_class()(
                 total=settings.retries,
                 status_forcelist=sorted(settings.codes),
                 backoff_factor=settings.delay,
+                backoff_max=BACKOFF_MAX,
                 allowed_methods=None,
                 raise_on_status=False,
                 respect_retry_after_header=True,
