@@ -6,9 +6,10 @@ period boundary for all of them at once. So the first reads of the chunks that h
 early, by the tasks already running, into this process's :data:`WARM` registry; a task claims them as it reaches
 them: the same fetch its own ``reader.start(window, policy)`` would have made, so the results are the same. A
 warmed read makes one attempt, outside the read policy; if it fails, the task makes the read again itself, under
-the policy (retries, records, skipping), as if nothing had been warmed. What is warmed is bounded
-(:data:`WARM_CHUNK_BYTES` per chunk, :data:`WARM_BYTES` in all, entries older than :data:`WARM_TTL` dropped), and
-nothing is warmed in a distributed worker, where the chunk may run elsewhere.
+the policy (retries, records, skipping), as if nothing had been warmed. What is warmed is bounded (per chunk by
+the caller's limit: :data:`WARM_CHUNK_BYTES` at the start of a run, more once the task before it has submitted its
+reads; :data:`WARM_BYTES` in all; entries older than :data:`WARM_TTL` dropped), and nothing is warmed in a
+distributed worker, where the chunk may run elsewhere.
 """
 
 from __future__ import annotations
