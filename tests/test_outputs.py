@@ -60,6 +60,16 @@ def _open(path: Path) -> xr.Dataset:
 # ------------------------------------------------------------------------------------------------ STAC
 
 
+def test_prepare_stac_item_loads_what_checking_the_item_needs() -> None:
+    # a fresh process: pystac's extension modules are imported by the first Item.from_dict, not by import
+    code = ("import sys; from ndvi_scale.write import prepare_stac_item; "
+            "mods = ('pystac.extensions.projection', 'pystac.extensions.datacube'); "
+            "print(any(m in sys.modules for m in mods)); prepare_stac_item().join(); "
+            "print(all(m in sys.modules for m in mods))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True"]
+
+
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_stac_item_is_valid_raw_json(cubes: dict[str, Path], kind: str, tmp_path: Path) -> None:
     item_path = Path(str(cubes[kind]) + ".stac-item.json")
