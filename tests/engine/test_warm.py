@@ -52,7 +52,9 @@ def test_a_later_warm_with_a_larger_limit_continues_where_the_first_stopped() ->
     assert w.warm("u", _reads([10, 10, 10, 10, 10], log), limit=40)  # 2 and 3 follow, never 0 and 1 again
     [w.claim(("key", k), _never).result() for k in range(4)]
     assert sorted(log) == [0, 1, 2, 3] and w.warmed == 4 and w.claim(("key", 4), _never) is None
+    assert w.has_room("u", 40) and not w.has_room("u", 30) and w.has_room("v", 0)  # at the limit: no-cost reads
     w.started("u")
+    assert not w.has_room("u", 80)
     assert not w.warm("u", _reads([10, 10, 10, 10, 10], log), limit=80)  # its task has started
 
 

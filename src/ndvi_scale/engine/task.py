@@ -319,12 +319,15 @@ def warm_next(period: PeriodReads, limit_chunks: int = 4, *, decode: bool = Fals
     if WARM.budget <= 0 or on_cluster():
         return 0
     settings = period.settings
+    limit = WARM_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     warmed = 0
     for p in (period, period.next):
         if p is None or warmed >= limit_chunks:
             break
         pending = [(i, j, s) for i, j, s in p.windows if not WARM.has_started((p.run, p.t, i, j))]
         for i, j, slices in pending[: limit_chunks - warmed]:
+            if not WARM.has_room((p.run, p.t, i, j), limit):  # warmed as far already (by another task)
+                continue
             # The reads of its first strip: what its task reads first (a chunk of many days is composited
             # in strips, whose windows are the strip's rows).
             first = (_strips(len(p.day_numbers), slices)[0], slices[1])
@@ -334,7 +337,7 @@ def warm_next(period: PeriodReads, limit_chunks: int = 4, *, decode: bool = Fals
                                         window_of(a), settings.policy),
                       reader_for(a.href, settings.grid).cost(window_of(a)))
                      for _, a in jobs]
-            if WARM.warm((p.run, p.t, i, j), reads, WARM_CHUNK_BYTES if chunk_bytes is None else chunk_bytes):
+            if WARM.warm((p.run, p.t, i, j), reads, limit):
                 warmed += 1
         if pending:
             break

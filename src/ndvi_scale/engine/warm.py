@@ -89,6 +89,15 @@ class WarmReads:
         with self._lock:
             return self._units.get(unit) == _STARTED
 
+    def has_room(self, unit: Hashable, limit: int) -> bool:
+        """Whether :meth:`warm` could submit anything for ``unit`` under ``limit`` (so its reads need be listed at
+        all): its task has not started, what was warmed for it has not passed ``limit`` (at ``limit``, reads of no
+        cost may still follow), and the budget is not full."""
+        with self._lock:
+            self._expire(time.monotonic())
+            so_far = self._units.get(unit, 0)
+            return so_far != _STARTED and so_far <= limit and self._held < self.budget
+
     def claim(self, key: Hashable, again: Callable[[], Future[Any]]) -> Future[Any] | None:
         """The warmed read of ``key`` (removed from the registry), or None. If the warmed read fails (it made one
         attempt, outside the read policy), the returned future gets the result of ``again()`` instead: the
