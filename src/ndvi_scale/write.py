@@ -119,6 +119,8 @@ PROJECTION_EXT = "https://stac-extensions.github.io/projection/v2.0.0/schema.jso
 XARRAY_ASSETS_EXT = "https://stac-extensions.github.io/xarray-assets/v1.0.0/schema.json"
 PROCESSING_EXT = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
 DATACUBE_EXT = "https://stac-extensions.github.io/datacube/v2.3.0/schema.json"
+#: The extensions the cube's STAC item declares (:func:`stac_item_dict`), in its order.
+STAC_ITEM_EXTENSIONS = (PROJECTION_EXT, DATACUBE_EXT, XARRAY_ASSETS_EXT, PROCESSING_EXT)
 #: Compression of the chunks of a new cube (``codec=``/``--codec``); see :func:`compressors`.
 CODECS = ("zstd", "zlib", "lz4", "none")
 DEFAULT_CODEC = "zstd"
@@ -1472,7 +1474,7 @@ def prepare_stac_item() -> threading.Thread:
             pystac.Item.from_dict({
                 "type": "Feature", "stac_version": "1.1.0", "id": "warm-up", "geometry": None, "links": [],
                 "assets": {}, "properties": {"datetime": "2024-01-01T00:00:00Z"},
-                "stac_extensions": [PROJECTION_EXT, DATACUBE_EXT, XARRAY_ASSETS_EXT, PROCESSING_EXT],
+                "stac_extensions": list(STAC_ITEM_EXTENSIONS),
             })
         except Exception as e:  # noqa: BLE001 - an optimisation only
             log.debug("loading pystac ahead of the STAC item failed: %s", e)
@@ -1871,12 +1873,7 @@ def stac_item_dict(
     return {
         "type": "Feature",
         "stac_version": "1.1.0",
-        "stac_extensions": [
-            PROJECTION_EXT,
-            DATACUBE_EXT,
-            XARRAY_ASSETS_EXT,
-            PROCESSING_EXT,
-        ],
+        "stac_extensions": list(STAC_ITEM_EXTENSIONS),
         "id": item_id,
         "geometry": geometry,
         "bbox": [round(v, 7) for v in bbox],
