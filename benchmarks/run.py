@@ -228,6 +228,11 @@ def _run_contender(
     meta = {
         "proc_wall": proc_wall,
         "cpu": usage.ru_utime + usage.ru_stime,
+        # the kernel's share: mostly page faults of fresh memory, whose cost swings with the machine (in a VM
+        # whose host takes back what its guest frees, 0.05-2.7 s per GiB first touched, from one process to the
+        # next on session 21's), and grows with the contender's peak RSS
+        "sys_cpu": usage.ru_stime,
+        "minflt": usage.ru_minflt,
         # ru_maxrss of a child starts at the harness's own high-water mark (Linux keeps it through fork and
         # exec): the contender's VmHWM, when it reports it, is its own peak
         "maxrss_mb": res.get("vm_hwm_mb") or usage.ru_maxrss / 1024,
@@ -673,13 +678,15 @@ def main() -> int:
                             done.setdefault((name, method), []).append((result, meta, out))
                             if args.repeat > 1:
                                 print(f"  round {r + 1}: {LABELS[name]} {method} wall {result['wall']:.2f} s "
-                                      f"cpu {meta['cpu']:.1f} s", flush=True)
+                                      f"cpu {meta['cpu']:.1f} s (sys {meta['sys_cpu']:.1f} s, "
+                                      f"{meta['minflt'] / 1000:.0f}k page faults)", flush=True)
                     for name, method in jobs:
                         tries = sorted(done[(name, method)], key=lambda t: t[0]["wall"])
                         result, meta, out = tries[(len(tries) - 1) // 2]  # the median run (the lower of two)
                         result["dates"] = dates
                         if len(tries) > 1:
                             result["walls"] = [t[0]["wall"] for t in done[(name, method)]]
+                            result["sys_cpus"] = [t[1]["sys_cpu"] for t in done[(name, method)]]
                         o = Outcome(
                             name,
                             LABELS[name],
@@ -743,6 +750,7 @@ def main() -> int:
                         note = f"each row of {', '.join(sorted({o.label for o in reps}))}: the median of " + (
                             f"{args.repeat} runs in interleaved rounds; their wall times: "
                             + "; ".join(f"{o.label} {o.method} " + ", ".join(f"{w:.2f}" for w in o.result["walls"])
+                                        + " (sys CPU " + ", ".join(f"{c:.1f}" for c in o.result["sys_cpus"]) + ")"
                                         for o in reps)
                         )
                         extra = f"{extra}\n\n{note}" if extra else note
