@@ -166,28 +166,6 @@ def _warm_page_cache(catalog: Path, root: Path, url: str) -> None:
                     pass
 
 
-#: What :func:`_first_touch` maps: enough huge pages to average over, little next to the contenders' runs.
-FIRST_TOUCH_MB = 256
-
-
-def _first_touch() -> float:
-    """Seconds per GiB a new process takes to touch fresh memory for the first time (:data:`FIRST_TOUCH_MB`).
-
-    The kernel zeroes each new page; on a bare machine that is ~0.05 s/GiB. In a VM whose host takes back the
-    memory its guest frees (free page reporting, ballooning) every fresh page also faults in the host: on the
-    machine of session 21 the same touch took 0.05-2.7 s/GiB from one process to the next. A contender with a
-    1.2 GB peak then pays anywhere between nothing and seconds of CPU for the same work, and the ratios move
-    with it: printed beside each table so that a slow spell shows.
-    """
-    code = (
-        "import time, numpy as np\n"
-        f"a = np.empty({FIRST_TOUCH_MB} << 20, np.uint8)\n"
-        "t = time.perf_counter(); a[::4096] = 1; print(time.perf_counter() - t)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return float(out) * 1024 / FIRST_TOUCH_MB
-
-
 def _first_offset(path: str, level: int) -> int:
     import rasterio
 
@@ -650,7 +628,6 @@ def main() -> int:
                         "inflight": args.inflight,
                     }
                     _warm_page_cache(cat, root, srv.url)  # else the first contender alone reads from disk
-                    touch_before = _first_touch()
                     names = (
                         contenders
                         if n_dates == runs[0]
@@ -754,11 +731,6 @@ def main() -> int:
                                         for o in reps)
                         )
                         extra = f"{extra}\n\n{note}" if extra else note
-                    note = (
-                        f"fresh memory before / after these runs: {touch_before:.2f} / {_first_touch():.2f} s per "
-                        f"GiB first touched by a new process (~0.05 where the host does not take freed memory back)"
-                    )
-                    extra = f"{extra}\n\n{note}" if extra else note
                     checks = "; ".join(f"{o.label}: {', '.join(o.checks)}" for o in run_outcomes if o.checks)
                     block = (
                         f"### {_lat_label(latency)}{n_dates} dates ({n_items} items), "
