@@ -774,7 +774,10 @@ def test_sigkill_inside_a_chunk_write_leaves_a_partial_file_that_the_resume_remo
     assert proc.returncode == -signal.SIGKILL, out.decode(errors="replace")
     leftovers = sorted(Path(url).rglob("*.partial"))
     assert leftovers, "the kill inside a chunk write left no temporary file: the test no longer reproduces"
-    assert all(p.relative_to(url).parts[:2] == ("ndvi", "c") for p in leftovers)
+    # The hook's own half-written ndvi chunk is among them; a write another thread had under way at the kill (a
+    # valid_count chunk of the other region, a metadata file) may have left its own: the resume removes them all.
+    where = [p.relative_to(url).parts for p in leftovers]
+    assert any(parts[:2] == ("ndvi", "c") for parts in where), where
 
     report = _write_run(url, mode)
     assert report.resumed and 0 < report.regions_written < TOTAL_REGIONS
