@@ -299,13 +299,13 @@ def expect_reads(period: PeriodReads) -> None:
         reader_for(href, settings.grid).expect(wins)
 
 
-def warm_next(period: PeriodReads, limit_chunks: int = 4, *, decode: bool = False, chunk_bytes: int | None = None
-              ) -> int:
+def warm_next(period: PeriodReads, limit_chunks: int = 4, *, decode: bool = False,
+              chunk_bytes: int = WARM_CHUNK_BYTES) -> int:
     """Warm the first reads of up to ``limit_chunks`` chunks that have not started: this period's, and once every
     chunk of this period has started, the next period's (:mod:`.warm`; nothing on a distributed worker). Returns
     the number of chunks warmed.
 
-    ``chunk_bytes``: what is warmed of each chunk in all (default :data:`~.warm.WARM_CHUNK_BYTES`); a chunk warmed
+    ``chunk_bytes``: what is warmed of each chunk in all (:data:`~.warm.WARM_CHUNK_BYTES` by default); a chunk warmed
     before gets the reads that follow those, up to that total.
 
     ``decode``: also decode each warmed read as soon as its bytes are in (the window its task will fold),
@@ -319,14 +319,13 @@ def warm_next(period: PeriodReads, limit_chunks: int = 4, *, decode: bool = Fals
     if WARM.budget <= 0 or on_cluster():
         return 0
     settings = period.settings
-    limit = WARM_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     warmed = 0
     for p in (period, period.next):
         if p is None or warmed >= limit_chunks:
             break
         pending = [(i, j, s) for i, j, s in p.windows if not WARM.has_started((p.run, p.t, i, j))]
         for i, j, slices in pending[: limit_chunks - warmed]:
-            if not WARM.has_room((p.run, p.t, i, j), limit):  # warmed as far already (by another task)
+            if not WARM.has_room((p.run, p.t, i, j), chunk_bytes):  # warmed as far already (by another task)
                 continue
             # The reads of its first strip: what its task reads first (a chunk of many days is composited
             # in strips, whose windows are the strip's rows).
@@ -337,7 +336,7 @@ def warm_next(period: PeriodReads, limit_chunks: int = 4, *, decode: bool = Fals
                                         window_of(a), settings.policy),
                       reader_for(a.href, settings.grid).cost(window_of(a)))
                      for _, a in jobs]
-            if WARM.warm((p.run, p.t, i, j), reads, limit):
+            if WARM.warm((p.run, p.t, i, j), reads, chunk_bytes):
                 warmed += 1
         if pending:
             break

@@ -96,7 +96,7 @@ class WarmReads:
         with self._lock:
             self._expire(time.monotonic())
             so_far = self._units.get(unit, 0)
-            return so_far != _STARTED and so_far <= limit and self._held < self.budget
+            return self._open_to(so_far) and so_far <= limit
 
     def claim(self, key: Hashable, again: Callable[[], Future[Any]]) -> Future[Any] | None:
         """The warmed read of ``key`` (removed from the registry), or None. If the warmed read fails (it made one
@@ -144,7 +144,7 @@ class WarmReads:
         with self._lock:
             self._expire(now)
             so_far = self._units.get(unit, 0)
-            if so_far == _STARTED or self._held >= self.budget or self.budget <= 0:
+            if not self._open_to(so_far):
                 return False
             taken = 0
             for key, read, cost in reads:
@@ -160,6 +160,11 @@ class WarmReads:
                 self._units[unit] = so_far + taken
                 self._trim_units()
             return taken > 0
+
+    def _open_to(self, so_far: int) -> bool:
+        # Under the lock: whether a unit with ``so_far`` (its entry in _units) may get more reads: its task has not
+        # started and the budget is not full (a budget of 0 or less is always full: _held is never negative).
+        return so_far != _STARTED and self._held < self.budget
 
     def clear(self) -> None:
         """Drop every unclaimed read, forget every unit and zero the counters (tests; between runs of a notebook)."""
