@@ -361,3 +361,45 @@ def test_retries_default_and_robust_config_keys_exist() -> None:
     for key in ROBUST_CONFIG:
         assert dask.config.get(key, None) is not None, f"{key} is not a distributed setting"
     assert ROBUST_CONFIG["distributed.scheduler.allowed-failures"] > 3  # above the default
+
+
+def test_worker_plugin_drops_only_the_heartbeat_of_a_closing_worker() -> None:
+    """distributed's shutdown race: a failed run closes the cluster under running tasks, and a worker's heartbeat
+    then logs "ConnectionPool is closed" with a traceback through tornado, on the CLI's terminal."""
+    import logging
+
+    from ndvi_scale.cluster import QuietReportedErrors
+
+    class Worker:  # the bound method's repr is what tornado logs: "<bound method Worker.heartbeat of ...>"
+        def heartbeat(self) -> None: ...
+
+        def other(self) -> None: ...
+
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    app_log = logging.getLogger("tornado.application")  # tornado's ioloop logs callback errors here
+    worker_log = logging.getLogger("distributed.worker")
+    before = (list(app_log.filters), list(worker_log.filters))
+    handler = Keep()
+    app_log.addHandler(handler)
+    try:
+        QuietReportedErrors().setup(None)
+
+        def fail(callback: Any, message: str) -> None:
+            try:
+                raise RuntimeError(message)
+            except RuntimeError:
+                app_log.error("Exception in callback %r", callback, exc_info=True)  # as tornado's PeriodicCallback
+
+        fail(Worker().heartbeat, "ConnectionPool is closed")
+        assert seen == []
+        fail(Worker().other, "ConnectionPool is closed")
+        fail(Worker().heartbeat, "something else")
+        assert [r.exc_info[1].args[0] for r in seen if r.exc_info] == ["ConnectionPool is closed", "something else"]
+    finally:
+        app_log.removeHandler(handler)
+        app_log.filters[:], worker_log.filters[:] = before

@@ -251,11 +251,29 @@ class _DropReported(logging.Filter):
 REPORTED_ERRORS = ("AssetReadError",)
 
 
+class _DropClosingHeartbeat(logging.Filter):
+    """A worker's heartbeat that runs while the worker closes (the run failed and the cluster is shut down under
+    running tasks) finds its connection pool closed, and tornado logs that with a traceback: distributed's
+    shutdown race, nothing of the run's. Only that record is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not (isinstance(exc, RuntimeError) and str(exc) == "ConnectionPool is closed"):
+            return True
+        try:
+            text = record.getMessage()  # "Exception in callback <bound method Worker.heartbeat of <Worker ...>>"
+        except Exception:
+            return True
+        return "Worker.heartbeat" not in text
+
+
 class QuietReportedErrors(WorkerPlugin):
-    """Worker plugin: drop distributed's "Compute Failed" traceback for :data:`REPORTED_ERRORS`."""
+    """Worker plugin: drop distributed's "Compute Failed" traceback for :data:`REPORTED_ERRORS`, and the traceback
+    of a heartbeat of a worker that is closing (:class:`_DropClosingHeartbeat`)."""
 
     def setup(self, worker: Any) -> None:
         logging.getLogger("distributed.worker").addFilter(_DropReported())
+        logging.getLogger("tornado.application").addFilter(_DropClosingHeartbeat())
 
 
 @contextlib.contextmanager
