@@ -901,6 +901,30 @@ def test_region_encoding_of_dates_is_xarrays(encoding, monkeypatch):
     np.testing.assert_array_equal(got, ref.values)
 
 
+def test_dates_of_a_block_larger_than_one_conversion_step_are_xarrays():
+    """A block of more dates than cf.DATE_STEP is converted piece by piece (no block-sized temporaries), to the
+    very same datetimes and stored integers as whole: NaN/NaT across piece boundaries, a size that is not a
+    multiple of the step."""
+    from ndvi_scale.cf import DATE_STEP, date_encoding
+    from ndvi_scale.pipeline import _days_to_datetime
+    from ndvi_scale.write import _CUBE_DIMS, _encode_block
+
+    rng = np.random.default_rng(7)
+    days = (19700 + rng.integers(0, 400, (1, 701, 777))).astype(np.float32)
+    assert days.size > 2 * DATE_STEP and days.size % DATE_STEP
+    days[rng.random(days.shape) < 0.1] = np.nan
+    days.reshape(-1)[DATE_STEP - 2 : DATE_STEP + 2] = np.nan  # a run of NaN across the first boundary
+    block = _days_to_datetime(days)
+    whole = np.nan_to_num(days).astype("int64").astype("datetime64[D]")
+    expected = np.where(np.isnan(days), np.datetime64("NaT"), whole)
+    np.testing.assert_array_equal(block, expected.astype("datetime64[ns]"))
+    enc = date_encoding()
+    ref = xr.conventions.encode_cf_variable(xr.Variable(_CUBE_DIMS, block, encoding=dict(enc)))
+    got = _encode_block("max_date", block, enc)
+    assert got.dtype == ref.dtype == np.int32 and got.shape == days.shape
+    np.testing.assert_array_equal(got, ref.values)
+
+
 @pytest.mark.parametrize("fmt", [3, 2])
 @pytest.mark.parametrize("mode", ["new", "append"])
 def test_unfinished_cube_opens_with_plain_open_zarr(

@@ -137,11 +137,16 @@ def plan(bbox: Any, start: Any, end: Any, catalog: str = "sample", **options: An
 
 def _days_to_datetime(days: np.ndarray) -> np.ndarray:
     """Float days since 1970-01-01 (NaN = none) -> datetime64[ns] (NaT = none)."""
-    missing = np.isnan(days)
-    ns = np.where(missing, 0, days).astype(np.int64)  # whole days (day numbers), so the cast is exact
-    ns *= 86400 * 10**9
-    ns[missing] = np.iinfo(np.int64).min  # NaT
-    return ns.view("datetime64[ns]")
+    flat = days.reshape(-1)
+    ns = np.empty(flat.shape, dtype=np.int64)
+    for start in range(0, flat.size, cf.DATE_STEP):  # in pieces: no block-sized temporaries (see DATE_STEP)
+        part = flat[start : start + cf.DATE_STEP]
+        missing = np.isnan(part)
+        got = np.where(missing, 0, part).astype(np.int64)  # whole days (day numbers), so the cast is exact
+        got *= 86400 * 10**9
+        got[missing] = np.iinfo(np.int64).min  # NaT
+        ns[start : start + part.size] = got
+    return ns.reshape(days.shape).view("datetime64[ns]")
 
 
 def plan_grid(plan: Plan) -> OutputGrid:

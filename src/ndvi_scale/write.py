@@ -50,7 +50,7 @@ import rioxarray  # noqa: F401  (registers the .rio accessor used for the CRS)
 import xarray as xr
 from dask.callbacks import Callback
 
-from .cf import COUNT_FILL, LEGACY_PREFIX, date_encoding, gdal_crs_attr, get_attr, merge_history
+from .cf import COUNT_FILL, DATE_STEP, LEGACY_PREFIX, date_encoding, gdal_crs_attr, get_attr, merge_history
 from .errors import (
     GridMismatchError,
     InputError,
@@ -1704,17 +1704,23 @@ def _encode_epoch_dates(block: np.ndarray, encoding: Mapping[str, Any]) -> np.nd
         or any(k in encoding for k in ("missing_value", "scale_factor", "add_offset"))
     ):
         return None
-    ints = block.view(np.int64)
-    nat = ints == np.iinfo(np.int64).min
-    whole, rest = np.divmod(ints, unit_ns)
-    if rest[~nat].any():  # not whole units: xarray changes the units (and warns); let it
-        return None
-    if dtype == np.int32:
-        info = np.iinfo(np.int32)
-        if whole[~nat].size and (whole[~nat].min() < info.min or whole[~nat].max() > info.max):
+    ints = block.view(np.int64).reshape(-1)
+    out = np.empty(ints.shape, dtype=dtype)
+    nat_int = np.iinfo(np.int64).min
+    info = np.iinfo(np.int32) if dtype == np.int32 else None
+    for start in range(0, ints.size, DATE_STEP):
+        part = ints[start : start + DATE_STEP]
+        nat = part == nat_int
+        whole, rest = np.divmod(part, unit_ns)
+        valid = whole[~nat]
+        if rest[~nat].any():  # not whole units: xarray changes the units (and warns); let it
             return None
-    whole[nat] = np.iinfo(np.int64).min if fill is None else int(fill)
-    return whole.astype(dtype, copy=False)
+        if info is not None and valid.size and (valid.min() < info.min or valid.max() > info.max):
+            return None
+        whole[nat] = nat_int if fill is None else int(fill)
+        out[start : start + part.size] = whole
+    return out.reshape(block.shape)
+
 
 
 class _ProgressCallback(Callback):
