@@ -1712,15 +1712,16 @@ def _encode_epoch_dates(block: np.ndarray, encoding: Mapping[str, Any]) -> np.nd
         part = ints[start : start + DATE_STEP]
         nat = part == nat_int
         whole, rest = np.divmod(part, unit_ns)
-        valid = whole[~nat]
-        if rest[~nat].any():  # not whole units: xarray changes the units (and warns); let it
+        dated = ~nat
+        if rest[dated].any():  # not whole units: xarray changes the units (and warns); let it
             return None
-        if info is not None and valid.size and (valid.min() < info.min or valid.max() > info.max):
-            return None
+        if info is not None:
+            valid = whole[dated]
+            if valid.size and (valid.min() < info.min or valid.max() > info.max):
+                return None
         whole[nat] = nat_int if fill is None else int(fill)
         out[start : start + part.size] = whole
     return out.reshape(block.shape)
-
 
 
 class _ProgressCallback(Callback):
