@@ -1707,6 +1707,7 @@ def _encode_epoch_dates(block: np.ndarray, encoding: Mapping[str, Any]) -> np.nd
     ints = block.view(np.int64).reshape(-1)
     out = np.empty(ints.shape, dtype=dtype)
     nat_int = np.iinfo(np.int64).min
+    stored_nat = nat_int if fill is None else int(fill)
     info = np.iinfo(np.int32) if dtype == np.int32 else None
     for start in range(0, ints.size, DATE_STEP):
         part = ints[start : start + DATE_STEP]
@@ -1719,7 +1720,7 @@ def _encode_epoch_dates(block: np.ndarray, encoding: Mapping[str, Any]) -> np.nd
             valid = whole[dated]
             if valid.size and (valid.min() < info.min or valid.max() > info.max):
                 return None
-        whole[nat] = nat_int if fill is None else int(fill)
+        whole[nat] = stored_nat
         out[start : start + part.size] = whole
     return out.reshape(block.shape)
 

@@ -363,10 +363,8 @@ RESULTS = ResultPool(3 * max(2, os.cpu_count() or 2))
 _MADV_POPULATE_WRITE = 23
 #: Bytes mapped per ``madvise`` call (:func:`populate`): one huge page. The kernel holds the memory map lock for
 #: the call, and a thread that maps memory meanwhile (NumPy allocating a tile or a response buffer) waits for it
-#: holding the GIL, so every other Python thread waits too. On this project's VM the kernel zeroes 0.05-2.7 s/GiB
-#: (host dependent): 4 MB pieces held the lock up to ~5 ms, and a probe thread waited 6-14 ms on average for the
-#: GIL during the first half second of a run (0.2-0.6 ms later on); with 2 MB pieces 1-7 ms. benchmarks/ab.py at
-#: 100 ms per request: 0.960, 0.979, 0.988 (10-12 paired rounds each); at 0 ms 1.004 (RESULTS.md, session 22).
+#: holding the GIL, so every other Python thread waits too: with 4 MB pieces a thread waited 6-14 ms on average
+#: for the GIL in a run's first half second, with 2 MB pieces 1-7 ms (benchmarks/RESULTS.md, session 22).
 _POPULATE_PIECE = 2 * 2**20
 
 
